@@ -1,0 +1,229 @@
+"""JAFAR: an attention-based feature upsampler (Couairon, Chambon et al., 2025).
+
+Architecture and parameter names follow the official release (github PaulCouairon/JAFAR @
+94d4d54, ``src/upsampler/jafar.py`` and ``src/layers/``), so an official state dict loads as
+it is:
+
+* ``image_encoder``: conv(``input_dim`` -> ``qk_dim``, ``kernel_size``, reflect padding) and
+  two residual blocks (GroupNorm(8) -> SiLU -> 1x1 conv, twice, plus identity), then 2-D RoPE;
+* ``query_encoder`` / ``key_encoder``: the same stack (1x1) on the encoded image; queries are
+  adaptive-average-pooled to the output size and GroupNorm'ed (``norm``, no affine), keys to
+  the feature grid;
+* ``key_features_encoder``: the same stack on the L2-normalised low-resolution features; it
+  modulates the keys through ``sft_key`` (``gamma(f) * GroupNorm(keys) + beta(f)``);
+* ``cross_decode``: a 3x3 conv on the queries, RMSNorm on queries and keys, the query and key
+  projections of a 4-head attention, and the head-averaged softmax weights applied to the
+  raw features (``jafar.attention``).
+
+The value and output projections (``attention.v_proj_weight``, ``attention.out_proj.*``) and
+``norm_v`` exist in the official model but never reach its output. They are kept, so that the
+state dict and the parameter count (628,480 at ``v_dim=384``) match, and frozen
+(``requires_grad=False``), so that optimisers skip them and DDP does not wait for their
+gradients. The ``v`` third of ``in_proj_bias`` is likewise unused.
+
+Departures that do not change the numbers: 1x1 convolutions use zero padding mode (reflect
+padding of width 0 only costs a copy), RoPE works on NCHW with float32 angles, and the
+attention never materialises the ``(heads, queries, keys)`` weights unless asked to
+(``attention="reference"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import DEFAULT_MEMORY_BUDGET, MODES, head_averaged_attention
+from .rope import RoPE
+
+
+def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
+    # Reflect padding of width 0 (kernel 1) is the identity but still launches a copy.
+    return nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2,
+                     padding_mode=pad_mode if kernel_size > 1 else "zeros", bias=False)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, plus the identity (official ``ResBlock`` with
+    ``in_channels == out_channels``, so it has no shortcut convolution)."""
+
+    def __init__(self, channels: int, kernel_size: int = 1, num_groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, channels)
+        self.conv1 = _conv(channels, channels, kernel_size)
+        self.norm2 = nn.GroupNorm(num_groups, channels)
+        self.conv2 = _conv(channels, channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.silu(self.norm1(x)))
+        y = self.conv2(F.silu(self.norm2(y)))
+        return x + y
+
+
+def make_encoder(in_dim: int, out_dim: int, kernel_size: int = 1, num_layers: int = 2) -> nn.Sequential:
+    """Official ``make_encoder``: a (reflect-padded) conv then ``num_layers`` 1x1 ResBlocks."""
+    return nn.Sequential(_conv(in_dim, out_dim, kernel_size), *[ResBlock(out_dim) for _ in range(num_layers)])
+
+
+class SFTModulation(nn.Module):
+    """Spatial feature transform: ``gamma(features) * GroupNorm(image) + beta(features)``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.gamma = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.beta = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm = nn.GroupNorm(8, in_channels, affine=False)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.gamma(features) * self.norm(image) + self.beta(features)
+
+
+class HeadAveragedAttention(nn.Module):
+    """The parameters of the official ``nn.MultiheadAttention(embed_dim, num_heads,
+    vdim=v_dim)``, under the same names, and the part of its forward that JAFAR uses: the
+    query/key projections and the head-averaged softmax weights times the values."""
+
+    def __init__(self, embed_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"qk_dim={embed_dim} is not divisible by num_heads={num_heads}.")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, value_dim), requires_grad=False)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj.requires_grad_(False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention._reset_parameters
+        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(w)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mode: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+        e = self.embed_dim
+        q = F.linear(query, self.q_proj_weight, self.in_proj_bias[:e])
+        k = F.linear(key, self.k_proj_weight, self.in_proj_bias[e:2 * e])
+        return head_averaged_attention(q, k, value, self.num_heads, 1.0 / math.sqrt(e // self.num_heads),
+                                       mode=mode, memory_budget=memory_budget)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        self.norm_q = nn.RMSNorm(query_dim)
+        self.norm_k = nn.RMSNorm(query_dim)
+        self.norm_v = nn.RMSNorm(value_dim)  # official, never reaches the output
+        self.norm_v.requires_grad_(False)
+        self.attention = HeadAveragedAttention(query_dim, value_dim, num_heads)
+
+    def forward(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+        return self.attention(self.norm_q(query), self.norm_k(key), value, mode, memory_budget)
+
+
+class CrossAttentionBlock(nn.Module):
+    """3x3 conv on the queries, then head-averaged cross-attention on flattened tokens."""
+
+    def __init__(self, query_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        self.cross_attn = CrossAttention(query_dim, value_dim, num_heads)
+        self.conv2d = nn.Conv2d(query_dim, query_dim, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def forward(self, q, k, v, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+        q = self.conv2d(q).flatten(2).transpose(1, 2)
+        k = k.flatten(2).transpose(1, 2)
+        v = v.flatten(2).transpose(1, 2)
+        return self.cross_attn(q, k, v, mode, memory_budget)
+
+
+def _check_output_size(output_size) -> Tuple[int, int]:
+    ok = isinstance(output_size, (Sequence, torch.Size)) and len(output_size) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in output_size)
+    if not ok:
+        raise ValueError(f"output_size must be a pair of positive ints (H_out, W_out), got {output_size!r}.")
+    return int(output_size[0]), int(output_size[1])
+
+
+class JAFAR(nn.Module):
+    """Upsample ``features`` (B, v_dim, h, w) to ``output_size`` under the guidance of ``image``.
+
+    Args:
+        input_dim: channels of the guidance image.
+        qk_dim: width of the query/key encoders and the attention.
+        v_dim: channel count of the backbone features to upsample.
+        num_heads: attention heads whose softmax weights are averaged.
+        kernel_size: kernel of the first image-encoder convolution.
+        attention: ``"auto"`` (memory-bounded, fused on CUDA), ``"chunked"``, ``"sdpa"`` or
+            ``"reference"`` (the official algorithm, materialising the attention weights).
+        memory_budget_mb: extra memory one attention chunk may take, in MiB.
+
+    Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
+    is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
+    grid and ``output_size`` any pair of positive ints.
+    """
+
+    def __init__(self, input_dim: int = 3, qk_dim: int = 128, v_dim: int = 384, num_heads: int = 4,
+                 kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256):
+        super().__init__()
+        if qk_dim % 8:
+            raise ValueError(f"qk_dim must be divisible by 8 (GroupNorm groups) and 4 (RoPE), got {qk_dim}.")
+        if attention not in MODES:
+            raise ValueError(f"attention must be one of {MODES}, got {attention!r}.")
+        self.config = dict(input_dim=input_dim, qk_dim=qk_dim, v_dim=v_dim, num_heads=num_heads,
+                           kernel_size=kernel_size)
+        self.input_dim, self.qk_dim, self.v_dim = input_dim, qk_dim, v_dim
+        self.attention = attention
+        self.memory_budget = int(memory_budget_mb * 2**20)
+
+        self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size)
+        self.key_encoder = make_encoder(qk_dim, qk_dim)
+        self.query_encoder = make_encoder(qk_dim, qk_dim)
+        self.norm = nn.GroupNorm(8, qk_dim, affine=False)
+        self.key_features_encoder = make_encoder(v_dim, qk_dim)
+        self.cross_decode = CrossAttentionBlock(qk_dim, v_dim, num_heads)
+        self.sft_key = SFTModulation(qk_dim, qk_dim)
+        self.rope = RoPE(qk_dim)
+
+    def check_inputs(self, image: torch.Tensor, features: torch.Tensor, output_size) -> Tuple[int, int]:
+        """One clear sentence for a wrong input, before any work starts."""
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != self.input_dim:
+            raise ValueError(f"image must be a (B, {self.input_dim}, H, W) tensor, got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}.")
+        if not isinstance(features, torch.Tensor) or features.dim() != 4 or features.shape[1] != self.v_dim:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a (B, {self.v_dim}, h, w) tensor (this JAFAR has v_dim="
+                             f"{self.v_dim}), got {got}.")
+        if image.shape[0] != features.shape[0]:
+            raise ValueError(f"image and features must have the same batch size, got {image.shape[0]} "
+                             f"and {features.shape[0]}.")
+        if image.device != features.device:
+            raise ValueError(f"image is on {image.device} but features are on {features.device}.")
+        return _check_output_size(output_size)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.rope(self.image_encoder(image))
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
+        out_h, out_w = self.check_inputs(image, features, output_size)
+        b, c, h, w = features.shape
+        encoded = self.encode_image(image)
+
+        queries = F.adaptive_avg_pool2d(self.query_encoder(encoded), (out_h, out_w))
+        queries = self.norm(queries)
+
+        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), (h, w))
+        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
+
+        out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget)  # (B, Nq, C)
+        return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items()) + f", attention={self.attention!r}"
