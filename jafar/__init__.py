@@ -1,7 +1,17 @@
-"""JAFAR: Jack up Any Feature at Any Resolution."""
+"""JAFAR: Jack up Any Feature at Any Resolution.
+
+``JAFAR(input_dim=3, qk_dim=128, v_dim=384, num_heads=4, kernel_size=1)`` is the upsampler;
+``model(image, features, output_size)`` returns ``(B, v_dim, H_out, W_out)``.
+"""
 
 from .attention import head_averaged_attention
+from .baselines import Interpolate
+from .checkpoint import OFFICIAL_RELEASES, from_pretrained, load_checkpoint, save_checkpoint
 from .model import JAFAR
+from .upsamplers import build_upsampler
 
 __version__ = "0.1.0"
-__all__ = ["JAFAR", "head_averaged_attention", "__version__"]
+__all__ = [
+    "JAFAR", "Interpolate", "OFFICIAL_RELEASES", "build_upsampler", "from_pretrained",
+    "head_averaged_attention", "load_checkpoint", "save_checkpoint", "__version__",
+]
