@@ -29,7 +29,7 @@ Three interchangeable implementations, selected by ``mode``:
 ``"auto"`` picks ``"sdpa"`` on CUDA and ``"chunked"`` elsewhere.
 
 Dtypes: under autocast the inputs are cast to the autocast dtype; logits, softmax and their
-gradients are always computed in float32; the ``P @ F`` products run in the input dtype.
+gradients are computed in float32 (float64 for float64 inputs); the ``P @ F`` products run in the input dtype.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def chunk_rows(batch: int, num_keys: int, channels: int, num_heads: int, memory_
 
     Per query row the backward pass (the larger of the two) holds, in float32, the heads'
     logits, probabilities and logit gradients (``3 * heads * Nk``), the shared probability
-    gradient and the averaged probabilities (``2 * Nk``), and a few ``C``-wide rows.
+    gradient and the averaged probabilities (``2 * Nk``), and the per-head outputs of the
+    fused path plus a few ``C``-wide rows (``(heads + 2) * C``).
     """
-    per_row = 4 * batch * ((3 * num_heads + 2) * num_keys + 3 * channels)
+    per_row = 4 * batch * ((3 * num_heads + 2) * num_keys + (num_heads + 2) * channels)
     return max(1, int(memory_budget) // per_row)
 
 
@@ -96,9 +97,10 @@ class _HeadAveragedAttention(torch.autograd.Function):
                     o = F.scaled_dot_product_attention(qh[:, :, s:s + rows], kh, fh, scale=scale)
                     out[:, s:s + rows] = o.mean(dim=1)
             else:
-                kt = kh.float().transpose(-1, -2)
+                acc = torch.promote_types(q.dtype, torch.float32)
+                kt = kh.to(acc).transpose(-1, -2)
                 for s in range(0, nq, rows):
-                    logits = qh[:, :, s:s + rows].float() @ kt
+                    logits = qh[:, :, s:s + rows].to(acc) @ kt
                     logits.mul_(scale)
                     probs = torch.softmax(logits, dim=-1)
                     del logits
@@ -118,14 +120,15 @@ class _HeadAveragedAttention(torch.autograd.Function):
         grad_out = grad_out.to(f.dtype)
         need_q, need_k, need_f = ctx.needs_input_grad[:3]
         with torch.autocast(device_type=q.device.type, enabled=False):
-            kf = kh.float()
+            acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+            kf = kh.to(acc)
             kt = kf.transpose(-1, -2)
-            dq = torch.empty(qh.shape, dtype=torch.float32, device=q.device) if need_q else None
-            dk = torch.zeros(kh.shape, dtype=torch.float32, device=q.device) if need_k else None
-            df = torch.zeros(f.shape, dtype=torch.float32, device=q.device) if need_f else None
+            dq = torch.empty(qh.shape, dtype=acc, device=q.device) if need_q else None
+            dk = torch.zeros(kh.shape, dtype=acc, device=q.device) if need_k else None
+            df = torch.zeros(f.shape, dtype=acc, device=q.device) if need_f else None
             ft = f.transpose(-1, -2)
             for s in range(0, nq, rows):
-                qc = qh[:, :, s:s + rows].float()
+                qc = qh[:, :, s:s + rows].to(acc)
                 go = grad_out[:, s:s + rows]
                 logits = qc @ kt
                 logits.mul_(scale)
@@ -137,7 +140,7 @@ class _HeadAveragedAttention(torch.autograd.Function):
                     del avg
                 if need_q or need_k:
                     # every head sees the same dL/dP = dO F^T / H
-                    dprobs = (go @ ft).float().mul_(1.0 / h)[:, None]  # (B, 1, n, Nk)
+                    dprobs = (go @ ft).to(acc).mul_(1.0 / h)[:, None]  # (B, 1, n, Nk)
                     rowdot = (probs * dprobs).sum(dim=-1, keepdim=True)
                     dlogits = probs.mul_(dprobs.sub(rowdot)).mul_(scale)  # reuses probs' storage
                     del dprobs, rowdot

@@ -126,7 +126,9 @@ class CrossAttention(nn.Module):
         self.attention = HeadAveragedAttention(query_dim, value_dim, num_heads)
 
     def forward(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
-        return self.attention(self.norm_q(query), self.norm_k(key), value, mode, memory_budget)
+        # RMSNorm in the weights' dtype (float32 under autocast, where the convs give bf16/fp16)
+        dtype = self.norm_q.weight.dtype
+        return self.attention(self.norm_q(query.to(dtype)), self.norm_k(key.to(dtype)), value, mode, memory_budget)
 
 
 class CrossAttentionBlock(nn.Module):
