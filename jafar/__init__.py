@@ -5,6 +5,7 @@
 """
 
 from .attention import head_averaged_attention
+from .backbones import Backbone, build_backbone
 from .baselines import Interpolate
 from .checkpoint import OFFICIAL_RELEASES, from_pretrained, load_checkpoint, save_checkpoint
 from .model import JAFAR
@@ -12,6 +13,6 @@ from .upsamplers import build_upsampler
 
 __version__ = "0.1.0"
 __all__ = [
-    "JAFAR", "Interpolate", "OFFICIAL_RELEASES", "build_upsampler", "from_pretrained",
+    "JAFAR", "Backbone", "Interpolate", "build_backbone", "OFFICIAL_RELEASES", "build_upsampler", "from_pretrained",
     "head_averaged_attention", "load_checkpoint", "save_checkpoint", "__version__",
 ]

@@ -163,7 +163,7 @@ class JAFAR(nn.Module):
         v_dim: channel count of the backbone features to upsample.
         num_heads: attention heads whose softmax weights are averaged.
         kernel_size: kernel of the first image-encoder convolution.
-        attention: ``"auto"`` (memory-bounded, fused on CUDA), ``"chunked"``, ``"sdpa"`` or
+        attention: ``"auto"`` (the best memory-bounded path), ``"chunked"``, ``"sdpa"`` or
             ``"reference"`` (the official algorithm, materialising the attention weights).
         memory_budget_mb: extra memory one attention chunk may take, in MiB.
 

