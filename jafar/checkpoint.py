@@ -193,6 +193,11 @@ def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_locat
     if feature_dim is not None and int(feature_dim) != config["v_dim"]:
         raise ValueError(f"checkpoint {str(path)!r} upsamples {config['v_dim']}-channel features but the "
                          f"backbone gives {feature_dim} channels: use the checkpoint trained for this backbone.")
+    for key in set(model_kwargs) & set(config):
+        if model_kwargs[key] != config[key]:
+            raise ValueError(f"checkpoint {str(path)!r} has {key}={config[key]} but {key}={model_kwargs[key]} "
+                             "was asked for.")
+        del model_kwargs[key]
     model = JAFAR(**config, **model_kwargs)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:

@@ -128,3 +128,10 @@ def test_from_pretrained_uses_the_cache(tmp_path, monkeypatch):
     model = build_upsampler("jafar", feature_dim=384, checkpoint="vit_small_patch14_dinov2.lvd142m",
                             cache_dir=tmp_path)
     assert isinstance(model, JAFAR) and model.v_dim == 384
+
+
+def test_architecture_options_must_agree_with_the_checkpoint(tmp_path):
+    path = save_checkpoint(JAFAR(v_dim=16, qk_dim=32), tmp_path / "j.safetensors")
+    assert load_checkpoint(path, qk_dim=32, num_heads=4, attention="sdpa").attention == "sdpa"
+    with pytest.raises(ValueError, match="has qk_dim=32 but qk_dim=128 was asked for"):
+        load_checkpoint(path, qk_dim=128)

@@ -6,8 +6,8 @@ Protocol of the official ``test/test_time_and_memory.py`` (github PaulCouairon/J
 ``S/14 x S/14`` keys and 384 channels; "fwd+bwd" is a forward, a 1x1 conv head, ``sum()``
 and ``backward()`` with the image and the features requiring grad. Reported: the median of
 ``--repeats`` timed runs after ``--warmup`` runs, and the peak memory (CUDA:
-``max_memory_allocated`` including the model and inputs; CPU: growth of the process's peak
-RSS, each configuration in a fresh process).
+``max_memory_allocated`` including the model and inputs; CPU: the whole process's peak RSS,
+Python and libraries included, each configuration in a fresh process).
 
 "reference" is the official algorithm (``attention="reference"``: the ``(heads, queries,
 keys)`` weights are materialised); "ours" is ``attention="auto"``. Plain Python, no Hydra, so
@@ -86,13 +86,11 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            else:
-                rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             result[f"{name}_ms"] = _timed(fn, device, warmup, repeats)
             if device.type == "cuda":
                 result[f"{name}_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             else:
-                result[f"{name}_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
+                result[f"{name}_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         except torch.OutOfMemoryError:
             result[f"{name}_ms"] = result[f"{name}_gb"] = "OOM"
             model.zero_grad(set_to_none=True)
