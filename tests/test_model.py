@@ -67,13 +67,14 @@ def _random_model(seed=0, **kwargs):
     return model
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["chunked", "sdpa"])
-def test_gradients_match_reference(mode):
+def test_gradients_match_reference(mode, device):
     torch.manual_seed(1)
-    model = _random_model(v_dim=48, qk_dim=32)
-    image = torch.randn(2, 3, 20, 26, requires_grad=True)
-    feats = torch.randn(2, 48, 4, 5, requires_grad=True)
-    weight = torch.randn(2, 48, 23, 17)
+    model = _random_model(v_dim=48, qk_dim=32).to(device)
+    image = torch.randn(2, 3, 20, 26, device=device, requires_grad=True)
+    feats = torch.randn(2, 48, 4, 5, device=device, requires_grad=True)
+    weight = torch.randn(2, 48, 23, 17, device=device)
 
     def grads(attention):
         model.attention = attention
@@ -124,13 +125,14 @@ def test_batch_elements_are_independent():
     torch.testing.assert_close(whole[1:2], one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["chunked", "sdpa"])
-def test_autocast_runs_and_stays_close(official_reference, dtype, mode):
-    model = _official(official_reference, "cpu", attention=mode)
+def test_autocast_runs_and_stays_close(official_reference, dtype, mode, device):
+    model = _official(official_reference, device, attention=mode)
     case = official_reference["cases"][2]
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        out = model(case["image"], case["features"], tuple(case["output_size"]))
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
+        out = model(case["image"].to(device), case["features"].to(device), tuple(case["output_size"])).cpu()
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel_err(out.float(), case["output"]) < 3e-2

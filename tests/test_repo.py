@@ -37,3 +37,14 @@ def test_readme_example_runs_offline(monkeypatch):
     assert scope["features"].shape == (1, 384, 8, 8)
     assert scope["hr"].shape == (1, 384, 112, 112)
     assert torch.isfinite(scope["hr"]).all()
+
+
+def test_torch_hub_entry_point(monkeypatch):
+    import jafar
+
+    real = jafar.build_backbone
+    monkeypatch.setattr(jafar, "build_backbone",
+                        lambda name, pretrained: real(name, pretrained=pretrained, depth=1, embed_dim=48, num_heads=2))
+    upsampler, backbone = torch.hub.load(str(ROOT), "jafar", source="local", pretrained=False,
+                                         attention="reference")
+    assert upsampler.v_dim == backbone.embed_dim == 48 and upsampler.attention == "reference"
