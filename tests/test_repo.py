@@ -16,10 +16,13 @@ def _commands(block):
 
 
 def test_ci_runs_the_readme_commands():
+    """CI runs each of the README's two commands, the demo with smoke-size overrides appended."""
     readme = (ROOT / "README.md").read_text()
     first = _commands(_blocks(readme, "bash")[0])
     ci = [c for c in _commands((ROOT / ".ci" / "run").read_text()) if not c.startswith(("set ", "cd "))]
-    assert ci == first
+    assert len(ci) == len(first) == 2
+    assert all(c == r or c.startswith(r + " ") for c, r in zip(ci, first)), (ci, first)
+    assert "trainer.max_steps=" in ci[0] and "trainer.max_steps=" not in first[0]
 
 
 def test_readme_example_runs_offline(monkeypatch):

@@ -1,0 +1,256 @@
+"""Images for JAFAR's task-agnostic training: any folder, searched recursively.
+
+Determinism: the order of the images and every random draw of the data pipeline are functions
+of ``(seed, step)`` alone (:class:`StepBatchSampler` hands each sample its own seed), so a run
+resumed from a checkpoint at step ``k`` sees exactly the batches an uninterrupted run sees from
+step ``k`` on, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def find_images(root, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
+    """Every image file under ``root`` (recursively, sorted); one clear error if there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist (set data.root to a folder of images).")
+    exts = tuple(e.lower() for e in extensions)
+    files = sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names
+                   if f.lower().endswith(exts) and not f.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(exts)}) found under {str(root)!r}.")
+    return files
+
+
+def split_holdout(files: List[Path], num_val: int, seed: int) -> Tuple[List[Path], List[Path]]:
+    """Hold out ``num_val`` images, chosen with ``seed``, for validation."""
+    if num_val <= 0:
+        return list(files), []
+    if num_val >= len(files):
+        raise ValueError(f"cannot hold out {num_val} validation images from {len(files)} images: "
+                         "set data.val_images lower or give data.val_root.")
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:num_val])
+    return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
+
+
+def _decode(path: Path) -> torch.Tensor:
+    """RGB uint8 (3, H, W). Raises on unreadable files."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+        w, h = im.size
+    return arr.view(h, w, 3).permute(2, 0, 1)
+
+
+def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (bilinear, antialiased like PIL), then the central ``size x size``.
+
+    The official transform is ``T.Resize(size)`` + ``T.CenterCrop(size)`` on PIL images
+    (github PaulCouairon/JAFAR @ 94d4d54, ``utils/training.py``).
+    """
+    _, h, w = image.shape
+    # torchvision's rule for the longer side: int(size * long / short)
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))  # torchvision's centre crop
+    return x[:, top:top + size, left:left + size]
+
+
+def random_resized_crop(image: torch.Tensor, size: int, scale: Tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """A random square crop covering ``scale`` of the shorter side's square, resized to ``size``,
+    flipped horizontally with probability 0.5 (the demo's augmentation; the official recipe has none)."""
+    _, h, w = image.shape
+    side = min(h, w)
+    frac = scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=gen).item()
+    crop = max(8, int(round(side * math.sqrt(frac))))
+    top = int(torch.randint(0, h - crop + 1, (), generator=gen))
+    left = int(torch.randint(0, w - crop + 1, (), generator=gen))
+    x = image[:, top:top + crop, left:left + crop][None].float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if torch.rand((), generator=gen).item() < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+class ImageFiles(Dataset):
+    """Images as float tensors in [0, 1], ``(3, size, size)``; unreadable files give ``None``.
+
+    Items are addressed as ``(index, seed)`` (see :class:`StepBatchSampler`) or plain ``index``.
+    """
+
+    def __init__(self, files: Sequence[Path], size: int, random_crop: Optional[Tuple[float, float]] = None):
+        self.files = list(files)
+        self.size = int(size)
+        self.random_crop = tuple(random_crop) if random_crop else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        path = self.files[index]
+        try:
+            image = _decode(path)
+        except Exception as exc:  # unreadable: skipped by the collate function, counted, reported
+            return {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}
+        if self.random_crop:
+            x = random_resized_crop(image, self.size, self.random_crop, torch.Generator().manual_seed(seed))
+        else:
+            x = resize_center_crop(image, self.size)
+        return {"path": str(path), "image": (x / 255.0).clamp_(0, 1)}
+
+
+def collate_skipping(items):
+    """Stack the readable images; report the unreadable ones in ``batch["skipped"]``."""
+    good = [it for it in items if "image" in it]
+    bad = [(it["path"], it["error"]) for it in items if "image" not in it]
+    batch = {"skipped": bad, "paths": [it["path"] for it in good]}
+    batch["image"] = torch.stack([it["image"] for it in good]) if good else None
+    return batch
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), stable across processes and runs."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of the random draws of ``step`` (``stream`` separates independent uses)."""
+    return _mix(seed, step, stream)
+
+
+class StepBatchSampler(Sampler):
+    """Batches of ``(index, sample_seed)`` for steps ``start_step .. total_steps - 1``.
+
+    The index stream is a concatenation of permutations of the dataset (epoch ``e`` shuffled with
+    ``(seed, e)``); step ``s`` takes items ``s*B .. (s+1)*B - 1`` of it. ``len()`` is
+    ``total_steps``; iteration starts at ``start_step``. Under DDP each rank takes every ``world_size``-th item of a step's global
+    batch of ``B * world_size`` items.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, total_steps: int, seed: int = 0,
+                 start_step: Union[int, Callable[[], int]] = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.total_steps = int(num_items), int(batch_size), int(total_steps)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self._start = start_step
+
+    @property
+    def start_step(self) -> int:
+        """Where iteration starts; a callable (e.g. reading the trainer's restored global step)
+        is evaluated when iteration begins."""
+        return int(self._start() if callable(self._start) else self._start)
+
+    def __len__(self) -> int:
+        # the whole run, so that a loop resumed at step k still counts steps from 0 (the
+        # iterator itself starts at k)
+        return self.total_steps
+
+    def _perm(self, epoch: int) -> List[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 7))).tolist()
+
+    def batch(self, step: int) -> List[Tuple[int, int]]:
+        global_bs = self.batch_size * self.world_size
+        out, cache = [], {}
+        for j in range(step * global_bs + self.rank, (step + 1) * global_bs, self.world_size):
+            epoch, pos = divmod(j, self.n)
+            if epoch not in cache:
+                cache[epoch] = self._perm(epoch)
+            out.append((cache[epoch][pos], _mix(self.seed, j, 11)))
+        return out
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        for step in range(self.start_step, self.total_steps):
+            yield self.batch(step)
+
+
+def make_loader(dataset: Dataset, batch_sampler=None, batch_size: int = 1, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    kwargs = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_skipping,
+                  persistent_workers=False)
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = 2
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline demo photographs
+# ---------------------------------------------------------------------------------------------
+
+#: Real photographs shipped inside installed packages (scikit-image, scikit-learn, matplotlib).
+DEMO_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    "stereo_motorcycle_left", "stereo_motorcycle_right", "colorwheel", "camera", "moon", "coins", "clock",
+    "brick", "grass", "gravel", "cell", "page", "text", "sklearn_china", "sklearn_flower",
+    "matplotlib_grace_hopper", "matplotlib_minduka",
+)
+
+
+def _demo_photo(name: str):
+    import numpy as np
+
+    if name.startswith("sklearn_"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(name[len("sklearn_"):] + ".jpg")
+    if name.startswith("matplotlib_"):
+        import matplotlib
+        from PIL import Image
+
+        files = {"grace_hopper": "grace_hopper.jpg", "minduka": "Minduka_Present_Blue_Pack.png"}
+        with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / files[name[len("matplotlib_"):]]) as im:
+            return np.asarray(im.convert("RGB"))
+    import skimage.data
+
+    if name.startswith("stereo_motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return left if name.endswith("left") else right
+    return getattr(skimage.data, name)()
+
+
+def write_demo_photos(folder, names: Sequence[str] = DEMO_PHOTOS) -> List[Path]:
+    """Write the package photographs as PNG files into ``folder`` (kept if already there)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            arr = np.asarray(_demo_photo(name))
+            if arr.dtype == bool:
+                arr = arr.astype(np.uint8) * 255
+            if arr.ndim == 2:
+                arr = np.stack([arr] * 3, -1)
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(arr[..., :3].astype(np.uint8)).save(tmp)
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,195 @@
+"""LightningModule of JAFAR's task-agnostic training (paper section 3.2).
+
+The official recipe (github PaulCouairon/JAFAR @ 94d4d54, ``train.py``), which is the default:
+
+* target: the frozen backbone's features of the ``448 x 448`` image;
+* input: the backbone's features of the image downscaled bilinearly by a factor drawn uniformly
+  from ``[0.25, 0.5]`` (``np.random.uniform(0.25, 0.5)``; the paper says a factor in [2, 4]),
+  each side rounded to the nearest multiple of the patch size;
+* guidance: the image downscaled by 0.5 (``224 x 224``); JAFAR upsamples the input features to
+  the target's grid;
+* loss: ``Cosine_MSE(pred, target)`` plus ``0.1 x Cosine_MSE`` between JAFAR guided by a
+  blurred (p=0.5, Gaussian kernel 5, sigma 1) and noised (p=0.3, std 0.02) guidance image and
+  a no-grad pass guided by the clean image, both upsampling the *target* features to the
+  guidance resolution (``add_blur_noise``);
+* backbone and both feature extractions under the bf16 autocast of the step.
+
+Departure (a fix): the official ``add_blur_noise`` runs on the *normalised* image and clamps it
+to ``[0, 1]``, and when it adds noise without blurring it modifies the clean guidance image in
+place. Here blur and noise are applied to a copy in pixel space (``[0, 1]``), clamped there and
+normalised again.
+
+All randomness of a step comes from a generator seeded with ``(seed, step, rank)``, so resuming
+at step ``k`` replays exactly what an uninterrupted run does from ``k`` on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from ..backbones import Backbone
+from ..viz import pca_rgb, save_panels
+from .data import step_seed
+from .losses import CosineMSELoss
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("bilinear", "nearest")
+
+
+def round_to_multiple(value: float, multiple: int) -> int:
+    """Official ``round_to_nearest_multiple`` (Python's round), at least one multiple."""
+    return max(multiple, multiple * round(value / multiple))
+
+
+class JafarPretraining(L.LightningModule):
+    def __init__(self, backbone: Backbone, upsampler: torch.nn.Module, loss: Optional[CosineMSELoss] = None,
+                 lr: float = 2e-4, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5,
+                 guidance_scale: float = 0.5, lr_scale: Sequence[float] = (0.25, 0.5),
+                 consistency_weight: float = 0.1, blur_prob: float = 0.5, blur_kernel: int = 5,
+                 blur_sigma: float = 1.0, noise_prob: float = 0.3, noise_std: float = 0.02,
+                 seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8), picture_dir: Optional[str] = None):
+        super().__init__()
+        self.upsampler = upsampler
+        object.__setattr__(self, "backbone", backbone)  # frozen, not part of the checkpoints
+        self.loss = loss if loss is not None else CosineMSELoss()
+        self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
+        self.guidance_scale, self.lr_scale = float(guidance_scale), tuple(lr_scale)
+        self.consistency_weight = float(consistency_weight)
+        self.blur_prob, self.blur_kernel, self.blur_sigma = float(blur_prob), int(blur_kernel), float(blur_sigma)
+        self.noise_prob, self.noise_std = float(noise_prob), float(noise_std)
+        self.seed, self.val_ratios = int(seed), tuple(int(r) for r in val_ratios)
+        self.picture_dir = Path(picture_dir) if picture_dir else None
+        self.skipped: Dict[str, str] = {}
+        self.val_results: Dict[str, dict] = {}
+        self._val_sums: Dict[tuple, torch.Tensor] = {}
+        self._val_example = None
+        self.register_buffer("_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+
+    # ---------------------------------------------------------------------------- features
+    def _features(self, normalized: torch.Tensor) -> torch.Tensor:
+        if next(self.backbone.parameters()).device != normalized.device:
+            self.backbone.to(normalized.device)
+        return self.backbone(normalized)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self._mean) / self._std
+
+    @torch.no_grad()
+    def _lowres_features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Features of the normalised image ``x`` downscaled bilinearly by ``scale``, each side
+        rounded to a multiple of the patch size."""
+        p = self.backbone.patch_size
+        size = (round_to_multiple(x.shape[-2] * scale, p), round_to_multiple(x.shape[-1] * scale, p))
+        return self._features(F.interpolate(x, size=size, mode="bilinear"))
+
+    def _guidance(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.guidance_scale, mode="bilinear")
+
+    def _blur_noise(self, guidance_pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = guidance_pixels
+        if torch.rand((), generator=gen).item() < self.blur_prob:
+            x = gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [self.blur_sigma, self.blur_sigma])
+        if torch.rand((), generator=gen).item() < self.noise_prob:
+            x = x + self.noise_std * torch.randn(x.shape, generator=gen).to(x)
+        return self.normalize(x.clamp(0, 1))
+
+    # ---------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        for path, error in batch["skipped"]:
+            if path not in self.skipped:
+                log.warning("skipping unreadable image %s (%s)", path, error)
+            self.skipped[path] = error
+        pixels = batch["image"]
+        if pixels is None:  # every image of the batch was unreadable
+            return None
+        gen = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 1 + self.global_rank))
+        lo, hi = self.lr_scale
+        scale = lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64).item()
+        x = self.normalize(pixels)
+        with torch.no_grad():
+            hr = self._features(x)
+        lr = self._lowres_features(x, scale)
+        guidance = self._guidance(x)
+        pred = self.upsampler(guidance, lr, tuple(hr.shape[-2:]))
+        loss_hr = self.loss(pred, hr)
+        logs = {"train/loss_hr": loss_hr}
+        loss = loss_hr
+        if self.consistency_weight > 0:
+            size = tuple(guidance.shape[-2:])
+            noised = self._blur_noise(self._guidance(pixels), gen)
+            pred_u = self.upsampler(noised, hr, size)
+            with torch.no_grad():
+                target_u = self.upsampler(guidance, hr, size)
+            loss_reg = self.consistency_weight * self.loss(pred_u, target_u.detach())
+            logs["train/loss_consistency"] = loss_reg
+            loss = loss + loss_reg
+        logs["train/loss"] = loss
+        logs["train/lr_scale"] = torch.tensor(scale)
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=pixels.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=pixels.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.upsampler.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["skipped_images"] = dict(self.skipped)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.skipped = dict(checkpoint.get("skipped_images", {}))
+
+    # ---------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self):
+        self._val_sums, self._val_example = {}, None
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        pixels = batch["image"]
+        if pixels is None:
+            return
+        x = self.normalize(pixels)
+        hr = self._features(x)
+        size = tuple(hr.shape[-2:])
+        guidance = self._guidance(x)
+        for ratio in self.val_ratios:
+            lr = self._lowres_features(x, 1.0 / ratio)
+            preds = {"jafar": self.upsampler(guidance, lr, size)}
+            preds["bilinear"] = F.interpolate(lr, size=size, mode="bilinear", align_corners=False)
+            preds["nearest"] = F.interpolate(lr, size=size, mode="nearest")
+            for name, pred in preds.items():
+                pred, target = pred.float(), hr.float()
+                cos = F.cosine_similarity(pred, target, dim=1).flatten(1).mean(1)  # per image
+                mse = (pred - target).pow(2).flatten(1).mean(1)
+                acc = torch.stack([cos.sum(), mse.sum(), torch.tensor(float(len(cos)), device=cos.device)])
+                key = (f"x{ratio}", name)
+                self._val_sums[key] = self._val_sums.get(key, 0) + acc
+            if self._val_example is None and ratio == (4 if 4 in self.val_ratios else self.val_ratios[0]):
+                self._val_example = (ratio, pixels[0].float().cpu(), lr[0].float().cpu(),
+                                     preds["bilinear"][0].float().cpu(), preds["jafar"][0].float().cpu(),
+                                     hr[0].float().cpu())
+
+    def on_validation_epoch_end(self):
+        results: Dict[str, dict] = {}
+        for (ratio, name), acc in sorted(self._val_sums.items()):
+            acc = self.trainer.strategy.reduce(acc, reduce_op="sum") if self.trainer.world_size > 1 else acc
+            cos, mse = (acc[0] / acc[2]).item(), (acc[1] / acc[2]).item()
+            results.setdefault(ratio, {})[name] = {"cos": cos, "mse": mse}
+            self.log(f"val/{ratio}/{name}/cos", cos, rank_zero_only=True)
+            self.log(f"val/{ratio}/{name}/mse", mse, rank_zero_only=True)
+        self.val_results = results
+        if self._val_example is not None and self.picture_dir is not None and self.global_rank == 0:
+            ratio, image, low, bil, jaf, target = self._val_example
+            maps = pca_rgb([low, bil, jaf, target], size=image.shape[-1])
+            titles = ["image", f"low-res (x{ratio})", "bilinear", "JAFAR", "target"]
+            for name in (f"pca_step{self.global_step:07d}.png", "pca_latest.png"):
+                save_panels([image] + maps, self.picture_dir / name, titles)

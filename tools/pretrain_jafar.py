@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Task-agnostic training of JAFAR (paper section 3.2), official recipe by default.
+
+    python tools/pretrain_jafar.py data.root=/path/to/imagenet/train       # official recipe
+    python tools/pretrain_jafar.py experiment=demo                         # offline demo, CPU
+    python tools/pretrain_jafar.py data.root=... trainer.devices=4         # 4 GPUs (DDP)
+
+Outputs under the Hydra run directory (``outputs/pretrain/<name>``): ``checkpoints/`` (every
+``checkpoint_every`` steps and ``last.ckpt``; rerunning the same command resumes from it),
+``tensorboard/``, ``csv/``, ``pictures/`` (PCA at each validation), ``jafar.safetensors`` and
+``results.json``.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jafar.train.run import run  # noqa: E402
+
+
+@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
