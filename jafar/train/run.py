@@ -139,9 +139,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # the training batches are a function of the step (StepBatchSampler), so resuming
         # mid-epoch is exact even though the DataLoader itself holds no state
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if val_files:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if val_files:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
 
     results = {**module.val_results, "step": trainer.global_step, "train_images": len(train_files),
                "val_images": len(val_files), "skipped_images": module.skipped}
