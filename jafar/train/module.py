@@ -19,8 +19,8 @@ to ``[0, 1]``, and when it adds noise without blurring it modifies the clean gui
 place. Here blur and noise are applied to a copy in pixel space (``[0, 1]``), clamped there and
 normalised again.
 
-All randomness of a step comes from a generator seeded with ``(seed, step, rank)``, so resuming
-at step ``k`` replays exactly what an uninterrupted run does from ``k`` on.
+All randomness of a step comes from a generator seeded with ``(seed, step)`` (the same on every
+DDP rank), so resuming at step ``k`` replays exactly what an uninterrupted run does from ``k`` on.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class JafarPretraining(L.LightningModule):
         pixels = batch["image"]
         if pixels is None:  # every image of the batch was unreadable
             return None
-        gen = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 1 + self.global_rank))
+        # one draw per global batch (the same on every DDP rank), as the official code draws one scale per batch
+        gen = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 1))
         lo, hi = self.lr_scale
         scale = lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64).item()
         x = self.normalize(pixels)
@@ -150,7 +151,9 @@ class JafarPretraining(L.LightningModule):
 
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
-        self._val_sums, self._val_example = {}, None
+        names = ("jafar",) + BASELINES
+        self._val_sums = {(f"x{r}", n): torch.zeros(3, device=self.device) for r in self.val_ratios for n in names}
+        self._val_example = None
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
@@ -171,8 +174,7 @@ class JafarPretraining(L.LightningModule):
                 cos = F.cosine_similarity(pred, target, dim=1).flatten(1).mean(1)  # per image
                 mse = (pred - target).pow(2).flatten(1).mean(1)
                 acc = torch.stack([cos.sum(), mse.sum(), torch.tensor(float(len(cos)), device=cos.device)])
-                key = (f"x{ratio}", name)
-                self._val_sums[key] = self._val_sums.get(key, 0) + acc
+                self._val_sums[(f"x{ratio}", name)] += acc
             if self._val_example is None and ratio == (4 if 4 in self.val_ratios else self.val_ratios[0]):
                 self._val_example = (ratio, pixels[0].float().cpu(), lr[0].float().cpu(),
                                      preds["bilinear"][0].float().cpu(), preds["jafar"][0].float().cpu(),
@@ -181,11 +183,13 @@ class JafarPretraining(L.LightningModule):
     def on_validation_epoch_end(self):
         results: Dict[str, dict] = {}
         for (ratio, name), acc in sorted(self._val_sums.items()):
-            acc = self.trainer.strategy.reduce(acc, reduce_op="sum") if self.trainer.world_size > 1 else acc
+            if acc[2] == 0:
+                continue
             cos, mse = (acc[0] / acc[2]).item(), (acc[1] / acc[2]).item()
             results.setdefault(ratio, {})[name] = {"cos": cos, "mse": mse}
-            self.log(f"val/{ratio}/{name}/cos", cos, rank_zero_only=True)
-            self.log(f"val/{ratio}/{name}/mse", mse, rank_zero_only=True)
+            # every rank validated every held-out image: the values agree across ranks
+            self.log(f"val/{ratio}/{name}/cos", cos, sync_dist=self.trainer.world_size > 1)
+            self.log(f"val/{ratio}/{name}/mse", mse, sync_dist=self.trainer.world_size > 1)
         self.val_results = results
         if self._val_example is not None and self.picture_dir is not None and self.global_rank == 0:
             ratio, image, low, bil, jaf, target = self._val_example

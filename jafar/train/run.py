@@ -63,9 +63,9 @@ class PretrainData(L.LightningDataModule):
         return make_loader(data, sampler, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
 
     def val_dataloader(self):
+        # every rank validates every held-out image: a few images, and DDP needs every rank to run
+        # the same number of forward passes
         files = self.val_files
-        if self.trainer.world_size > 1:  # each rank validates its share; sums are reduced
-            files = files[self.trainer.global_rank::self.trainer.world_size]
         return make_loader(ImageFiles(files, self.image_size), batch_size=self.cfg.batch_size,
                            num_workers=min(self.cfg.num_workers, len(files)), pin_memory=self.cfg.pin_memory)
 
@@ -133,8 +133,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                     monitor="step", mode="max")
     loggers = [TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
                CSVLogger(str(run_dir), name="csv", version="")]
+    # use_distributed_sampler=False: StepBatchSampler and val_dataloader already give each rank its share
     trainer = L.Trainer(**trainer_kwargs, max_epochs=-1, callbacks=[checkpointing], logger=loggers,
-                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False)
     with warnings.catch_warnings():
         # the training batches are a function of the step (StepBatchSampler), so resuming
         # mid-epoch is exact even though the DataLoader itself holds no state
