@@ -10,7 +10,7 @@ So the whole operation is::
 with ``scale = 1 / sqrt(d)`` (``d`` = per-head channels). The official code materialises the
 ``(heads, Nq, Nk)`` weights: 7.5 GB on a GPU for a 448x448 output from 32x32 keys.
 
-Three interchangeable implementations, selected by ``mode``:
+Four interchangeable implementations, selected by ``mode``:
 
 ``"reference"``
     The official algorithm, materialising every weight; autograd through plain PyTorch ops.
@@ -26,10 +26,19 @@ Three interchangeable implementations, selected by ``mode``:
     ``torch.nn.functional.scaled_dot_product_attention`` with ``F`` as every head's value,
     averaged over heads.
 
-``"auto"`` is ``"chunked"`` on every device: measured on an H100 (``docs/benchmarks.md``) it
-matches ``"sdpa"`` up to 448x448 outputs and is 2x faster at 896x896 in float32 and 2.6x in
-bf16 at 1792x1792 (per-head SDPA multiplies ``F`` once per head, and PyTorch's flash kernels
-do not take a value width different from the query width).
+``"triton"``
+    The forward pass is a Triton kernel (``jafar.kernels``): the same two-pass algorithm fused,
+    never materialising more than one ``(BLOCK_M x BLOCK_N)`` tile; the backward is the
+    recomputing one of ``"chunked"``.
+
+``"auto"`` is ``"triton"`` on CUDA for bf16/fp16 inputs (and float32 when TF32 matmuls are
+allowed) when Triton is importable and the heads fit the kernel (power-of-two head width >=
+16), and ``"chunked"`` otherwise: with exact float32 products the kernel is slower than
+cuBLAS. ``"chunked"`` rather than
+``"sdpa"`` because, measured on an H100 (``docs/benchmarks.md``), it matches ``"sdpa"`` up to
+448x448 outputs and is 2x faster at 896x896 in float32 and 2.6x in bf16 at 1792x1792 (per-head
+SDPA multiplies ``F`` once per head, and PyTorch's flash kernels do not take a value width
+different from the query width).
 
 Dtypes: under autocast the inputs are cast to the autocast dtype; logits, softmax and their
 gradients are computed in float32 (float64 for float64 inputs); the ``P @ F`` products run in the input dtype.
@@ -43,16 +52,32 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-MODES = ("auto", "reference", "chunked", "sdpa")
+MODES = ("auto", "reference", "chunked", "sdpa", "triton")
 
 #: default extra-memory budget of the memory-bounded paths, in bytes
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
+def resolve_mode(mode: str, device: torch.device, head_dim: int = 32, num_heads: int = 4,
+                 dtype: torch.dtype = torch.bfloat16) -> str:
     if mode not in MODES:
         raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}.")
-    return "chunked" if mode == "auto" else mode
+    if mode == "auto":
+        # the kernel's float32 products without TF32 are slower than cuBLAS's (docs/benchmarks.md)
+        exact_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        if device.type != "cuda" or exact_fp32 or dtype == torch.float64:
+            return "chunked"
+        from . import kernels
+
+        fits = head_dim >= 16 and not head_dim & (head_dim - 1) and not num_heads & (num_heads - 1)
+        return "triton" if fits and kernels.available(device) else "chunked"
+    if mode == "triton":
+        from . import kernels
+
+        if not kernels.available(device):
+            raise RuntimeError(f"attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the "
+                               f"CPU); the input is on {device}.")
+    return mode
 
 
 def chunk_rows(batch: int, num_keys: int, channels: int, num_heads: int, memory_budget: int) -> int:
@@ -86,13 +111,17 @@ class _HeadAveragedAttention(torch.autograd.Function):
     """Chunked forward (averaged softmax or per-head SDPA) with a recomputing backward."""
 
     @staticmethod
-    def forward(ctx, q, k, f, num_heads: int, scale: float, rows: int, use_sdpa: bool):
+    def forward(ctx, q, k, f, num_heads: int, scale: float, rows: int, impl: str):
         b, nq, _ = q.shape
         nk, c = f.shape[1], f.shape[2]
         qh, kh = _split_heads(q, num_heads), _split_heads(k, num_heads)
-        out = f.new_empty(b, nq, c)
+        out = f.new_empty(b, nq, c) if impl != "triton" else None
         with torch.autocast(device_type=q.device.type, enabled=False):
-            if use_sdpa:
+            if impl == "triton":
+                from .kernels import head_averaged_attention_fwd
+
+                out = head_averaged_attention_fwd(q, k, f, num_heads, scale)
+            elif impl == "sdpa":
                 fh = f[:, None].expand(b, num_heads, nk, c)
                 for s in range(0, nq, rows):
                     o = F.scaled_dot_product_attention(qh[:, :, s:s + rows], kh, fh, scale=scale)
@@ -181,14 +210,14 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, n
     if q.shape[2] % num_heads:
         raise ValueError(f"query width {q.shape[2]} is not divisible by num_heads={num_heads}.")
     scale = 1.0 / math.sqrt(q.shape[2] // num_heads) if scale is None else float(scale)
-    mode = resolve_mode(mode, q.device)
-    if mode == "reference":
-        return reference_attention(q, k, f, num_heads, scale)
-
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), f.dtype)
+    mode = resolve_mode(mode, q.device, q.shape[2] // num_heads, num_heads, dtype)
+    if mode == "reference":
+        return reference_attention(q, k, f, num_heads, scale)
+
     q, k, f = q.to(dtype), k.to(dtype), f.to(dtype).contiguous()
     rows = chunk_rows(q.shape[0], k.shape[1], f.shape[2], num_heads, memory_budget)
-    return _HeadAveragedAttention.apply(q, k, f, num_heads, scale, rows, mode == "sdpa")
+    return _HeadAveragedAttention.apply(q, k, f, num_heads, scale, rows, mode)

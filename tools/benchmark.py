@@ -10,7 +10,8 @@ and ``backward()`` with the image and the features requiring grad. Reported: the
 Python and libraries included, each configuration in a fresh process).
 
 "reference" is the official algorithm (``attention="reference"``: the ``(heads, queries,
-keys)`` weights are materialised); "ours" is ``attention="auto"``. Plain Python, no Hydra, so
+keys)`` weights are materialised, and PyTorch's GroupNorm); the other rows are our attention
+paths (``auto``: the Triton kernel on CUDA) with our GroupNorm. Plain Python, no Hydra, so
 that it runs on a bare GPU machine::
 
     python tools/benchmark.py                       # all sizes, fp32 and bf16, writes nothing
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jafar import JAFAR  # noqa: E402
+from jafar.model import GroupNorm  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,6 +62,9 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
     """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB)."""
     device = torch.device(device)
     torch.manual_seed(0)
+    # the reference rows are the official algorithm throughout: materialising attention and
+    # PyTorch's GroupNorm
+    GroupNorm.use_var_mean = mode != "reference"
     model = JAFAR(v_dim=dim, attention=mode).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     feats = torch.randn(1, dim, size // patch, size // patch, device=device)
