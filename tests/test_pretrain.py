@@ -177,6 +177,22 @@ def test_official_recipe_runs_a_step_with_the_dinov2_vits14_architecture(tmp_pat
     assert (tmp_path / "run" / "pictures" / "pca_latest.png").is_file()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("recipe.lr_scale=[0.6,0.3]", "recipe.lr_scale must be"),
+    ("recipe.guidance_scale=0", "recipe.guidance_scale must be"),
+    ("data.batch_size=0", "data.batch_size must be"),
+    ("validation.ratios=[]", "validation.ratios must be"),
+    ("trainer.max_steps=0", "trainer.max_steps must be"),
+])
+def test_bad_settings_are_refused_by_name(tmp_path, override, message):
+    from jafar.train.run import run
+
+    _write_images(tmp_path / "imgs", 2)
+    with pytest.raises(ValueError, match=message):
+        run(_compose([f"data.root={tmp_path / 'imgs'}", override]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_data_root_is_one_sentence_before_any_work(tmp_path):
     from jafar.train.run import run
 

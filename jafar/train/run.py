@@ -88,6 +88,24 @@ def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
     return str(path)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse values that would fail (or silently misbehave) later, naming the key."""
+    r = cfg.recipe
+    lo, hi = (float(x) for x in r.lr_scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"recipe.lr_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(r.lr_scale)}.")
+    if not 0 < float(r.guidance_scale) <= 4:
+        raise ValueError(f"recipe.guidance_scale must be in (0, 4], got {r.guidance_scale}.")
+    if int(r.image_size) < 16:
+        raise ValueError(f"recipe.image_size must be at least 16 pixels, got {r.image_size}.")
+    if int(cfg.data.batch_size) < 1:
+        raise ValueError(f"data.batch_size must be a positive integer, got {cfg.data.batch_size}.")
+    if not cfg.validation.ratios or any(int(x) < 1 for x in cfg.validation.ratios):
+        raise ValueError(f"validation.ratios must be a list of positive integers, got {cfg.validation.ratios}.")
+    if float(r.consistency_weight) < 0:
+        raise ValueError(f"recipe.consistency_weight must be >= 0, got {r.consistency_weight}.")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train, validate on the held-out images, export ``jafar.safetensors`` and ``results.json``."""
     run_dir = Path(run_dir)
@@ -97,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(f"trainer.max_steps must be a positive number of steps, got {total_steps}.")
 
     # ---- inputs first: one clear sentence before any work
+    check_config(cfg)
     if data_cfg.get("prepare") == "demo_photos":
         write_demo_photos(data_cfg.root)
     files = find_images(data_cfg.root)
