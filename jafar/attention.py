@@ -27,9 +27,10 @@ Four interchangeable implementations, selected by ``mode``:
     averaged over heads.
 
 ``"triton"``
-    The forward pass is a Triton kernel (``jafar.kernels``): the same two-pass algorithm fused,
-    never materialising more than one ``(BLOCK_M x BLOCK_N)`` tile; the backward is the
-    recomputing one of ``"chunked"``.
+    Triton kernels (``jafar.kernels``): the forward is the same two-pass algorithm fused,
+    never materialising more than one ``(BLOCK_M x BLOCK_N)`` tile, and saves each head's
+    log-sum-exp; the backward recomputes the probabilities tile by tile (one kernel per query
+    tile for ``dQ``, one per key tile for ``dK`` and ``dF``).
 
 ``"auto"`` is ``"triton"`` on CUDA for bf16/fp16 inputs (and float32 when TF32 matmuls are
 allowed) when Triton is importable and the heads fit the kernel (power-of-two head width >=
@@ -117,10 +118,11 @@ class _HeadAveragedAttention(torch.autograd.Function):
         qh, kh = _split_heads(q, num_heads), _split_heads(k, num_heads)
         out = f.new_empty(b, nq, c) if impl != "triton" else None
         with torch.autocast(device_type=q.device.type, enabled=False):
+            lse = None
             if impl == "triton":
                 from .kernels import head_averaged_attention_fwd
 
-                out = head_averaged_attention_fwd(q, k, f, num_heads, scale)
+                out, lse = head_averaged_attention_fwd(q, k, f, num_heads, scale, return_lse=True)
             elif impl == "sdpa":
                 fh = f[:, None].expand(b, num_heads, nk, c)
                 for s in range(0, nq, rows):
@@ -137,14 +139,21 @@ class _HeadAveragedAttention(torch.autograd.Function):
                     avg = probs.sum(dim=1).mul_(1.0 / num_heads)
                     del probs
                     torch.matmul(avg.to(f.dtype), f, out=out[:, s:s + rows])
-        ctx.save_for_backward(q, k, f)
+        ctx.save_for_backward(q, k, f, lse)
         ctx.num_heads, ctx.scale, ctx.rows = num_heads, scale, rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, f = ctx.saved_tensors
+        q, k, f, lse = ctx.saved_tensors
         h, scale, rows = ctx.num_heads, ctx.scale, ctx.rows
+        if lse is not None:  # the Triton forward ran: fused backward kernels
+            from .kernels import head_averaged_attention_bwd
+
+            dq, dk, df = head_averaged_attention_bwd(q, k, f, lse, grad_out, h, scale)
+            need = ctx.needs_input_grad
+            return (dq if need[0] else None, dk if need[1] else None, df if need[2] else None,
+                    None, None, None, None)
         b, nq, _ = q.shape
         qh, kh = _split_heads(q, h), _split_heads(k, h)
         grad_out = grad_out.to(f.dtype)
