@@ -1,0 +1,183 @@
+"""Every camera / ego / BeV transform of the project, in one place.
+
+Conventions (those of nuScenes and its devkit, ``nuscenes/utils/geometry_utils.py``):
+
+* quaternions are ``[w, x, y, z]`` (pyquaternion's order, the order of the nuScenes tables);
+* a pose ``(translation, rotation)`` of frame A in frame B is the 4x4 ``A -> B`` transform
+  ``[[R, t], [0, 1]]`` (``transform_matrix``); ``cam2ego`` maps camera to ego coordinates;
+* the ego frame: x forward, y left, z up (metres); the camera frame: x right, y down, z forward;
+* boxes: centre, size ``[w, l, h]`` (nuScenes' order) and yaw about z; their 8 corners are in the
+  devkit's ``Box.corners()`` order;
+* the BeV grid (:class:`BevGrid`): cell ``[i, j]`` covers ``x in [x_min + i*res, ...)`` and
+  ``y in [y_min + j*res, ...)``: rows follow x (forward), columns follow y (left). Drawn as an
+  image, row 0 is the rear and column 0 the right side of the ego vehicle.
+
+Functions take and return ``torch`` tensors (any leading batch dimensions) or numpy arrays
+where noted, so that the data pipeline, the heads and the tests share them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
+
+
+def quaternion_to_rotation(q: ArrayLike) -> np.ndarray:
+    """3x3 rotation matrix of a unit quaternion ``[w, x, y, z]`` (normalised first)."""
+    w, x, y, z = (np.asarray(q, dtype=np.float64) / np.linalg.norm(np.asarray(q, dtype=np.float64))).tolist()
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def yaw_to_quaternion(yaw: float) -> np.ndarray:
+    """``[w, x, y, z]`` of a rotation by ``yaw`` radians about z."""
+    return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
+
+
+def rotation_yaw(rotation: np.ndarray) -> float:
+    """Yaw (about z) of a rotation matrix, as the devkit's ``quaternion_yaw``: the angle of the
+    rotated x axis projected on the xy plane."""
+    v = rotation[:, 0]
+    return float(math.atan2(v[1], v[0]))
+
+
+def transform_matrix(translation: ArrayLike = (0, 0, 0), rotation: ArrayLike = (1, 0, 0, 0),
+                     inverse: bool = False) -> np.ndarray:
+    """4x4 rigid transform from a translation and a ``[w, x, y, z]`` quaternion (or 3x3 matrix)."""
+    rot = np.asarray(rotation, dtype=np.float64)
+    rot = quaternion_to_rotation(rot) if rot.shape == (4,) else rot
+    t = np.asarray(translation, dtype=np.float64)
+    out = np.eye(4)
+    if inverse:
+        out[:3, :3] = rot.T
+        out[:3, 3] = -rot.T @ t
+    else:
+        out[:3, :3] = rot
+        out[:3, 3] = t
+    return out
+
+
+def invert_rigid(T: np.ndarray) -> np.ndarray:
+    """Inverse of a 4x4 rigid transform (``R^T``, ``-R^T t``)."""
+    return transform_matrix(T[:3, 3], T[:3, :3], inverse=True)
+
+
+def apply_transform(T: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``(..., 4, 4) x (..., N, 3) -> (..., N, 3)``."""
+    return points @ T[..., :3, :3].transpose(-1, -2) + T[..., None, :3, 3]
+
+
+def project_points(points_cam: torch.Tensor, intrinsics: torch.Tensor, eps: float = 1e-6):
+    """Pinhole projection of camera-frame points: ``(..., N, 3), (..., 3, 3) -> (uv (..., N, 2),
+    depth (..., N))``, like the devkit's ``view_points(points, K, normalize=True)``. Points with
+    ``depth <= eps`` get ``uv`` from a clamped depth; mask them with ``depth > eps``."""
+    depth = points_cam[..., 2]
+    xyz = points_cam @ intrinsics.transpose(-1, -2)
+    uv = xyz[..., :2] / depth.clamp_min(eps)[..., None]
+    return uv, depth
+
+
+def box_corners(center: ArrayLike, size_wlh: ArrayLike, yaw: float) -> np.ndarray:
+    """``(8, 3)`` corners of a box, in the devkit's ``Box.corners()`` order (x along the length)."""
+    w, l, h = (float(v) for v in size_wlh)
+    x = l / 2 * np.array([1, 1, 1, 1, -1, -1, -1, -1])
+    y = w / 2 * np.array([1, -1, -1, 1, 1, -1, -1, 1])
+    z = h / 2 * np.array([1, 1, -1, -1, 1, 1, -1, -1])
+    c, s = math.cos(yaw), math.sin(yaw)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return (rot @ np.stack([x, y, z])).T + np.asarray(center, dtype=np.float64)
+
+
+def resize_crop_matrix(scale: Tuple[float, float], crop_xy: Tuple[float, float] = (0.0, 0.0),
+                       rotation_deg: float = 0.0, center: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """3x3 pixel affine of an image augmentation: scale ``(sx, sy)``, then a rotation by
+    ``rotation_deg`` about ``center`` (pixels of the scaled image), then a crop whose top-left
+    corner is ``crop_xy``. A pixel ``p`` of the original lands at ``A @ [p, 1]``; the camera's
+    new intrinsics are ``A @ K`` (:func:`augment_intrinsics`)."""
+    sx, sy = scale
+    S = np.diag([sx, sy, 1.0])
+    a = math.radians(rotation_deg)
+    c, s = math.cos(a), math.sin(a)
+    cx, cy = center
+    R = np.array([[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy], [0, 0, 1.0]])
+    C = np.array([[1, 0, -crop_xy[0]], [0, 1, -crop_xy[1]], [0, 0, 1.0]])
+    return C @ R @ S
+
+
+def augment_intrinsics(K: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Intrinsics after an image affine (``resize_crop_matrix``): ``A @ K``."""
+    return np.asarray(affine, dtype=np.float64) @ np.asarray(K, dtype=np.float64)
+
+
+def scale_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
+    """Intrinsics of an image (or feature map) resized by ``(sx, sy)`` per axis, pixel-corner
+    convention (``F.interpolate(align_corners=False)``): ``u' = sx * u``."""
+    S = torch.diag(torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device))
+    return S @ K
+
+
+@dataclass(frozen=True)
+class BevGrid:
+    """The ego-frame bird's-eye-view grid: by default 200 x 200 cells of 0.5 m over [-50, 50] m
+    in x and y (PointBeV's and SimpleBEV's grid) and 8 height bins; the height range is a
+    placeholder until the BeV heads land with their references' values."""
+
+    x_bounds: Tuple[float, float] = (-50.0, 50.0)
+    y_bounds: Tuple[float, float] = (-50.0, 50.0)
+    z_bounds: Tuple[float, float] = (-5.0, 3.0)
+    resolution: float = 0.5
+    z_bins: int = 8
+
+    def __post_init__(self):
+        for name in ("x_bounds", "y_bounds", "z_bounds"):
+            lo, hi = getattr(self, name)
+            if not hi > lo:
+                raise ValueError(f"BevGrid.{name} must be (low, high) with high > low, got {(lo, hi)}.")
+        if self.resolution <= 0 or self.z_bins < 1:
+            raise ValueError(f"BevGrid needs resolution > 0 and z_bins >= 1, got {self.resolution}, {self.z_bins}.")
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(rows along x, columns along y)``."""
+        return (int(round((self.x_bounds[1] - self.x_bounds[0]) / self.resolution)),
+                int(round((self.y_bounds[1] - self.y_bounds[0]) / self.resolution)))
+
+    def cell_centers(self) -> torch.Tensor:
+        """``(X, Y, 2)`` ego ``(x, y)`` of every cell centre."""
+        nx, ny = self.shape
+        xs = self.x_bounds[0] + (torch.arange(nx, dtype=torch.float64) + 0.5) * self.resolution
+        ys = self.y_bounds[0] + (torch.arange(ny, dtype=torch.float64) + 0.5) * self.resolution
+        return torch.stack(torch.meshgrid(xs, ys, indexing="ij"), -1)
+
+    def z_centers(self) -> torch.Tensor:
+        lo, hi = self.z_bounds
+        return lo + (torch.arange(self.z_bins, dtype=torch.float64) + 0.5) * (hi - lo) / self.z_bins
+
+    def voxel_centers(self) -> torch.Tensor:
+        """``(X, Y, Z, 3)`` ego ``(x, y, z)`` of every voxel centre."""
+        xy = self.cell_centers()
+        z = self.z_centers()
+        nx, ny = self.shape
+        return torch.cat([xy[:, :, None, :].expand(nx, ny, self.z_bins, 2),
+                          z[None, None, :, None].expand(nx, ny, self.z_bins, 1)], -1)
+
+    def to_cell(self, xy: torch.Tensor) -> torch.Tensor:
+        """Continuous ``(i, j)`` cell coordinates of ego ``(x, y)`` points (cell ``k`` spans
+        ``[k, k+1)``)."""
+        return torch.stack([(xy[..., 0] - self.x_bounds[0]) / self.resolution,
+                            (xy[..., 1] - self.y_bounds[0]) / self.resolution], -1)
+
+    def polygon_to_cells(self, polygon_xy: np.ndarray) -> np.ndarray:
+        """``(K, 2)`` ego polygon -> ``(K, 2)`` polygon in ``(col, row)`` pixel coordinates (the
+        order of image rasterisers such as OpenCV's ``fillPoly``), cell centres at ``k + 0.5``."""
+        ij = self.to_cell(torch.as_tensor(polygon_xy, dtype=torch.float64)).numpy()
+        return ij[:, ::-1]
