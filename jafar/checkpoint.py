@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .model import JAFAR
+from .utils import atomic_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -206,13 +206,6 @@ def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_locat
     return model.to(map_location)
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def save_checkpoint(model: JAFAR, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write ``model`` as one ``.safetensors`` file with its constructor config, atomically."""
     from safetensors.torch import save_file
@@ -223,13 +216,8 @@ def save_checkpoint(model: JAFAR, path: PathLike, metadata: Optional[Dict[str, s
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format="jafar", config=json.dumps(model.config))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = _atomic_target(path)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -258,20 +246,15 @@ def from_pretrained(name: str, feature_dim: Optional[int] = None, cache_dir: Opt
     release = resolve_release(name)
     path = release_path(name, cache_dir)
     if not path.is_file():
-        tmp = None
         try:
-            tmp = _atomic_target(path)
-            torch.hub.download_url_to_file(release.url, tmp, progress=True)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.hub.download_url_to_file(release.url, str(tmp), progress=True)
         except Exception as exc:
             raise RuntimeError(
                 f"could not download the JAFAR release {release.filename!r} from {release.url} ({type(exc).__name__}: "
                 f"{exc}); if this machine is offline, download that file on one with internet access and either "
                 f"copy it to {path} or load it with jafar.load_checkpoint('/path/to/{release.filename}')."
             ) from None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
     model = load_checkpoint(path, feature_dim=feature_dim, map_location=map_location, **model_kwargs)
     if model.v_dim != release.feature_dim:
         warnings.warn(f"{release.filename} upsamples {model.v_dim}-channel features, not the "

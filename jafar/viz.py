@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .utils import atomic_path
+
 
 def pca_basis(features: Sequence[torch.Tensor], k: int = 3):
     """Mean and top-``k`` principal directions of the pixels of all ``(C, h, w)`` maps together."""
@@ -48,7 +50,6 @@ def save_panels(panels: Sequence[torch.Tensor], path, titles: Sequence[str] = ()
         canvas.paste(Image.fromarray(arr), (c * w, r * (h + pad) + pad))
         if titles:
             draw.text((c * w + 4, r * (h + pad) + 3), titles[i % len(titles)], fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

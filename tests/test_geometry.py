@@ -1,6 +1,5 @@
 """bev.geometry against nuscenes-devkit's own conventions, and on the real nuScenes key frame."""
 
-import math
 import pickle
 
 import numpy as np

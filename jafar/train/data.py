@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..utils import atomic_path
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -249,8 +251,7 @@ def write_demo_photos(folder, names: Sequence[str] = DEMO_PHOTOS) -> List[Path]:
                 arr = arr.astype(np.uint8) * 255
             if arr.ndim == 2:
                 arr = np.stack([arr] * 3, -1)
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(arr[..., :3].astype(np.uint8)).save(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                Image.fromarray(arr[..., :3].astype(np.uint8)).save(tmp, format="PNG")
         paths.append(path)
     return paths

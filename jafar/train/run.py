@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import save_checkpoint
 from ..upsamplers import build_upsampler
+from ..utils import atomic_path
 from .data import ImageFiles, StepBatchSampler, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss
 from .module import JafarPretraining
@@ -33,15 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     truncated ``last.ckpt``."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 class PretrainData(L.LightningDataModule):
@@ -70,9 +63,8 @@ class PretrainData(L.LightningDataModule):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
