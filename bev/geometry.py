@@ -38,6 +38,27 @@ def quaternion_to_rotation(q: ArrayLike) -> np.ndarray:
     ])
 
 
+def rotation_to_quaternion(rotation: np.ndarray) -> np.ndarray:
+    """``[w, x, y, z]`` (``w >= 0``) of a 3x3 rotation matrix (Shepperd's method)."""
+    m = np.asarray(rotation, dtype=np.float64)
+    tr = np.trace(m)
+    if tr > 0:
+        s = 2.0 * math.sqrt(tr + 1.0)
+        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
+    else:
+        i = int(np.argmax(np.diag(m)))
+        j, k = (i + 1) % 3, (i + 2) % 3
+        s = 2.0 * math.sqrt(max(1.0 + m[i, i] - m[j, j] - m[k, k], 0.0))
+        q = [0.0] * 4
+        q[0] = (m[k, j] - m[j, k]) / s
+        q[1 + i] = 0.25 * s
+        q[1 + j] = (m[j, i] + m[i, j]) / s
+        q[1 + k] = (m[k, i] + m[i, k]) / s
+    q = np.asarray(q)
+    q = q / np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
 def yaw_to_quaternion(yaw: float) -> np.ndarray:
     """``[w, x, y, z]`` of a rotation by ``yaw`` radians about z."""
     return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])

@@ -30,6 +30,8 @@ def test_quaternions_and_transforms_match_the_devkit():
                                        nusc_geom.transform_matrix(t, Quaternion(q), inverse=inverse), atol=1e-10)
         T = G.transform_matrix(t, q)
         np.testing.assert_allclose(G.invert_rigid(T) @ T, np.eye(4), atol=1e-12)
+        np.testing.assert_allclose(G.rotation_to_quaternion(Quaternion(q).rotation_matrix), q * np.sign(q[0]),
+                                   atol=1e-12)
     yaw = 2.3
     assert G.rotation_yaw(G.quaternion_to_rotation(G.yaw_to_quaternion(yaw))) == pytest.approx(yaw)
     assert Quaternion(G.yaw_to_quaternion(yaw)).yaw_pitch_roll[0] == pytest.approx(yaw)

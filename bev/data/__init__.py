@@ -1,0 +1,1 @@
+"""nuScenes data for the BeV tasks (through nuscenes-devkit)."""
