@@ -3,6 +3,7 @@
 
     python tools/make_nuscenes_fixture.py --out /tmp/nuscenes_frame
     python -c "from nuscenes import NuScenes; NuScenes('v1.0-mini', '/tmp/nuscenes_frame')"
+    python tools/make_nuscenes_fixture.py --out /tmp/nuscenes_frame --picture frame.png
 """
 
 import argparse
@@ -21,10 +22,18 @@ def main(argv=None):
     p.add_argument("--info", type=Path, default=DEFAULT_INFO, help="mmdetection3d info pickle (v1.1)")
     p.add_argument("--out", type=Path, required=True, help="dataroot to write (tables + samples/)")
     p.add_argument("--version", default="v1.0-mini")
+    p.add_argument("--picture", type=Path, help="also draw the six cameras with boxes and the BeV mask (PNG)")
     args = p.parse_args(argv)
     if not args.info.is_file():
         p.error(f"--info {args.info} does not exist")
     print(write_tables(args.info, args.out, args.version))
+    if args.picture:
+        from nuscenes import NuScenes
+
+        from bev.viz import draw_sample
+
+        nusc = NuScenes(args.version, str(args.out), verbose=False)
+        print(draw_sample(nusc, nusc.sample[0]["token"], args.picture))
 
 
 if __name__ == "__main__":
