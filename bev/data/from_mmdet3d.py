@@ -62,6 +62,8 @@ def _usec(seconds: float) -> int:
 def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None,
                  scene_name: str = "scene-0061", location: str = "singapore-onenorth") -> Path:
     """Write ``<out_root>/<version>/*.json`` and ``<out_root>/samples/<CHANNEL>/*.jpg``."""
+    from PIL import Image
+
     info_path = Path(info_path)
     with open(info_path, "rb") as fh:
         data = pickle.load(fh)
@@ -124,8 +126,6 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
             if not src.is_file():
                 raise FileNotFoundError(f"camera image {src} named by the info does not exist.")
             shutil.copyfile(src, dst)
-            from PIL import Image
-
             with Image.open(src) as im:
                 width, height = im.size
             tables["sample_data"].append({
