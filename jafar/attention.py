@@ -108,6 +108,13 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, num_h
     return weights @ f
 
 
+def _chunk_probs(q_chunk: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each head's softmax ``(B, H, n, Nk)`` for a chunk of queries (``kt``: transposed keys,
+    both already in the accumulation dtype)."""
+    logits = q_chunk @ kt
+    return torch.softmax(logits.mul_(scale), dim=-1)
+
+
 class _HeadAveragedAttention(torch.autograd.Function):
     """Chunked forward (averaged softmax or per-head SDPA) with a recomputing backward."""
 
@@ -132,10 +139,7 @@ class _HeadAveragedAttention(torch.autograd.Function):
                 acc = torch.promote_types(q.dtype, torch.float32)
                 kt = kh.to(acc).transpose(-1, -2)
                 for s in range(0, nq, rows):
-                    logits = qh[:, :, s:s + rows].to(acc) @ kt
-                    logits.mul_(scale)
-                    probs = torch.softmax(logits, dim=-1)
-                    del logits
+                    probs = _chunk_probs(qh[:, :, s:s + rows].to(acc), kt, scale)
                     avg = probs.sum(dim=1).mul_(1.0 / num_heads)
                     del probs
                     torch.matmul(avg.to(f.dtype), f, out=out[:, s:s + rows])
@@ -169,10 +173,7 @@ class _HeadAveragedAttention(torch.autograd.Function):
             for s in range(0, nq, rows):
                 qc = qh[:, :, s:s + rows].to(acc)
                 go = grad_out[:, s:s + rows]
-                logits = qc @ kt
-                logits.mul_(scale)
-                probs = torch.softmax(logits, dim=-1)  # (B, H, n, Nk)
-                del logits
+                probs = _chunk_probs(qc, kt, scale)  # (B, H, n, Nk)
                 if need_f:
                     avg = probs.sum(dim=1).mul_(1.0 / h)
                     df += avg.to(f.dtype).transpose(-1, -2) @ go

@@ -37,14 +37,3 @@ class Interpolate(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
 
-
-def Nearest() -> Interpolate:  # noqa: N802 - reads like a class in configs
-    return Interpolate("nearest")
-
-
-def Bilinear() -> Interpolate:  # noqa: N802
-    return Interpolate("bilinear")
-
-
-def Bicubic() -> Interpolate:  # noqa: N802
-    return Interpolate("bicubic")

@@ -197,8 +197,9 @@ class JAFAR(nn.Module):
         v_dim: channel count of the backbone features to upsample.
         num_heads: attention heads whose softmax weights are averaged.
         kernel_size: kernel of the first image-encoder convolution.
-        attention: ``"auto"`` (the best memory-bounded path), ``"chunked"``, ``"sdpa"`` or
-            ``"reference"`` (the official algorithm, materialising the attention weights).
+        attention: ``"auto"`` (the Triton kernels on CUDA in bf16/fp16, ``"chunked"``
+            otherwise), ``"chunked"``, ``"triton"``, ``"sdpa"`` or ``"reference"`` (the official
+            algorithm, materialising the attention weights); see ``jafar.attention``.
         memory_budget_mb: extra memory one attention chunk may take, in MiB.
 
     Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``

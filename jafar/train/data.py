@@ -8,7 +8,6 @@ step ``k`` on, whatever the number of worker processes.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils import atomic_path
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
