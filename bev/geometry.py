@@ -149,12 +149,13 @@ def scale_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class BevGrid:
     """The ego-frame bird's-eye-view grid: by default 200 x 200 cells of 0.5 m over [-50, 50] m
-    in x and y (PointBeV's and SimpleBEV's grid) and 8 height bins; the height range is a
-    placeholder until the BeV heads land with their references' values."""
+    in x and y (PointBeV's and SimpleBEV's grid) and 8 height bins over [-4, 6] m, whose centres
+    are PointBeV's voxel heights (github valeoai/PointBeV, ``configs/model/net/projector/
+    camprojector.yaml``: ``spatial_bounds`` z from -3.375 to 5.375 m in 8 steps of 1.25 m)."""
 
     x_bounds: Tuple[float, float] = (-50.0, 50.0)
     y_bounds: Tuple[float, float] = (-50.0, 50.0)
-    z_bounds: Tuple[float, float] = (-5.0, 3.0)
+    z_bounds: Tuple[float, float] = (-4.0, 6.0)
     resolution: float = 0.5
     z_bins: int = 8
 
