@@ -69,3 +69,57 @@ def draw_sample(nusc, sample_token: str, path, grid: BevGrid = BevGrid(), width:
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
+
+
+def bev_to_image(array: np.ndarray) -> np.ndarray:
+    """A ``(X, Y)`` BeV array (rows along x, columns along y) as an image with the ego's forward
+    up and its left to the left."""
+    return np.ascontiguousarray(np.asarray(array)[::-1, ::-1])
+
+
+def save_prediction_panels(samples, path, min_visibility: int = 2, camera_width: int = 160) -> Path:
+    """Save ``path``: one row per sample with its cameras (model order, two rows of three), the
+    ground truth and the predicted probability in the BeV (forward up, left left).
+
+    ``samples``: dicts with ``images`` (N, 3, H, W) in [0, 1], ``seg`` (1, X, Y), ``visibility``
+    (1, X, Y) and ``prob`` (1, X, Y). Ground truth: vehicles white, cells ignored at
+    ``min_visibility`` grey; prediction: probability as grey levels, ground-truth outline in red.
+    """
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for s in samples:
+        images = s["images"].float().clamp(0, 1)
+        n, _, h, w = images.shape
+        ch = max(1, round(h * camera_width / w))
+        cams = Image.new("RGB", (3 * camera_width, 2 * ch), "black")
+        for k in range(n):
+            arr = (images[k].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            cams.paste(Image.fromarray(arr).resize((camera_width, ch)), ((k % 3) * camera_width, (k // 3) * ch))
+        side = 2 * ch
+        seg = s["seg"][0].numpy() > 0
+        ignored = seg & (s["visibility"][0].numpy() < min_visibility)
+        gt = np.where(seg, 255, 0).astype(np.uint8)
+        gt[ignored] = 110
+        prob = (s["prob"][0].float().numpy() * 255).astype(np.uint8)
+        pred = np.stack([prob] * 3, -1)
+        edge = seg & ~(np.roll(seg, 1, 0) & np.roll(seg, -1, 0) & np.roll(seg, 1, 1) & np.roll(seg, -1, 1))
+        pred[edge] = (255, 40, 40)
+        panels = [Image.fromarray(bev_to_image(gt)).convert("RGB"), Image.fromarray(bev_to_image(pred))]
+        row = Image.new("RGB", (cams.width + 2 * side + 8, side), "black")
+        row.paste(cams, (0, 0))
+        for k, (panel, title) in enumerate(zip(panels, ("ground truth", "prediction"))):
+            panel = panel.resize((side, side), Image.NEAREST)
+            ImageDraw.Draw(panel).text((4, 2), title, fill=(0, 160, 255))
+            row.paste(panel, (cams.width + 4 + k * (side + 4), 0))
+        rows.append(row)
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "black")
+    y = 0
+    for r in rows:
+        canvas.paste(r, (0, y))
+        y += r.height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
