@@ -203,3 +203,44 @@ class BevGrid:
         order of image rasterisers such as OpenCV's ``fillPoly``), cell centres at ``k + 0.5``."""
         ij = self.to_cell(torch.as_tensor(polygon_xy, dtype=torch.float64)).numpy()
         return ij[:, ::-1]
+
+
+def image_affine(raw_hw: Tuple[int, int], out_hw: Tuple[int, int], scale: float, zoom: float = 1.0,
+                 rotation_deg: float = 0.0, crop_x_frac: float = 0.5) -> np.ndarray:
+    """3x3 affine (:func:`resize_crop_matrix`) that turns a ``raw_hw`` camera image into the
+    ``out_hw`` network input: resize by ``scale * zoom``, keep the bottom rows (the crop is taken
+    from the top, as LSS's and PointBeV's ``crop_up``), place the crop horizontally at
+    ``crop_x_frac`` of the slack (0.5 centres it; a negative slack pads both sides), then rotate
+    by ``rotation_deg`` about the centre of the output image. Pixel-corner coordinates."""
+    s = float(scale) * float(zoom)
+    if not s > 0:
+        raise ValueError(f"image_affine needs scale * zoom > 0, got scale={scale}, zoom={zoom}.")
+    (h_raw, w_raw), (h, w) = raw_hw, out_hw
+    crop = (crop_x_frac * (w_raw * s - w), h_raw * s - h)
+    centre = (crop[0] + w / 2, crop[1] + h / 2)
+    return resize_crop_matrix((s, s), crop, rotation_deg, centre)
+
+
+def warp_image(image, affine: np.ndarray, out_hw: Tuple[int, int]):
+    """Apply a pixel affine (``p_out = affine @ p_in``, pixel corners) to a PIL image and return
+    the ``out_hw`` RGB PIL image, bilinear, black outside the source.
+
+    Downscaling is antialiased: the image is first resized (JPEG draft decoding, then PIL's
+    filtered resize) to about the affine's scale, and the remaining near-identity affine is
+    applied with ``Image.transform``. The composition is exactly ``affine``, so the intrinsics
+    :func:`augment_intrinsics` gives stay exact."""
+    from PIL import Image
+
+    A = np.asarray(affine, dtype=np.float64)
+    w_raw, h_raw = image.size
+    sx, sy = float(np.linalg.norm(A[:2, 0])), float(np.linalg.norm(A[:2, 1]))
+    w0, h0 = max(1, round(w_raw * sx)), max(1, round(h_raw * sy))
+    if w0 < w_raw and h0 < h_raw:
+        image.draft("RGB", (w0, h0))  # decode a JPEG at 1/2, 1/4 or 1/8 when that is still >= (w0, h0)
+        image = image.convert("RGB").resize((w0, h0), Image.BILINEAR)
+        A = A @ np.diag([w_raw / w0, h_raw / h0, 1.0])
+    else:
+        image = image.convert("RGB")
+    inv = np.linalg.inv(A)
+    return image.transform((int(out_hw[1]), int(out_hw[0])), Image.AFFINE, tuple(inv[:2].ravel()),
+                           resample=Image.BILINEAR)

@@ -1,0 +1,302 @@
+"""nuScenes key frames as BeV vehicle-segmentation samples, through nuscenes-devkit.
+
+:class:`NuScenesBev` reads the devkit tables once, in its constructor, and keeps per sample
+only what ``__getitem__`` needs (image paths, intrinsics, exact camera -> reference-ego
+transforms, vehicle boxes in the reference ego frame), as numpy arrays. The devkit object is
+dropped afterwards, so the dataset is small, picklable and cheap to send to DataLoader workers.
+
+The reference ego frame of a sample is the ego pose of its ``LIDAR_TOP`` sample_data; each
+camera's ``cam2ego`` is ``inv(ego_ref2global) @ ego_cam2global @ cam2ego_calibrated``, with the
+ego pose at the camera's own timestamp (the ego moves 0.1-0.4 m during the camera sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import geometry as G
+from .targets import bev_targets
+
+#: PointBeV's camera order (github valeoai/PointBeV, ``configs/data/nuscenes.yaml`` ``cams``)
+CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
+#: the devkit tables a version folder must hold
+TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
+          "scene", "sample", "sample_data", "sample_annotation", "map")
+#: a split name that selects every scene in the tables (not an official split)
+ALL_SCENES = "all"
+
+
+def _version_folders(root: Path) -> List[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "sample.json").is_file())
+
+
+def _official_splits() -> Dict[str, List[str]]:
+    from nuscenes.utils.splits import create_splits_scenes
+
+    return create_splits_scenes(verbose=False)
+
+
+def _short(names: Sequence[str], n: int = 12) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+class NuScenesBev(torch.utils.data.Dataset):
+    """nuScenes key frames for BeV vehicle segmentation.
+
+    Each item is a dict (``torch.utils.data.default_collate`` batches it):
+
+    * ``images`` float32 ``(N, 3, H, W)``, RGB in [0, 1]; ``intrinsics`` float32 ``(N, 3, 3)`` in
+      the pixel frame of ``images``; ``cam2ego`` float32 ``(N, 4, 4)``, camera -> reference ego;
+    * ``seg``, ``visibility``, ``centerness``, ``offset``: :func:`bev.data.targets.bev_targets` of
+      the sample's ``vehicle.*`` boxes (every visibility level; ``min_visibility`` is kept as an
+      attribute for the loss/IoU mask ``~((seg > 0) & (visibility < min_visibility))``);
+    * ``token``: the sample token.
+
+    Args:
+        dataroot: the nuScenes folder (holding ``samples/`` and the version folders).
+        version: the folder under ``dataroot`` holding the tables (``v1.0-trainval``, ``v1.0-mini``...).
+        split: an official split of ``nuscenes.utils.splits.create_splits_scenes`` (for a
+            ``*-mini`` version, ``train``/``val`` mean ``mini_train``/``mini_val``), ``"all"`` for
+            every scene in the tables, or a key of the ``scenes`` JSON file.
+        scenes: an explicit list of scene names (overrides ``split``), or the path of a JSON file
+            ``{split_name: [scene names]}`` from which ``split`` is picked.
+        cameras: camera channels, in the order of the outputs.
+        grid: a :class:`bev.geometry.BevGrid` or a dict of its fields.
+        min_visibility: the visibility level below which boxes are ignored by the loss and IoU.
+        image_size: ``(H, W)`` of the returned images (default 224 x 476, the paper's input
+            without upsampler, a multiple of the ViT's 14-pixel patch).
+        resize_scale: the resize factor of the raw images; None means ``W / W_raw`` (476 / 1600).
+            The resized image is cropped to ``image_size`` keeping its bottom rows, centred
+            horizontally (:func:`bev.geometry.image_affine`).
+        augment: random zoom, rotation and horizontal crop position (off: the fixed crop).
+        zoom: the range of the random zoom (github valeoai/PointBeV,
+            ``configs/data/augs/scale_0_3.yaml`` ``zoom_lim``).
+        rotation_deg: the range of the random in-plane rotation in degrees (same file, ``rot_lim``).
+        seed: augmentation draws come from ``np.random.default_rng([seed, epoch, index])``, so a
+            sample's augmentation depends only on (seed, epoch, index), in any worker. Call
+            :meth:`set_epoch` each epoch (with ``persistent_workers=True`` the workers keep the
+            epoch they were started with).
+        sigma: the centerness Gaussian's standard deviation in cells.
+        nusc: an already loaded ``nuscenes.NuScenes`` of ``version`` to read instead of loading it.
+    """
+
+    def __init__(self, dataroot: Union[str, os.PathLike] = "data/nuscenes", version: str = "v1.0-trainval",
+                 split: str = "train", scenes: Union[None, str, os.PathLike, Sequence[str]] = None,
+                 cameras: Sequence[str] = CAMERAS, grid: Union[G.BevGrid, dict, None] = None,
+                 min_visibility: int = 2, image_size: Sequence[int] = (224, 476),
+                 resize_scale: Optional[float] = None, augment: bool = False,
+                 zoom: Sequence[float] = (0.95, 1.05), rotation_deg: Sequence[float] = (-2.5, 2.5),
+                 seed: int = 0, sigma: float = 3.0, nusc=None):
+        self.dataroot = Path(dataroot).expanduser()
+        self.version = str(version)
+        self.cameras = tuple(cameras)
+        self.grid = self._grid(grid)
+        self.min_visibility = int(min_visibility)
+        self.image_size = tuple(int(v) for v in image_size)
+        self.resize_scale = None if resize_scale is None else float(resize_scale)
+        self.augment = bool(augment)
+        self.zoom = tuple(float(v) for v in zoom)
+        self.rotation_deg = tuple(float(v) for v in rotation_deg)
+        self.seed = int(seed)
+        self.sigma = float(sigma)
+        self.epoch = 0
+        self._check_arguments()
+
+        # files and split, before the devkit (whose asserts say little)
+        if not self.dataroot.is_dir():
+            raise FileNotFoundError(f"nuScenes dataroot {str(self.dataroot)!r} does not exist "
+                                    "(expected the folder that holds samples/ and the version folders).")
+        if nusc is None and not all((self.dataroot / self.version / f"{t}.json").is_file() for t in TABLES):
+            found = _version_folders(self.dataroot)
+            raise FileNotFoundError(
+                f"nuScenes version {self.version!r} has no complete tables under {str(self.dataroot)!r} "
+                f"(expected {self.version}/sample.json and the other devkit tables); versions found there: "
+                f"{found or 'none'}.")
+        self.split, wanted = self._wanted_scenes(split, scenes)
+
+        if nusc is None:
+            from nuscenes.nuscenes import NuScenes
+
+            nusc = NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
+        present = {s["name"]: s for s in nusc.scene}
+        if wanted is None:
+            wanted = sorted(present)
+        self.scenes = [name for name in wanted if name in present]
+        self.missing_scenes = [name for name in wanted if name not in present]
+        if not self.scenes:
+            raise ValueError(
+                f"no scene of split {self.split!r} is in the {self.version} tables under {str(self.dataroot)!r}: "
+                f"looked for {_short(wanted)}; the tables hold {_short(sorted(present))}.")
+        self._read(nusc, [present[name] for name in self.scenes])
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _grid(grid) -> G.BevGrid:
+        if grid is None:
+            return G.BevGrid()
+        if isinstance(grid, G.BevGrid):
+            return grid
+        try:
+            fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(grid).items()}
+            return G.BevGrid(**fields)
+        except TypeError as err:
+            raise ValueError(f"grid must be a BevGrid or a dict of its fields "
+                             f"(x_bounds, y_bounds, z_bounds, resolution, z_bins), got {grid!r}.") from err
+
+    def _check_arguments(self):
+        unknown = [c for c in self.cameras if c not in CAMERAS]
+        if not self.cameras or unknown or len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"cameras must be distinct names among {list(CAMERAS)}, got {list(self.cameras)}.")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size must be (H, W) with positive sides, got {self.image_size}.")
+        if self.resize_scale is not None and not self.resize_scale > 0:
+            raise ValueError(f"resize_scale must be > 0 or None, got {self.resize_scale}.")
+        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"zoom must be a range (low, high) with 0 < low <= high, got {self.zoom}.")
+        if len(self.rotation_deg) != 2 or not self.rotation_deg[0] <= self.rotation_deg[1]:
+            raise ValueError(f"rotation_deg must be a range (low, high) with low <= high, got {self.rotation_deg}.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
+        if not 1 <= self.min_visibility <= 4:
+            raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {self.min_visibility}.")
+
+    def _wanted_scenes(self, split: str, scenes) -> Tuple[str, Optional[List[str]]]:
+        """(split name, scene names or None for every scene in the tables)."""
+        split = str(split)
+        if scenes is not None and not isinstance(scenes, (str, os.PathLike)):
+            names = [str(s) for s in scenes]
+            if not names:
+                raise ValueError("scenes is an empty list; give scene names (e.g. ['scene-0061']) or None.")
+            return split, names
+        if scenes is not None:
+            path = Path(scenes).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"scenes file {str(path)!r} does not exist "
+                                        "(expected a JSON file {split_name: [scene names]}).")
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict) or split not in table:
+                keys = sorted(table) if isinstance(table, dict) else "not a JSON object"
+                raise ValueError(f"split {split!r} is not in the scenes file {str(path)!r}; its splits: {keys}.")
+            return split, [str(s) for s in table[split]]
+        if split == ALL_SCENES:
+            return split, None
+        official = _official_splits()
+        if self.version.endswith("mini") and split in ("train", "val"):
+            split = f"mini_{split}"
+        if split not in official:
+            raise ValueError(f"unknown nuScenes split {split!r}; valid splits: {sorted(official) + [ALL_SCENES]} "
+                             "(or give scenes=[names] or a JSON file of splits).")
+        return split, list(official[split])
+
+    def _read(self, nusc, scenes: List[dict]):
+        """Per sample: token, image paths, raw sizes, intrinsics, cam2ego and ego-frame boxes."""
+        self.tokens: List[str] = []
+        self._paths: List[Tuple[str, ...]] = []
+        sizes, intrinsics, cam2ego, boxes, starts = [], [], [], [], [0]
+        for scene in scenes:
+            token = scene["first_sample_token"]
+            while token:
+                sample = nusc.get("sample", token)
+                lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+                ref = nusc.get("ego_pose", lidar["ego_pose_token"])
+                global2ref = G.transform_matrix(ref["translation"], ref["rotation"], inverse=True)
+                paths = []
+                for channel in self.cameras:
+                    if channel not in sample["data"]:
+                        raise ValueError(f"sample {token} of {scene['name']} has no {channel} image.")
+                    sd = nusc.get("sample_data", sample["data"][channel])
+                    cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+                    pose = nusc.get("ego_pose", sd["ego_pose_token"])
+                    cam2ego.append(global2ref @ G.transform_matrix(pose["translation"], pose["rotation"])
+                                   @ G.transform_matrix(cs["translation"], cs["rotation"]))
+                    intrinsics.append(np.asarray(cs["camera_intrinsic"], dtype=np.float64))
+                    sizes.append((sd["height"], sd["width"]))
+                    paths.append(sd["filename"])
+                for ann_token in sample["anns"]:
+                    ann = nusc.get("sample_annotation", ann_token)
+                    if not ann["category_name"].startswith("vehicle."):
+                        continue
+                    try:
+                        level = int(ann["visibility_token"])
+                    except (TypeError, ValueError):
+                        raise ValueError(f"annotation {ann_token} has visibility_token {ann['visibility_token']!r}, "
+                                         "expected a level '1'..'4'.") from None
+                    T = global2ref @ G.transform_matrix(ann["translation"], ann["rotation"])
+                    w, l, h = ann["size"]
+                    boxes.append([T[0, 3], T[1, 3], T[2, 3], w, l, h, G.rotation_yaw(T[:3, :3]), level])
+                starts.append(len(boxes))
+                self.tokens.append(token)
+                self._paths.append(tuple(paths))
+                token = sample["next"]
+        n, c = len(self.tokens), len(self.cameras)
+        self._sizes = np.asarray(sizes, dtype=np.int64).reshape(n, c, 2)
+        self._intrinsics = np.stack(intrinsics).reshape(n, c, 3, 3)
+        self._cam2ego = np.stack(cam2ego).reshape(n, c, 4, 4)
+        self._boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 8)
+        self._box_start = np.asarray(starts, dtype=np.int64)
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def set_epoch(self, epoch: int):
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def boxes(self, index: int) -> np.ndarray:
+        """``(M, 8)`` vehicle boxes of sample ``index`` in its reference ego frame:
+        ``[x, y, z, w, l, h, yaw, visibility level]`` (metres, radians)."""
+        return self._boxes[self._box_start[index]:self._box_start[index + 1]].copy()
+
+    def image_affines(self, index: int) -> np.ndarray:
+        """``(N, 3, 3)`` pixel affines raw image -> returned image of sample ``index`` (this
+        epoch's draws when augmenting)."""
+        h, w = self.image_size
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)]) if self.augment else None
+        out = []
+        for h_raw, w_raw in self._sizes[index]:
+            scale = self.resize_scale if self.resize_scale is not None else w / w_raw
+            if rng is None:
+                out.append(G.image_affine((h_raw, w_raw), (h, w), scale))
+            else:
+                out.append(G.image_affine((h_raw, w_raw), (h, w), scale, zoom=rng.uniform(*self.zoom),
+                                          rotation_deg=rng.uniform(*self.rotation_deg), crop_x_frac=rng.uniform()))
+        return np.stack(out)
+
+    def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
+        from PIL import Image
+
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples.")
+        index = index % len(self)
+        affines = self.image_affines(index)
+        images = []
+        for rel, A in zip(self._paths[index], affines):
+            path = self.dataroot / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"camera image {str(path)} of sample {self.tokens[index]} does not exist "
+                                        f"(the {self.version} tables name it; are the samples/ blobs unpacked?).")
+            with Image.open(path) as im:
+                warped = G.warp_image(im, A, self.image_size)
+            images.append(torch.from_numpy(np.asarray(warped, dtype=np.uint8).copy()).permute(2, 0, 1))
+        boxes = self.boxes(index)
+        targets = bev_targets([((b[0], b[1]), (b[3], b[4]), b[6], int(b[7])) for b in boxes], self.grid, self.sigma)
+        sample = {
+            "images": torch.stack(images).float().div_(255.0),
+            "intrinsics": torch.from_numpy(G.augment_intrinsics(self._intrinsics[index], affines)).float(),
+            "cam2ego": torch.from_numpy(self._cam2ego[index]).float(),
+        }
+        sample.update({k: torch.from_numpy(v) for k, v in targets.items()})
+        sample["token"] = self.tokens[index]
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"NuScenesBev({len(self)} samples, {self.version} {self.split!r}, {len(self.scenes)} scenes, "
+                f"{len(self.cameras)} cameras, images {self.image_size}, augment={self.augment})")
