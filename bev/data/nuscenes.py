@@ -255,11 +255,16 @@ class NuScenesBev(torch.utils.data.Dataset):
         ``[x, y, z, w, l, h, yaw, visibility level]`` (metres, radians)."""
         return self._boxes[self._box_start[index]:self._box_start[index + 1]].copy()
 
-    def image_affines(self, index: int) -> np.ndarray:
-        """``(N, 3, 3)`` pixel affines raw image -> returned image of sample ``index`` (this
-        epoch's draws when augmenting)."""
+    def image_affines(self, index: int, seed: Optional[int] = None) -> np.ndarray:
+        """``(N, 3, 3)`` pixel affines raw image -> returned image of sample ``index`` (when
+        augmenting: the draws of ``seed`` if given, else this epoch's)."""
         h, w = self.image_size
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)]) if self.augment else None
+        if not self.augment:
+            rng = None
+        elif seed is not None:
+            rng = np.random.default_rng([int(seed), int(index)])
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         out = []
         for h_raw, w_raw in self._sizes[index]:
             scale = self.resize_scale if self.resize_scale is not None else w / w_raw
@@ -270,13 +275,25 @@ class NuScenesBev(torch.utils.data.Dataset):
                                           rotation_deg=rng.uniform(*self.rotation_deg), crop_x_frac=rng.uniform()))
         return np.stack(out)
 
+    def targets(self, index: int) -> Dict[str, np.ndarray]:
+        """The BeV targets of sample ``index`` alone (no image is read): ``seg``, ``visibility``,
+        ``centerness``, ``offset`` as numpy arrays."""
+        boxes = self.boxes(index)
+        return bev_targets([((b[0], b[1]), (b[3], b[4]), b[6], int(b[7])) for b in boxes], self.grid, self.sigma)
+
     def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
+        return self.get(index)
+
+    def get(self, index: int, seed: Optional[int] = None) -> Dict[str, Union[torch.Tensor, str]]:
+        """Sample ``index``; with ``seed``, the augmentation draws are a function of
+        ``(seed, index)`` alone (the training loop passes a per-step seed, so a resumed run
+        replays the same draws)."""
         from PIL import Image
 
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples.")
         index = index % len(self)
-        affines = self.image_affines(index)
+        affines = self.image_affines(index, seed)
         images = []
         for rel, A in zip(self._paths[index], affines):
             path = self.dataroot / rel
@@ -286,8 +303,7 @@ class NuScenesBev(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 warped = G.warp_image(im, A, self.image_size)
             images.append(torch.from_numpy(np.asarray(warped, dtype=np.uint8).copy()).permute(2, 0, 1))
-        boxes = self.boxes(index)
-        targets = bev_targets([((b[0], b[1]), (b[3], b[4]), b[6], int(b[7])) for b in boxes], self.grid, self.sigma)
+        targets = self.targets(index)
         sample = {
             "images": torch.stack(images).float().div_(255.0),
             "intrinsics": torch.from_numpy(G.augment_intrinsics(self._intrinsics[index], affines)).float(),
