@@ -146,6 +146,33 @@ def scale_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
     return S @ K
 
 
+def invert_rigid_torch(T: torch.Tensor) -> torch.Tensor:
+    """Inverse of rigid ``(..., 4, 4)`` transforms (``R^T``, ``-R^T t``), any leading dims; the
+    torch twin of :func:`invert_rigid` (e.g. ``ego2cam = invert_rigid_torch(cam2ego)``)."""
+    rot_t = T[..., :3, :3].transpose(-1, -2)
+    out = torch.zeros_like(T)
+    out[..., :3, :3] = rot_t
+    out[..., :3, 3] = -(rot_t @ T[..., :3, 3:4])[..., 0]
+    out[..., 3, 3] = 1
+    return out
+
+
+def pixels_to_grid_sample(uv: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
+    """Pixel-corner coordinates ``(..., 2)`` ``(u, v)`` in an image or feature map of size
+    ``(h, w)`` (pixel ``k`` spans ``[k, k + 1)``, the convention of :func:`scale_intrinsics`)
+    -> the normalised ``(x, y)`` of ``F.grid_sample(..., align_corners=False)``: ``2u/w - 1``,
+    ``2v/h - 1`` (-1 and 1 are the outer edges of the border pixels; pixel centres ``k + 0.5``
+    land exactly on the samples)."""
+    h, w = size_hw
+    return torch.stack([2.0 * uv[..., 0] / w - 1.0, 2.0 * uv[..., 1] / h - 1.0], -1)
+
+
+def inside_image(uv: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
+    """``(...)`` bool: ``0 <= u <= w`` and ``0 <= v <= h`` (pixel-corner coordinates)."""
+    h, w = size_hw
+    return (uv[..., 0] >= 0) & (uv[..., 0] <= w) & (uv[..., 1] >= 0) & (uv[..., 1] <= h)
+
+
 @dataclass(frozen=True)
 class BevGrid:
     """The ego-frame bird's-eye-view grid: by default 200 x 200 cells of 0.5 m over [-50, 50] m
