@@ -21,8 +21,6 @@ What the info holds and how it is mapped:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -31,32 +29,11 @@ from typing import Dict, List
 import numpy as np
 
 from .. import geometry as G
+from .tables import CAMERAS, CATEGORY_NAMES, TABLE_NAMES, VISIBILITY, token, write_json_tables
+from .tables import pose_record as _pose
+from .tables import usec as _usec
 
-CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
-
-#: mmdetection3d's nuScenes classes -> a nuScenes category (the usual member of each class)
-CATEGORY_NAMES = {
-    0: "vehicle.car", 1: "vehicle.truck", 2: "vehicle.trailer", 3: "vehicle.bus.rigid",
-    4: "vehicle.construction", 5: "vehicle.bicycle", 6: "vehicle.motorcycle", 7: "human.pedestrian.adult",
-    8: "movable_object.trafficcone", 9: "movable_object.barrier",
-}
-VISIBILITY = [("1", "v0-40", "visibility of whole object is between 0 and 40%"),
-              ("2", "v40-60", "visibility of whole object is between 40 and 60%"),
-              ("3", "v60-80", "visibility of whole object is between 60 and 80%"),
-              ("4", "v80-100", "visibility of whole object is between 80 and 100%")]
-
-
-def token(*parts) -> str:
-    """A deterministic 32-hex token."""
-    return hashlib.md5("/".join(str(p) for p in parts).encode()).hexdigest()
-
-
-def _pose(T: np.ndarray) -> dict:
-    return {"translation": T[:3, 3].tolist(), "rotation": G.rotation_to_quaternion(T[:3, :3]).tolist()}
-
-
-def _usec(seconds: float) -> int:
-    return int(round(float(seconds) * 1e6))
+__all__ = ["CAMERAS", "CATEGORY_NAMES", "VISIBILITY", "token", "write_tables"]
 
 
 def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None,
@@ -73,9 +50,7 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
     image_dir = Path(image_dir) if image_dir else info_path.parent
     out_root = Path(out_root)
     logfile = info_path.stem
-    tables: Dict[str, List[dict]] = {k: [] for k in (
-        "category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
-        "scene", "sample", "sample_data", "sample_annotation", "map")}
+    tables: Dict[str, List[dict]] = {k: [] for k in TABLE_NAMES}
 
     log_token = token("log", logfile)
     tables["log"].append({"token": log_token, "logfile": logfile, "vehicle": logfile.split("-")[0],
@@ -153,8 +128,4 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
     tables["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": len(frames),
                             "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
                             "name": scene_name, "description": f"converted from {info_path.name}"})
-    table_dir = out_root / version
-    table_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in tables.items():
-        (table_dir / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    return table_dir
+    return write_json_tables(out_root / version, tables)
