@@ -17,7 +17,7 @@ from typing import Optional
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +34,13 @@ from .module import BevSegmentation, prior_baseline
 log = logging.getLogger(__name__)
 
 HEADS = ("simplebev", "pointbev", "bevformer")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def register_resolvers() -> None:
+    """``${jafar_configs:}``: the project's ``configs/`` folder, which ``configs/bev/train_bev.yaml``
+    adds to Hydra's search path for the shared groups (backbone/, upsampler/)."""
+    OmegaConf.register_new_resolver("jafar_configs", lambda: str(CONFIG_DIR), replace=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,11 +104,14 @@ def prepare_data(data_cfg: DictConfig) -> None:
     prep = data_cfg.get("prepare")
     if not prep:
         return
-    from .data.synthetic import make_synthetic_nuscenes
+    from .data.synthetic import generate
 
     kwargs = OmegaConf.to_container(prep, resolve=True)
-    kwargs.pop("kind", None)
-    make_synthetic_nuscenes(out=str(data_cfg.dataroot), version=str(data_cfg.version), **kwargs)
+    if kwargs.pop("kind", "synthetic") != "synthetic":
+        raise ValueError(f"data.prepare.kind must be 'synthetic', got {prep.kind!r}.")
+    if kwargs.get("image_size") is not None:
+        kwargs["image_size"] = tuple(kwargs["image_size"])
+    generate(out=str(data_cfg.dataroot), version=str(data_cfg.version), **kwargs)
 
 
 def label_maps(dataset) -> tuple:
@@ -144,7 +154,8 @@ def build_model(cfg: DictConfig, grid: BevGrid):
     name = model_cfg.pop("name")
     if name not in HEADS:
         raise ValueError(f"model={name!r} is not a BeV head; expected one of {HEADS}.")
-    head = instantiate(model_cfg, in_channels=encoder.out_channels, grid=grid)
+    head_class = get_class(model_cfg.pop("_target_"))  # called directly: Hydra would turn the BevGrid dataclass into a config
+    head = head_class(in_channels=encoder.out_channels, grid=grid, **model_cfg)
     return encoder, head
 
 
@@ -204,7 +215,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     bs = int(data_cfg.batch_size)
     if max_steps in (None, -1):
         max_steps = int(cfg.epochs) * math.ceil(len(train_set) / (bs * trainer.world_size))
-    trainer.fit_loop.max_steps = int(max_steps)
+    trainer.fit_loop.epoch_loop.max_steps = int(max_steps)  # known only now: it depends on the world size
     if trainer_kwargs.get("val_check_interval") is not None and isinstance(trainer_kwargs["val_check_interval"], int):
         trainer.val_check_interval = min(int(trainer_kwargs["val_check_interval"]), int(max_steps))
 

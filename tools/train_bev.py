@@ -18,14 +18,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# configs/bev/train_bev.yaml adds the shared groups of configs/ to its search path through this
-OmegaConf.register_new_resolver("jafar_configs", lambda: str(ROOT / "configs"), replace=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bev.run import register_resolvers, run  # noqa: E402
 
-from bev.run import run  # noqa: E402
+register_resolvers()  # configs/bev/train_bev.yaml finds the shared groups of configs/ through it
 
 
 @hydra.main(config_path="../configs/bev", config_name="train_bev", version_base="1.3")
