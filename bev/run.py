@@ -183,8 +183,9 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train, validate, score the prior-map baseline, write ``results.json``."""
+def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dict:
+    """Train, validate, score the prior-map baseline, write ``results.json``. ``callbacks``:
+    extra Lightning callbacks (tests use one to interrupt a run)."""
     run_dir = Path(run_dir)
     check_config(cfg)
     grid = build_grid(cfg)
@@ -210,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     checkpointing = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                                     every_n_train_steps=max(1, every), save_last=True, save_top_k=1,
                                     monitor="step", mode="max")
-    trainer = L.Trainer(**trainer_kwargs, max_steps=-1, max_epochs=-1, callbacks=[checkpointing], logger=loggers,
+    trainer = L.Trainer(**trainer_kwargs, max_steps=-1, max_epochs=-1, callbacks=[*(callbacks or []), checkpointing], logger=loggers,
                         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False)
     bs = int(data_cfg.batch_size)
     if max_steps in (None, -1):

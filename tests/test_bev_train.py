@@ -3,6 +3,7 @@ and validation steps, results.json is written, and a rerun resumes from the last
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -46,15 +47,41 @@ def test_simplebev_trains_with_each_upsampler(synthetic_root, tmp_path, upsample
     assert results["val"] == saved["val"]
 
 
-def test_rerun_resumes_from_last_checkpoint(synthetic_root, tmp_path):
-    run(compose_demo(synthetic_root, "upsampler=bilinear", "trainer.max_steps=2", "checkpoint_every=1"), tmp_path)
-    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert first["global_step"] == 2
-    results = run(compose_demo(synthetic_root, "upsampler=bilinear", "trainer.max_steps=3", "checkpoint_every=1"),
-                  tmp_path)
-    assert results["step"] == 3
-    csv = (tmp_path / "csv" / "metrics.csv").read_text()
-    assert csv.count("train/loss") <= 1  # one header
+class _Count(L.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, *args):
+        self.steps += 1
+
+
+class _Kill(L.Callback):
+    """Dies at the start of step ``at`` (after the checkpoint of step ``at``), like a killed job."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")
+
+
+def test_killed_run_resumes_exactly(synthetic_root, tmp_path):
+    """A run killed after step 2 of 3 and started again with the same command ends with the
+    weights of an uninterrupted run: batches, augmentation, optimiser and schedule all resume."""
+    args = ("upsampler=jafar", "trainer.max_steps=3", "checkpoint_every=1", "trainer.val_check_interval=3")
+    run(compose_demo(synthetic_root, *args), tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[_Kill(2)])
+    assert torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    count = _Count()
+    results = run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[count])
+    assert results["step"] == 3 and count.steps == 1  # resumed, not retrained from scratch
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_bad_config_is_refused_before_any_work(synthetic_root, tmp_path):
