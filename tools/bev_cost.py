@@ -11,8 +11,9 @@ another's): ``--warmup`` untimed steps, then the median of ``--repeats`` timed s
 backward, AdamW step). Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's
 peak resident set (``ru_maxrss``) minus the resident set before the first step on the CPU.
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one forward (multiply-adds counted as
-2 FLOPs), plus the bilinear sampling of the lifting, which the counter does not see, counted
-analytically: 4 taps x 2 FLOPs per channel per (voxel, camera) pair (``bev_flops_lift``).
+2 FLOPs; it counts matrix products and convolutions, which is where JAFAR's and the heads'
+work is, on the CPU path), plus what the counter does not see (``grid_sample``, sparse
+convolutions), counted analytically by each head's ``uncounted_flops(num_cameras)``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 UPSAMPLERS = ("none", "bilinear", "jafar")
-MODELS = ("simplebev",)
+MODEL_CONFIGS = ROOT / "configs" / "bev" / "model"
+MODELS = tuple(sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml")))
+
+
+def build_head(model: str, in_channels: int, grid):
+    """The head of ``configs/bev/model/<model>.yaml`` with its default settings."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{model}.yaml"), resolve=True)
+    cfg.pop("name", None)
+    return get_class(cfg.pop("_target_"))(in_channels=in_channels, grid=grid, **cfg)
 
 
 def _rss_mb() -> float:
@@ -56,11 +68,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
         if upsampler == "jafar" else jafar.build_upsampler(upsampler)
     encoder = MultiCameraEncoder(backbone, up)
     grid = BevGrid()
-    if model == "simplebev":
-        from bev.heads.simplebev import SimpleBeV
-        head = SimpleBeV(encoder.out_channels, grid)
-    else:
-        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}.")
+    head = build_head(model, encoder.out_channels, grid)
     encoder, head, loss = encoder.to(dev), head.to(dev), SimpleBevLoss().to(dev)
     params = [p for m in (encoder, head, loss) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-7)
@@ -93,7 +101,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         head(encoder(batch["images"]), batch["intrinsics"], batch["cam2ego"], (H, W))
     h, w = encoder.output_size_for(H, W)
-    lift_flops = X * Y * grid.z_bins * n * getattr(head, "latent_dim", encoder.out_channels) * 4 * 2
+    lift_flops = head.uncounted_flops(n) if hasattr(head, "uncounted_flops") else 0
     base_rss = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

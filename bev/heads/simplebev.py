@@ -230,5 +230,11 @@ class SimpleBeV(nn.Module):
         bev = voxels.permute(0, 1, 4, 2, 3).reshape(b, c * nz, nx, ny)  # channel = c * Z + z
         return self.decoder(self.bev_compressor(bev))
 
+    def uncounted_flops(self, num_cameras: int) -> int:
+        """FLOPs of one forward that ``torch.utils.flop_counter`` does not see: the bilinear
+        sampling of the lifting, 4 taps x 2 FLOPs per channel per (voxel, camera) pair."""
+        X, Y = self.grid.shape
+        return X * Y * self.grid.z_bins * int(num_cameras) * self.latent_dim * 4 * 2
+
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, latent_dim={self.latent_dim}, grid={self.grid}"
