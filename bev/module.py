@@ -49,6 +49,7 @@ class BevSegmentation(L.LightningModule):
         self.picture_dir = Path(picture_dir) if picture_dir else None
         self.num_pictures = int(pictures)
         self.val_results: Dict[str, float] = {}
+        self.validated_at = -1  # the global step of the last validation
         self._picture_batches = []
 
     # ------------------------------------------------------------------ forward
@@ -100,6 +101,7 @@ class BevSegmentation(L.LightningModule):
             results[f"iou_vis{v}"] = iou
             self.log(f"val/iou_vis{v}", iou, prog_bar=True, sync_dist=False)
         self.val_results = results
+        self.validated_at = self.global_step
         if self.picture_dir is not None and self.trainer.is_global_zero and self._picture_batches:
             from .viz import save_prediction_panels
 

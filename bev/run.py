@@ -243,8 +243,10 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
-        trainer.validate(module, dataloaders=val_loader, verbose=False)
+        if module.validated_at != trainer.global_step:  # the final weights not validated yet
+            trainer.validate(module, dataloaders=val_loader, verbose=False)
 
     results = {"val": {"iou": module.val_results.get(f"iou_vis{int(cfg.min_visibility)}"), **module.val_results},
                "model": str(cfg.model.name), "upsampler": str(cfg.upsampler.name),
