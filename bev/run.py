@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from jafar.train.data import StepBatchSampler, _mix
 from jafar.train.run import AtomicCheckpointIO, resolve_resume
-from jafar.utils import atomic_path
+from jafar.utils import CONFIG_DIR, atomic_path, register_config_resolvers  # noqa: F401 (CONFIG_DIR: re-exported)
 
 from .geometry import BevGrid
 from .losses import SimpleBevLoss
@@ -34,13 +34,10 @@ from .module import BevSegmentation, prior_baseline
 log = logging.getLogger(__name__)
 
 HEADS = ("simplebev", "pointbev", "bevformer")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def register_resolvers() -> None:
-    """``${jafar_configs:}``: the project's ``configs/`` folder, which ``configs/bev/train_bev.yaml``
-    adds to Hydra's search path for the shared groups (backbone/, upsampler/)."""
-    OmegaConf.register_new_resolver("jafar_configs", lambda: str(CONFIG_DIR), replace=True)
+#: ``${jafar_configs:}``, the project's ``configs/`` folder, which ``configs/bev/train_bev.yaml``
+#: adds to Hydra's search path for the shared groups (backbone/, upsampler/); one helper serves
+#: every tool (jafar.utils)
+register_resolvers = register_config_resolvers
 
 
 # ---------------------------------------------------------------------------------------------
