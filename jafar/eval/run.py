@@ -1,0 +1,485 @@
+"""Compose a 2-D evaluation from a Hydra config (``configs/eval/eval_2d.yaml``): one task, the
+data sets of its table, one row per upsampler; ``results.json``, ``table.md`` and pictures.
+
+Entry point: ``tools/eval_2d.py``. A task is a :class:`Task` registered in :data:`TASKS` by
+name (``task.name`` in the config): it declares the metric columns of its table and evaluates
+one (data set, upsampler) pair. ``seg`` and ``depth`` (linear probes, :mod:`jafar.eval.probes`)
+are defined here; a new task (``cam``, ``ovseg``) subclasses :class:`Task`, calls
+:func:`register_task` in its own module, and lists that module in :data:`TASK_MODULES`.
+
+Outputs under the run directory (``outputs/eval/<name>``):
+
+* ``results.json``: ``{"task", "backbone", "datasets": {key: info}, "upsamplers": {key: info},
+  "results": {dataset: {upsampler: metrics}}}``, rewritten after every pair;
+* ``table.md``: the paper-style table (rows: upsamplers; columns: metrics per data set);
+* ``pictures/<dataset>.png``: a few fixed validation images, ground truth and every row's
+  prediction;
+* ``<dataset>/<upsampler>/``: that pair's ``result.json``, CSV/TensorBoard logs and probe
+  checkpoints. Rerunning the same command reuses finished pairs and resumes an unfinished probe
+  from its last epoch (``resume=auto``); a pair whose configuration changed is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import lightning as L
+import torch
+from hydra.utils import get_method, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..utils import atomic_path
+from .report import Column, markdown_table, prediction_grid, write_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+#: data-set config keys read by this module (the rest goes to the data set's constructor)
+_DATASET_KEYS = ("name", "prepare", "prepare_args", "train_split", "val_split", "max_train_images",
+                 "max_val_images", "num_classes")
+#: upsampler config keys read by this module
+_UPSAMPLER_KEYS = ("pretrain_if_missing",)
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalContext:
+    """What a task needs besides the pair it evaluates."""
+
+    cfg: DictConfig
+    run_dir: Path
+    backbone: torch.nn.Module
+    resume: bool = True
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class DatasetSplits:
+    key: str
+    title: str
+    train: Optional[Dataset]
+    val: Dataset
+    num_classes: Optional[int]
+    class_names: Optional[Sequence[str]]
+    info: dict
+
+
+class Task:
+    """One of the paper's 2-D evaluations.
+
+    Attributes: ``name`` (``task.name``), ``title`` (the table's heading), ``columns`` (metric
+    columns of the table, per data set), ``picture_kind`` (``"seg"`` or ``"depth"``: how
+    :func:`jafar.eval.report.prediction_grid` paints targets and predictions), ``needs_train``
+    (whether the training split is read).
+    """
+
+    name: str = ""
+    title: str = ""
+    columns: Sequence[Column] = ()
+    picture_kind: str = "seg"
+    needs_train: bool = True
+
+    def check(self, cfg: DictConfig) -> None:
+        """Refuse bad task settings before any work (one sentence naming the key)."""
+
+    def evaluate(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: torch.nn.Module,
+                 out_dir: Path) -> dict:
+        """Evaluate ``upsampler`` on ``data``; return ``{"metrics": {...}, "pictures": [...], ...}``
+        (pictures: ``[{"index", "name", "image", "target", "prediction"}]``, CPU tensors)."""
+        raise NotImplementedError
+
+
+TASKS: Dict[str, Task] = {}
+#: modules imported to register more tasks (e.g. ``"jafar.eval.cam"``); missing ones are skipped
+TASK_MODULES: List[str] = []
+
+
+def register_task(task: Task) -> Task:
+    if not task.name:
+        raise ValueError("a task needs a name.")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    for module in TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    if name not in TASKS:
+        raise ValueError(f"task.name={name!r} is not a known task; expected one of {sorted(TASKS)}.")
+    return TASKS[name]
+
+
+class ProbeTask(Task):
+    """A linear probe trained on the training split and scored on the validation split."""
+
+    def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits) -> dict:
+        t = ctx.cfg.task
+        p = t.probe
+        return dict(target_size=int(t.target_size or t.image_size), lr=float(p.lr), betas=tuple(p.betas),
+                    weight_decay=float(p.weight_decay), epochs=int(p.epochs),
+                    scheduler_interval=str(p.scheduler_interval),
+                    t_max=None if p.get("t_max") is None else int(p.t_max), hflip=float(p.hflip),
+                    seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)))
+
+    def build_probe(self, ctx: EvalContext, data: DatasetSplits, upsampler, feature_dim: int):
+        raise NotImplementedError
+
+    def check(self, cfg: DictConfig) -> None:
+        p = cfg.task.probe
+        if int(p.epochs) < 1:
+            raise ValueError(f"task.probe.epochs must be a positive integer, got {p.epochs}.")
+        if int(p.batch_size) < 1 or int(p.val_batch_size) < 1:
+            raise ValueError(f"task.probe.batch_size and val_batch_size must be positive, got "
+                             f"{p.batch_size}, {p.val_batch_size}.")
+        if str(p.scheduler_interval) not in ("epoch", "step"):
+            raise ValueError(f"task.probe.scheduler_interval must be 'epoch' (the paper) or 'step' (the official "
+                             f"code), got {p.scheduler_interval!r}.")
+        if not 0 <= float(p.hflip) <= 1:
+            raise ValueError(f"task.probe.hflip must be a probability, got {p.hflip}.")
+        if not float(p.lr) > 0:
+            raise ValueError(f"task.probe.lr must be positive, got {p.lr}.")
+
+    def evaluate(self, ctx, data, row, upsampler, out_dir):
+        cfg, p = ctx.cfg, ctx.cfg.task.probe
+        feature_dim = int(ctx.backbone.embed_dim)
+        module = self.build_probe(ctx, data, upsampler, feature_dim)
+        from .probes import EpochShuffleSampler
+
+        workers = int(p.num_workers)
+        loader_kw = dict(num_workers=workers, pin_memory=bool(p.get("pin_memory", False)), persistent_workers=False)
+        train = DataLoader(data.train, batch_size=int(p.batch_size), sampler=EpochShuffleSampler(len(data.train), cfg.seed),
+                           drop_last=False, **loader_kw)
+        val = DataLoader(data.val, batch_size=int(p.val_batch_size), shuffle=False, **loader_kw)
+        ckpt_dir = out_dir / "checkpoints"
+        last = ckpt_dir / "last.ckpt"
+        checkpointing = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+        from ..train.run import AtomicCheckpointIO
+
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        fit_kwargs = {**trainer_kwargs, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # scored once, after
+        trainer = L.Trainer(**fit_kwargs, max_epochs=int(p.epochs), callbacks=[checkpointing],
+                            logger=[CSVLogger(str(out_dir), name="csv", version=""),
+                                    TensorBoardLogger(str(out_dir), name="tensorboard", version="")],
+                            plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir))
+        start = time.time()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            warnings.filterwarnings("ignore", message=".*Found .* module.* in eval mode.*")
+            warnings.filterwarnings("ignore", message=".*validation_step` but have no `val_dataloader.*")  # scored after
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            trainer.fit(module, train_dataloaders=train,
+                        ckpt_path=str(last) if (ctx.resume and last.is_file()) else None)
+            fit_s = time.time() - start
+            val_trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False,
+                                    default_root_dir=str(out_dir))
+            val_trainer.validate(module, dataloaders=val, verbose=False)
+        return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
+                "seconds": round(time.time() - start, 1), "epochs": int(p.epochs),
+                "train_images": len(data.train), "val_images": len(data.val)}
+
+
+class SegTask(ProbeTask):
+    name = "seg"
+    title = "Semantic segmentation (linear probe)"
+    columns = (Column("miou", "mIoU", True, 100.0, 2), Column("accuracy", "Acc.", True, 100.0, 2))
+    picture_kind = "seg"
+
+    def build_probe(self, ctx, data, upsampler, feature_dim):
+        from .probes import SegmentationProbe
+
+        if not data.num_classes:
+            raise ValueError(f"dataset.{data.key}.num_classes must be set for task=seg.")
+        return SegmentationProbe(ctx.backbone, upsampler, num_classes=int(data.num_classes), feature_dim=feature_dim,
+                                 **self.probe_kwargs(ctx, data))
+
+
+class DepthTask(ProbeTask):
+    name = "depth"
+    title = "Depth estimation (linear probe)"
+    columns = (Column("d1", "δ1", True, 100.0, 2), Column("rmse", "RMSE", False, 1.0, 3))
+    picture_kind = "depth"
+
+    def check(self, cfg):
+        super().check(cfg)
+        t = cfg.task
+        if not 0 <= float(t.min_depth) < float(t.max_depth):
+            raise ValueError(f"task.min_depth and task.max_depth must satisfy 0 <= min < max, got "
+                             f"{t.min_depth}, {t.max_depth}.")
+        if str(t.global_token) not in ("cls", "mean", "none"):
+            raise ValueError(f"task.global_token must be cls, mean or none, got {t.global_token!r}.")
+        if t.get("pseudo_labels") not in (None, "auto", "depth_anything"):
+            raise ValueError(f"task.pseudo_labels must be auto, depth_anything or null (the data set's depth maps), "
+                             f"got {t.pseudo_labels!r}.")
+
+    @staticmethod
+    def has_depth(data: DatasetSplits) -> bool:
+        base = [d.dataset if isinstance(d, Subset) else d for d in (data.train, data.val) if d is not None]
+        return all(all(p is not None for _, p in getattr(d, "items", [(None, None)])) for d in base)
+
+    def labeler(self, ctx, data: DatasetSplits):
+        t = ctx.cfg.task
+        mode = t.get("pseudo_labels")
+        if mode is None or (mode == "auto" and self.has_depth(data)):
+            return None
+        if "labeler" not in ctx.extras:
+            from .pseudo_depth import DepthAnythingLabeler
+
+            ctx.extras["labeler"] = DepthAnythingLabeler(str(t.pseudo_model))
+        return ctx.extras["labeler"]
+
+    def build_probe(self, ctx, data, upsampler, feature_dim):
+        from .probes import DepthProbe
+
+        t = ctx.cfg.task
+        return DepthProbe(ctx.backbone, upsampler, min_depth=float(t.min_depth), max_depth=float(t.max_depth),
+                          bins=int(t.bins), global_token=str(t.global_token), gradient_weight=float(t.gradient_weight),
+                          warm_up_steps=int(t.warm_up_steps), pseudo_labeler=self.labeler(ctx, data),
+                          feature_dim=feature_dim, **self.probe_kwargs(ctx, data))
+
+
+register_task(SegTask())
+register_task(DepthTask())
+
+
+def picture_indices(n: int, k: int) -> List[int]:
+    """``k`` fixed validation indices spread evenly over ``n`` images."""
+    k = min(max(int(k), 0), n)
+    if k == 0:
+        return []
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+# ---------------------------------------------------------------------------------------------
+# data sets and upsamplers from the config
+# ---------------------------------------------------------------------------------------------
+
+
+def _abs(path) -> str:
+    """A path relative to the directory the command was started from (Hydra keeps it)."""
+    try:
+        from hydra.utils import to_absolute_path
+
+        return to_absolute_path(str(path))
+    except ValueError:  # outside a Hydra run
+        return str(Path(path).resolve())
+
+
+def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
+    if key not in cfg.dataset:
+        raise ValueError(f"task.datasets names {key!r}, which is not under dataset: (known: {sorted(cfg.dataset)}).")
+    dcfg = OmegaConf.to_container(cfg.dataset[key], resolve=True)
+    extra = {k: dcfg.pop(k, None) for k in _DATASET_KEYS}
+    if "root" in dcfg and dcfg["root"] is not None:
+        dcfg["root"] = _abs(dcfg["root"])
+    if extra["prepare"]:
+        from .demo_data import prepare
+
+        prepare(extra["prepare"], dcfg["root"], **(extra["prepare_args"] or {}))
+    t = cfg.task
+    size = dict(image_size=int(t.image_size), target_size=int(t.target_size or t.image_size))
+    if extra["num_classes"] is not None:
+        size["num_classes"] = int(extra["num_classes"])
+    if task.name == "depth" and dcfg.get("_target_", "").endswith("DepthFolder"):
+        dcfg.setdefault("depth_required", t.get("pseudo_labels") is None)  # auto: images without maps are pseudo-labelled
+    val = instantiate(dcfg, split=extra["val_split"] or "val", **size)
+    train = instantiate(dcfg, split=extra["train_split"] or "train", **size) if task.needs_train else None
+    if extra["max_val_images"]:
+        val = Subset(val, range(min(len(val), int(extra["max_val_images"]))))
+    if train is not None and extra["max_train_images"]:
+        train = Subset(train, range(min(len(train), int(extra["max_train_images"]))))
+    base = val.dataset if isinstance(val, Subset) else val
+    info = {"name": extra["name"] or key, "train_images": len(train) if train is not None else 0,
+            "val_images": len(val), "num_classes": extra["num_classes"]}
+    return DatasetSplits(key, extra["name"] or key, train, val, extra["num_classes"],
+                         getattr(base, "class_names", None), info)
+
+
+def _run_pretraining_demo(checkpoint: Path) -> None:
+    """``tools/pretrain_jafar.py experiment=demo`` with its run directory where ``checkpoint`` is
+    expected (so the file lands there)."""
+    if checkpoint.name != "jafar.safetensors":
+        raise ValueError(f"pretrain_if_missing writes <run dir>/jafar.safetensors; the checkpoint is {str(checkpoint)!r}.")
+    cmd = [sys.executable, str(PROJECT_ROOT / "tools" / "pretrain_jafar.py"), "experiment=demo",
+           f"hydra.run.dir={checkpoint.parent}"]
+    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo (%s)", checkpoint, " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=str(PROJECT_ROOT))
+    if not checkpoint.is_file():
+        raise RuntimeError(f"the pretraining demo did not write {checkpoint}.")
+
+
+def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.Module, dict]:
+    """The upsampler of table row ``row`` (``upsamplers.<row>``) and its description."""
+    if row not in cfg.upsamplers:
+        raise ValueError(f"compare lists {row!r}, which is not under upsamplers: (known: {sorted(cfg.upsamplers)}).")
+    ucfg = OmegaConf.to_container(cfg.upsamplers[row], resolve=True)
+    extra = {k: ucfg.pop(k, None) for k in _UPSAMPLER_KEYS}
+    target = ucfg.pop("_target_", "jafar.build_upsampler")
+    if "feature_dim" in ucfg:  # the shared jafar.yaml carries ViT-S's width; the backbone decides
+        ucfg["feature_dim"] = int(backbone.embed_dim)
+    ckpt = ucfg.get("checkpoint")
+    if isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt):
+        ucfg["checkpoint"] = ckpt = _abs(ckpt)
+        if not Path(ckpt).is_file() and extra["pretrain_if_missing"] == "demo":
+            _run_pretraining_demo(Path(ckpt))
+    module = get_method(target)(backbone=backbone, **ucfg)
+    label = str(cfg.get("labels", {}).get(row, row))
+    info = {"label": label, "name": ucfg.get("name", row), "note": describe(row, module, ucfg, cfg)}
+    return module, info
+
+
+def describe(row: str, module, ucfg: dict, cfg: DictConfig) -> str:
+    """A one-line note on how a row's upsampler was made (weights, options)."""
+    from ..baselines import FeatUpJBU, LargeImage, LiFT, Strided
+    from ..model import JAFAR
+
+    if isinstance(module, FeatUpJBU):
+        return (f"FeatUp JBU stack (x16 then bilinear), weights: {module.weights_source}. The paper retrained "
+                f"FeatUp on ImageNet (50k steps): FeatUp's released weights (COCO-Stuff) do not reproduce its row.")
+    if isinstance(module, LiFT):
+        return (f"LiFT (x2 then bilinear), weights: {module.weights_source}. LiFT's released modules are for "
+                f"DINO (v1) ViTs only.")
+    if isinstance(module, LargeImage):
+        return f"the encoder on the image enlarged x{module.scale:g}, then bilinear."
+    if isinstance(module, Strided):
+        return f"the ViT's patch stride reduced to {module.stride}, then bilinear."
+    if isinstance(module, JAFAR):
+        ckpt = ucfg.get("checkpoint")
+        return f"JAFAR, weights: {ckpt if ckpt else 'random init'}."
+    return f"{ucfg.get('name', row)} interpolation (training-free)."
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+def _fingerprint(*parts) -> str:
+    blob = json.dumps([OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def check_config(cfg: DictConfig, task: Task) -> None:
+    """Refuse what would fail later, naming the key, before any work."""
+    datasets = list(cfg.task.datasets or [])
+    if not datasets:
+        raise ValueError("task.datasets is empty: name at least one entry of dataset: (e.g. task.datasets=[voc]).")
+    for key in datasets:
+        if key not in cfg.dataset:
+            raise ValueError(f"task.datasets names {key!r}, which is not under dataset: (known: {sorted(cfg.dataset)}).")
+    if not cfg.compare:
+        raise ValueError("compare is empty: list the upsamplers to compare (e.g. compare=[bilinear,jafar]).")
+    for row in cfg.compare:
+        if row not in cfg.upsamplers:
+            raise ValueError(f"compare lists {row!r}, which is not under upsamplers: (known: {sorted(cfg.upsamplers)}).")
+    if int(cfg.task.image_size) < 16:
+        raise ValueError(f"task.image_size must be at least 16 pixels, got {cfg.task.image_size}.")
+    if int(cfg.task.pictures) < 0:
+        raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
+    if cfg.resume not in ("auto", None, False, "none", "null"):
+        raise ValueError(f"resume must be auto (reuse finished pairs, resume unfinished probes) or null, got {cfg.resume!r}.")
+    task.check(cfg)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluate every upsampler of ``compare`` on every data set of ``task.datasets``."""
+    run_dir = Path(run_dir)
+    task = get_task(str(cfg.task.name))
+    check_config(cfg, task)
+    resume = cfg.resume == "auto"
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    backbone = instantiate(cfg.backbone)
+    if "strided" in [str(cfg.upsamplers[r].get("name", r)) for r in cfg.compare] and not hasattr(backbone, "model"):
+        raise ValueError(f"compare includes strided, which needs a timm ViT backbone; {backbone.name} is not one "
+                         f"(drop it: compare=[...]).")
+    data = {key: build_datasets(cfg, key, task) for key in cfg.task.datasets}
+    rows = {row: build_upsampler_row(cfg, row, backbone) for row in cfg.compare}
+    ctx = EvalContext(cfg=cfg, run_dir=run_dir, backbone=backbone, resume=resume)
+    summary = {
+        "task": task.name, "title": task.title, "backbone": str(backbone.name),
+        "image_size": int(cfg.task.image_size), "target_size": int(cfg.task.target_size or cfg.task.image_size),
+        "datasets": {k: d.info for k, d in data.items()},
+        "upsamplers": {r: info for r, (_, info) in rows.items()},
+        "results": {k: {} for k in data},
+    }
+    pictures: Dict[str, Dict[str, List[dict]]] = {k: {} for k in data}
+    pairs = [(k, r) for k in data for r in rows]
+    for i, (key, row) in enumerate(pairs, 1):
+        module, info = rows[row]
+        out_dir = run_dir / key / row
+        fp = _fingerprint(cfg.task, cfg.dataset[key], cfg.upsamplers[row], cfg.backbone, cfg.seed,
+                          {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                           if k in ("precision", "limit_train_batches", "limit_val_batches")})
+        result_file = out_dir / "result.json"
+        done = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if done is not None and done.get("fingerprint") == fp and resume:
+            log.info("[%d/%d] %s / %s: already done, reusing %s", i, len(pairs), key, row, result_file)
+            result = done
+        else:
+            stamp = out_dir / "fingerprint.txt"
+            if out_dir.exists() and (not resume or not stamp.is_file() or stamp.read_text().strip() != fp):
+                shutil.rmtree(out_dir)  # another configuration's (or a fresh run's) leftovers
+            out_dir.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(fp + "\n")
+            log.info("[%d/%d] %s / %s (%s)", i, len(pairs), key, row, info["note"])
+            out = task.evaluate(ctx, data[key], row, module, out_dir)
+            torch.save(out.pop("pictures", []), out_dir / "pictures.pt")
+            result = {**out, "fingerprint": fp}
+            _write_json(result_file, result)
+            log.info("[%d/%d] %s / %s: %s", i, len(pairs), key, row,
+                     ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)))
+        summary["results"][key][row] = {**result["metrics"], **{k: result[k] for k in ("seconds", "epochs") if k in result}}
+        pic_file = out_dir / "pictures.pt"
+        if pic_file.is_file():
+            pictures[key][info["label"]] = torch.load(pic_file, weights_only=True)
+        _write_outputs(run_dir, task, summary, rows, data, pictures, only=key)
+    _write_outputs(run_dir, task, summary, rows, data, pictures)
+    return summary
+
+
+def _write_outputs(run_dir: Path, task: Task, summary: dict, rows, data, pictures, only: Optional[str] = None) -> None:
+    _write_json(run_dir / "results.json", summary)
+    notes = [f"{info['label']}: {info['note']}" for _, info in rows.values()]
+    caption = (f"Backbone {summary['backbone']}, {summary['image_size']}x{summary['image_size']} images, labels at "
+               f"{summary['target_size']}x{summary['target_size']}.")
+    table = markdown_table(task.title, [(k, d.title) for k, d in data.items()],
+                           [(r, info["label"]) for r, (_, info) in rows.items()], summary["results"], task.columns,
+                           notes=notes, caption=caption)
+    write_text(run_dir / "table.md", table)
+    palette = None
+    if task.picture_kind == "seg":
+        from .demo_data import voc_palette
+
+        palette = voc_palette()
+    for key in ([only] if only else list(data)):
+        prediction_grid(run_dir / "pictures" / f"{key}.png", pictures[key], task.picture_kind, palette)

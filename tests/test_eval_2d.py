@@ -1,0 +1,225 @@
+"""tools/eval_2d.py: the configs compose, tiny task=seg and task=depth runs go end to end, a rerun
+reuses finished work, bad settings are refused, and the probe itself learns."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+from torch.utils.data import DataLoader, Dataset
+
+from conftest import ROOT
+from jafar.backbones import Backbone
+from jafar.eval.probes import SegmentationProbe
+from jafar.eval.run import TASKS, Task, picture_indices, register_task, run
+from jafar.eval.report import Column
+from jafar.utils import CONFIG_DIR, register_config_resolvers
+
+
+def compose_eval(*overrides):
+    register_config_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR / "eval"), version_base="1.3"):
+        return compose("eval_2d", overrides=list(overrides))
+
+
+def tiny(task, data_dir, *overrides):
+    """experiment=demo shrunk to test size: a tiny random ViT, 3 + 2 images of 32 px, 1 epoch."""
+    return compose_eval(
+        f"task={task}", "experiment=demo", "backbone=tiny_vit", f"dataset.demo_{task}.root={data_dir}",
+        f"dataset.demo_{task}.prepare_args.train=3", f"dataset.demo_{task}.prepare_args.val=2",
+        f"dataset.demo_{task}.prepare_args.size=32", "task.image_size=28", "task.probe.epochs=1",
+        "task.probe.batch_size=2", "task.probe.num_workers=0", "task.pictures=2", "upsamplers.jafar.checkpoint=null",
+        "upsamplers.jafar.pretrain_if_missing=null", "trainer.enable_progress_bar=false", *overrides)
+
+
+def test_configs_compose_for_every_task_and_the_demo():
+    seg = compose_eval()
+    assert list(seg.task.datasets) == ["coco", "voc", "ade20k", "cityscapes"]
+    assert seg.task.probe.batch_size == 4 and seg.task.probe.scheduler_interval == "epoch"
+    assert seg.dataset.cityscapes.num_classes == 19 and seg.upsamplers.jafar.checkpoint == seg.backbone.name
+    assert compose_eval("dataset.cityscapes.classes=27").dataset.cityscapes.num_classes == 27
+    depth = compose_eval("task=depth", "experiment=demo")
+    assert list(depth.task.datasets) == ["demo_depth"] and depth.backbone.name == "mobilenetv2_s16"
+    assert "recipe" not in depth  # the eval demo, not the pretraining demo of configs/experiment/demo.yaml
+    assert "strided" not in depth.compare and "strided" in seg.compare
+
+
+def test_seg_end_to_end_then_reuse(tmp_path):
+    cfg = tiny("seg", tmp_path / "data", "compare=[bilinear,strided,jafar]", "upsamplers.strided.stride=7")
+    out = run(cfg, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["task"] == "seg" and res["datasets"]["demo_seg"]["val_images"] == 2
+    assert set(res["results"]["demo_seg"]) == {"bilinear", "strided", "jafar"}
+    for row in ("bilinear", "strided", "jafar"):
+        m = res["results"]["demo_seg"][row]
+        assert 0 <= m["miou"] <= 1 and 0 <= m["accuracy"] <= 1 and m["epochs"] == 1
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert "| Upsampler | Demo mosaics mIoU ↑ | Demo mosaics Acc. ↑ |" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 4  # header + 3 rows
+    assert "| Strided |" in table and "JAFAR: JAFAR, weights: random init." in table
+    assert (tmp_path / "run" / "pictures" / "demo_seg.png").stat().st_size > 0
+    assert (tmp_path / "run" / "demo_seg" / "jafar" / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(tmp_path / "run" / "demo_seg" / "jafar" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"classifier.weight", "classifier.bias"}  # the probe only
+    assert out["results"] == res["results"]
+
+    # the same command again: every pair is reused, nothing retrained
+    result_file = tmp_path / "run" / "demo_seg" / "bilinear" / "result.json"
+    stamp = result_file.stat().st_mtime_ns
+    again = run(cfg, tmp_path / "run")
+    assert again["results"] == res["results"] and result_file.stat().st_mtime_ns == stamp
+
+    # killed after training, before scoring: the probe is restored from its checkpoint, not retrained
+    result_file.unlink()
+    resumed = run(cfg, tmp_path / "run")
+    assert resumed["results"]["demo_seg"]["bilinear"]["miou"] == pytest.approx(res["results"]["demo_seg"]["bilinear"]["miou"])
+
+    # another setting of a pair: that pair is redone
+    changed = tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.lr=0.05")
+    run(changed, tmp_path / "run")
+    assert result_file.stat().st_mtime_ns != stamp
+
+
+def test_depth_end_to_end(tmp_path):
+    cfg = tiny("depth", tmp_path / "data", "compare=[nearest,bilinear]")
+    run(cfg, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    m = res["results"]["demo_depth"]["bilinear"]
+    assert 0 <= m["d1"] <= 1 and m["rmse"] > 0 and m["images"] == 2
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert "Demo scenes δ1 ↑ | Demo scenes RMSE ↓" in table and "| Nearest |" in table
+    assert (tmp_path / "run" / "pictures" / "demo_depth.png").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compare=[bilinear,carafe]", "compare lists 'carafe'"),
+    ("task.datasets=[imagenet]", "task.datasets names 'imagenet'"),
+    ("task.probe.epochs=0", "task.probe.epochs"),
+    ("task.probe.scheduler_interval=batch", "scheduler_interval"),
+    ("resume=always", "resume must be"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, override, message):
+    cfg = tiny("seg", tmp_path / "data", override)
+    with pytest.raises(ValueError, match=message):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "data").exists()  # nothing was prepared
+
+
+def test_strided_with_a_cnn_is_refused(tmp_path):
+    cfg = tiny("seg", tmp_path / "data", "backbone=mobilenetv2_s16", "compare=[bilinear,strided]")
+    with pytest.raises(ValueError, match="strided, which needs a timm ViT"):
+        run(cfg, tmp_path / "run")
+
+
+def test_a_new_task_plugs_into_the_run(tmp_path):
+    """How task=cam / task=ovseg will be added: a Task subclass, registered, with its columns."""
+
+    class Constant(Task):
+        name = "constant_test"
+        title = "A constant score"
+        columns = (Column("score", "Score", True, 100.0, 1),)
+        needs_train = False
+
+        def evaluate(self, ctx, data, row, upsampler, out_dir):
+            return {"metrics": {"score": 0.5 if row == "bilinear" else 0.25}, "pictures": []}
+
+    register_task(Constant())
+    try:
+        cfg = tiny("seg", tmp_path / "data", "compare=[nearest,bilinear]")
+        with open_dict(cfg):
+            cfg.task.name = "constant_test"
+            cfg.task.datasets = ["demo_seg"]
+        run(cfg, tmp_path / "run")
+        table = (tmp_path / "run" / "table.md").read_text()
+        assert "## A constant score" in table and "| Bilinear | **50.0** |" in table and "| Nearest | 25.0 |" in table
+    finally:
+        TASKS.pop("constant_test")
+
+
+def test_picture_indices_are_fixed_and_spread():
+    assert picture_indices(24, 4) == [0, 8, 15, 23]
+    assert picture_indices(3, 8) == [0, 1, 2] and picture_indices(5, 0) == [] and picture_indices(5, 1) == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the probe learns
+# ---------------------------------------------------------------------------------------------
+
+
+class PooledPixels(Backbone):
+    """A 'backbone' whose features are the image average-pooled 4x4: colour is linearly separable."""
+
+    def __init__(self):
+        super().__init__("pooled_pixels", 3, 4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def feature_size(self, height, width):
+        return height // 4, width // 4
+
+    def _features(self, images):
+        return torch.nn.functional.avg_pool2d(images, 4)
+
+
+class Halves(Dataset):
+    """Red or blue left/right halves; label 0 where red, 1 where blue."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        cut = int(torch.randint(8, 24, (), generator=g))
+        label = torch.zeros(32, 32, dtype=torch.long)
+        label[:, cut:] = 1
+        image = torch.zeros(3, 32, 32)
+        image[0][label == 0] = 1.0
+        image[2][label == 1] = 1.0
+        return {"image": image, "label": label, "name": str(i), "index": i}
+
+
+def test_segmentation_probe_learns_a_separable_task(tmp_path):
+    from jafar import build_upsampler
+
+    L.seed_everything(0, verbose=False)
+    probe = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, lr=0.1,
+                              epochs=15, hflip=0.5, picture_indices=[0])
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    before = probe.classifier.weight.detach().clone()
+    trainer.fit(probe, DataLoader(Halves(), batch_size=4))
+    trainer.validate(probe, DataLoader(Halves(), batch_size=4), verbose=False)
+    assert not torch.equal(before, probe.classifier.weight)
+    assert probe.val_results["accuracy"] > 0.9 and probe.val_results["miou"] > 0.8
+    assert len(probe.pictures) == 1 and probe.pictures[0]["prediction"].shape == (32, 32)
+
+
+def test_schedules_per_epoch_and_per_step():
+    from jafar import build_upsampler
+
+    probe = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, epochs=20)
+    conf = probe.configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "epoch" and conf["lr_scheduler"]["scheduler"].T_max == 20
+    official = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, epochs=20,
+                                 scheduler_interval="step", t_max=20)  # the official code: T_max=num_epochs, per batch
+    conf = official.configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "step" and conf["lr_scheduler"]["scheduler"].T_max == 20
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32,
+                          scheduler_interval="batch")
+
+
+def test_the_tool_runs_from_the_command_line(tmp_path):
+    """tools/eval_2d.py composes through Hydra (searchpath to the shared groups) and writes its outputs."""
+    cmd = [sys.executable, str(ROOT / "tools" / "eval_2d.py"), "experiment=demo", "backbone=tiny_vit",
+           f"dataset.demo_seg.root={tmp_path / 'data'}", "dataset.demo_seg.prepare_args.train=2",
+           "dataset.demo_seg.prepare_args.val=1", "dataset.demo_seg.prepare_args.size=32", "task.image_size=28",
+           "task.probe.epochs=1", "task.probe.num_workers=0", "compare=[bilinear]",
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["results"]["demo_seg"]["bilinear"]["miou"] >= 0
+    assert OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml").backbone.depth == 1
