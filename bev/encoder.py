@@ -99,7 +99,8 @@ class MultiCameraEncoder(nn.Module):
         self.backbone = backbone
         self.upsampler = upsampler
         self.output_scale = float(output_scale)
-        self.guidance_size = _pair(guidance_size, "guidance_size")
+        # "output": the guidance image at the upsampler's output size (the cheapest; see docs/bev.md)
+        self.guidance_size = guidance_size if guidance_size == "output" else _pair(guidance_size, "guidance_size")
         self.freeze_upsampler = bool(freeze_upsampler)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_dtype = cache_dtype
@@ -169,10 +170,10 @@ class MultiCameraEncoder(nn.Module):
             return feats.unflatten(0, (b, n))
         out_size = self.output_size_for(height, width)
         guidance = normalized
-        if self.guidance_size is not None and self.guidance_size != (height, width):
-            shrink = self.guidance_size[0] < height or self.guidance_size[1] < width
-            guidance = F.interpolate(normalized, size=self.guidance_size, mode="bilinear", align_corners=False,
-                                     antialias=shrink)
+        g_size = tuple(out_size) if self.guidance_size == "output" else self.guidance_size
+        if g_size is not None and g_size != (height, width):
+            shrink = g_size[0] < height or g_size[1] < width
+            guidance = F.interpolate(normalized, size=g_size, mode="bilinear", align_corners=False, antialias=shrink)
         trainable = any(p.requires_grad for p in self.upsampler.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable and not self.freeze_upsampler):
             out = self.upsampler(guidance, feats, out_size)

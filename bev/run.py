@@ -144,7 +144,7 @@ def build_model(cfg: DictConfig, grid: BevGrid):
         upsampler = instantiate(up_cfg)
     enc = OmegaConf.to_container(cfg.encoder, resolve=True)
     for key in ("output_size", "guidance_size"):
-        if enc.get(key) is not None:
+        if enc.get(key) is not None and enc[key] != "output":
             enc[key] = tuple(enc[key])
     encoder = MultiCameraEncoder(backbone, upsampler, **enc)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

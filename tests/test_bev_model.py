@@ -324,7 +324,7 @@ def test_encoder_refuses_bad_inputs(tiny_vit):
     with pytest.raises(ValueError, match="output_scale"):
         build_multicamera_encoder(tiny_vit, "bilinear", output_scale=0)
     with pytest.raises(ValueError, match="unknown upsampler"):
-        build_multicamera_encoder(tiny_vit, "featup")
+        build_multicamera_encoder(tiny_vit, "anyup")
 
 
 def test_encoder_mobilenet():

@@ -51,7 +51,8 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int, repeats: int, device: str) -> dict:
+def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int, repeats: int, device: str,
+            guidance="output") -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -66,7 +67,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     backbone = jafar.build_backbone("vit_small_patch14_dinov2.lvd142m", pretrained=False)
     up = None if upsampler == "none" else jafar.build_upsampler(upsampler, feature_dim=backbone.embed_dim) \
         if upsampler == "jafar" else jafar.build_upsampler(upsampler)
-    encoder = MultiCameraEncoder(backbone, up)
+    encoder = MultiCameraEncoder(backbone, up, guidance_size=guidance)
     grid = BevGrid()
     head = build_head(model, encoder.out_channels, grid)
     encoder, head, loss = encoder.to(dev), head.to(dev), SimpleBevLoss().to(dev)
