@@ -69,7 +69,7 @@ def build_upsampler(name: str, feature_dim: Optional[int] = None, checkpoint: Op
             if on_missing == "error":
                 raise
             warnings.warn(f"FeatUp weights {checkpoint!r} not loaded ({exc}); using random weights.", stacklevel=2)
-            model.weights_source = f"random init ({checkpoint!r} unavailable)"
+            model.weights_source = f"random init ({checkpoint!r} not loaded: {str(exc).split('; ')[0].rstrip('.')})"
             return model
     if name != "jafar":
         raise ValueError(f"unknown upsampler {name!r}; expected one of {UPSAMPLERS}.")

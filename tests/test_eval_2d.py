@@ -223,3 +223,22 @@ def test_the_tool_runs_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["results"]["demo_seg"]["bilinear"]["miou"] >= 0
     assert OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml").backbone.depth == 1
+
+
+def test_feature_cache_runs_the_frozen_parts_once_per_image_and_flip():
+    from jafar import build_upsampler
+
+    calls = []
+    up = build_upsampler("bilinear")
+    up.register_forward_hook(lambda m, i, o: calls.append(i[1].shape[0]))
+    cached = SegmentationProbe(PooledPixels(), up, num_classes=2, target_size=32, cache_features=True)
+    plain = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32)
+    plain.classifier.load_state_dict(cached.classifier.state_dict())
+    image = torch.stack([Halves()[0]["image"], Halves()[1]["image"]])
+    key = [("train", 0, False), ("train", 1, False)]
+    first = cached.logits(image, (32, 32), key)
+    again = cached.logits(image, (32, 32), key)
+    assert calls == [2] and torch.equal(first, again)
+    cached.logits(image.flip(-1), (32, 32), [("train", 0, True), ("train", 1, False)])
+    assert calls == [2, 1]  # only the new (image, flip) pair is computed
+    assert torch.allclose(first, plain.logits(image, (32, 32)), atol=1e-2)  # float16 storage

@@ -24,7 +24,9 @@ token (MobileNetV2) use the mean of their features instead (``global_token``).
 
 The randomness of a step (the flip) is a function of ``(seed, step)`` and the shuffling of a
 function of ``(seed, epoch)``, so a run resumed from its last epoch checkpoint replays the rest.
-Checkpoints hold the probe only, not the frozen backbone and upsampler.
+Checkpoints hold the probe only, not the frozen backbone and upsampler. ``cache_features`` keeps
+their output per (image, flip) in memory (float16) so that later epochs only train the probe: for
+small data sets such as the demos.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class LinearProbe(L.LightningModule):
     def __init__(self, backbone, upsampler: nn.Module, target_size: int, lr: float = 5e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5, epochs: int = 20,
                  scheduler_interval: str = "epoch", t_max: Optional[int] = None, hflip: float = 0.5,
-                 seed: int = 0, picture_indices: Sequence[int] = ()):
+                 seed: int = 0, picture_indices: Sequence[int] = (), cache_features: bool = False):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
@@ -108,6 +110,10 @@ class LinearProbe(L.LightningModule):
         self.hflip, self.seed = float(hflip), int(seed)
         self.picture_indices = set(int(i) for i in picture_indices)
         self.pictures: List[dict] = []
+        # frozen backbone + upsampler: their output for an (image, flip) never changes, so it can be
+        # computed once and kept (float16, CPU); for small data sets (the demos)
+        self.cache_features = bool(cache_features)
+        self._cache: Dict[tuple, tuple] = {}
         self.val_results: Dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold the probe only
 
@@ -126,19 +132,34 @@ class LinearProbe(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("classifier.")}
 
-    def upsampled(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised image -> upsampled features ``(B, C', T, T)`` (C' with the global token)."""
+    def upsampled(self, image: torch.Tensor):
+        """Image in [0, 1] -> upsampled features ``(B, C, T, T)`` and the global token ``(B, C)``
+        (None unless the probe uses one)."""
         self._move_frozen(image.device)
         x = self.backbone.normalize(image)
         feats, token = encode(self.backbone, x, getattr(self, "global_token", "none"))
         with torch.no_grad():
             hr = self.upsampler(x, feats, (self.target_size, self.target_size))
-            if token is not None:
-                hr = torch.cat([hr, token[:, :, None, None].to(hr.dtype).expand(-1, -1, *hr.shape[-2:])], dim=1)
-        return hr.float()
+        return hr.float(), None if token is None else token.float()
 
-    def logits(self, image: torch.Tensor, size) -> torch.Tensor:
-        out = self.classifier(self.upsampled(image))
+    def features(self, image: torch.Tensor, key: Optional[Sequence[tuple]] = None):
+        """:meth:`upsampled`, through the cache when ``cache_features`` (``key``: one hashable per image)."""
+        if not self.cache_features or key is None:
+            return self.upsampled(image)
+        missing = [j for j, k in enumerate(key) if k not in self._cache]
+        if missing:
+            hr, token = self.upsampled(image[missing])
+            for n, j in enumerate(missing):
+                self._cache[key[j]] = (hr[n].half().cpu(), None if token is None else token[n].cpu())
+        hr = torch.stack([self._cache[k][0] for k in key]).to(image.device).float()
+        token = None if self._cache[key[0]][1] is None else torch.stack([self._cache[k][1] for k in key]).to(image.device)
+        return hr, token
+
+    def logits(self, image: torch.Tensor, size, key: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+        hr, token = self.features(image, key)
+        if token is not None:
+            hr = torch.cat([hr, token[:, :, None, None].expand(-1, -1, *hr.shape[-2:])], dim=1)
+        out = self.classifier(hr)
         if tuple(out.shape[-2:]) != tuple(size):  # official: some baselines overshoot the target size
             out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
         return out
@@ -150,10 +171,12 @@ class LinearProbe(L.LightningModule):
     def training_step(self, batch, batch_idx):
         image, label = batch["image"], batch["label"]
         gen = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 3))
-        if self.hflip > 0 and torch.rand((), generator=gen).item() < self.hflip:
+        flip = self.hflip > 0 and torch.rand((), generator=gen).item() < self.hflip
+        if flip:
             image, label = image.flip(-1), label.flip(-1) if label.numel() else label
         target = self.targets({**batch, "label": label}, image)
-        loss = self.loss(self.logits(image, target.shape[-2:]), target)
+        key = [("train", int(i), flip) for i in batch["index"]] if "index" in batch else None
+        loss = self.loss(self.logits(image, target.shape[-2:], key), target)
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
         return loss
 
@@ -173,7 +196,8 @@ class LinearProbe(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         image = batch["image"]
         target = self.targets(batch, image)
-        out = self.logits(image, target.shape[-2:])
+        key = [("val", int(i), False) for i in batch["index"]] if "index" in batch else None
+        out = self.logits(image, target.shape[-2:], key)
         self.update_metrics(out, target)
         for j, index in enumerate(batch["index"].tolist()):
             if index in self.picture_indices:
@@ -280,8 +304,8 @@ class DepthProbe(LinearProbe):
         object.__setattr__(self, "pseudo_labeler", pseudo_labeler)
         self.metrics = DepthMetrics(self.min_depth, self.max_depth)
 
-    def logits(self, image, size):
-        out = super().logits(image, size)
+    def logits(self, image, size, key=None):
+        out = super().logits(image, size, key)
         probs = F.relu(out) + 0.1
         probs = probs / probs.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", probs, self.bins.to(probs.dtype)).unsqueeze(1)

@@ -141,7 +141,8 @@ class ProbeTask(Task):
                     weight_decay=float(p.weight_decay), epochs=int(p.epochs),
                     scheduler_interval=str(p.scheduler_interval),
                     t_max=None if p.get("t_max") is None else int(p.t_max), hflip=float(p.hflip),
-                    seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)))
+                    seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)),
+                    cache_features=bool(p.get("cache_features", False)))
 
     def build_probe(self, ctx: EvalContext, data: DatasetSplits, upsampler, feature_dim: int):
         raise NotImplementedError
