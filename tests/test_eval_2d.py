@@ -242,3 +242,18 @@ def test_feature_cache_runs_the_frozen_parts_once_per_image_and_flip():
     cached.logits(image.flip(-1), (32, 32), [("train", 0, True), ("train", 1, False)])
     assert calls == [2, 1]  # only the new (image, flip) pair is computed
     assert torch.allclose(first, plain.logits(image, (32, 32)), atol=1e-2)  # float16 storage
+
+
+def test_depth_probe_token_half_equals_the_concatenated_convolution():
+    from jafar import build_upsampler
+    from jafar.eval.probes import DepthProbe
+
+    torch.manual_seed(0)
+    probe = DepthProbe(PooledPixels(), build_upsampler("bilinear"), target_size=32, global_token="mean")
+    assert probe.classifier.in_channels == 6  # features and the global token (official: Conv2d(2C, 256))
+    image = torch.rand(2, 3, 32, 32)
+    hr, token = probe.upsampled(image)
+    full = probe.classifier(torch.cat([hr, token[:, :, None, None].expand(-1, -1, 32, 32)], 1))
+    probs = torch.relu(full) + 0.1
+    expected = ((probs / probs.sum(1, keepdim=True)) * probe.bins.view(1, -1, 1, 1)).sum(1, keepdim=True)
+    assert torch.allclose(probe.logits(image, (32, 32)), expected, atol=1e-5)

@@ -157,9 +157,13 @@ class LinearProbe(L.LightningModule):
 
     def logits(self, image: torch.Tensor, size, key: Optional[Sequence[tuple]] = None) -> torch.Tensor:
         hr, token = self.features(image, key)
-        if token is not None:
-            hr = torch.cat([hr, token[:, :, None, None].expand(-1, -1, *hr.shape[-2:])], dim=1)
-        out = self.classifier(hr)
+        if token is None:
+            out = self.classifier(hr)
+        else:
+            # classifier(cat(hr, token broadcast)) without materialising the broadcast: the token's
+            # half of the 1x1 convolution is one vector per image
+            c, w = hr.shape[1], self.classifier.weight
+            out = F.conv2d(hr, w[:, :c]) + F.linear(token, w[:, c:, 0, 0], self.classifier.bias)[:, :, None, None]
         if tuple(out.shape[-2:]) != tuple(size):  # official: some baselines overshoot the target size
             out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
         return out

@@ -21,6 +21,7 @@ Outputs under the run directory (``outputs/eval/<name>``):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import json
@@ -197,6 +198,7 @@ class ProbeTask(Task):
             val_trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False,
                                     default_root_dir=str(out_dir))
             val_trainer.validate(module, dataloaders=val, verbose=False)
+        module._cache.clear()  # the cached features of this pair are not needed any more
         return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
                 "seconds": round(time.time() - start, 1), "epochs": int(p.epochs),
                 "train_images": len(data.train), "val_images": len(data.val)}
@@ -342,14 +344,14 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
     target = ucfg.pop("_target_", "jafar.build_upsampler")
     if "feature_dim" in ucfg:  # the shared jafar.yaml carries ViT-S's width; the backbone decides
         ucfg["feature_dim"] = int(backbone.embed_dim)
-    ckpt = ucfg.get("checkpoint")
+    ckpt = shown = ucfg.get("checkpoint")
     if isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt):
         ucfg["checkpoint"] = ckpt = _abs(ckpt)
         if not Path(ckpt).is_file() and extra["pretrain_if_missing"] == "demo":
             _run_pretraining_demo(Path(ckpt))
     module = get_method(target)(backbone=backbone, **ucfg)
     label = str(cfg.get("labels", {}).get(row, row))
-    info = {"label": label, "name": ucfg.get("name", row), "note": describe(row, module, ucfg, cfg)}
+    info = {"label": label, "name": ucfg.get("name", row), "note": describe(row, module, {**ucfg, "checkpoint": shown}, cfg)}
     return module, info
 
 
@@ -454,6 +456,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             stamp.write_text(fp + "\n")
             log.info("[%d/%d] %s / %s (%s)", i, len(pairs), key, row, info["note"])
             out = task.evaluate(ctx, data[key], row, module, out_dir)
+            gc.collect()
             torch.save(out.pop("pictures", []), out_dir / "pictures.pt")
             result = {**out, "fingerprint": fp}
             _write_json(result_file, result)
