@@ -3,7 +3,8 @@ upsampler slot (none, an interpolation baseline, or JAFAR), with an optional on-
 the frozen backbone's features.
 
 ``build_multicamera_encoder(backbone, "jafar", checkpoint=...)`` is the one factory; it builds
-the upsampler with :func:`jafar.build_upsampler` (feature width taken from the backbone).
+the upsampler with :func:`jafar.build_upsampler` (feature width taken from the backbone), or
+takes one already built from a config.
 """
 
 from __future__ import annotations
@@ -240,27 +241,34 @@ class MultiCameraEncoder(nn.Module):
                 f"freeze_upsampler={self.freeze_upsampler}, cache_dir={str(self.cache_dir) if self.cache_dir else None}")
 
 
-def build_multicamera_encoder(backbone: Backbone, upsampler: str = "jafar", checkpoint: Optional[str] = None,
-                              jafar_kwargs: Optional[dict] = None, **encoder_kwargs) -> MultiCameraEncoder:
-    """A :class:`MultiCameraEncoder` whose upsampler is built by name.
+def build_multicamera_encoder(backbone: Backbone, upsampler: Union[str, nn.Module, None] = "jafar",
+                              checkpoint: Optional[str] = None, jafar_kwargs: Optional[dict] = None,
+                              **encoder_kwargs) -> MultiCameraEncoder:
+    """The one factory of :class:`MultiCameraEncoder` (``tools/train_bev.py``, ``tools/bev_cost.py``
+    and the tests all build the encoder here).
 
     Args:
         backbone: the frozen backbone (``jafar.build_backbone(...)``).
-        upsampler: ``"none"`` (the backbone's grid), ``"nearest"``, ``"bilinear"``, ``"bicubic"``
-            or ``"jafar"`` (:func:`jafar.build_upsampler`, ``feature_dim`` = the backbone's width).
-        checkpoint: for JAFAR, a ``.pth``/``.safetensors`` path or an official release name;
-            random initialisation when None.
+        upsampler: a name, ``"none"`` (the backbone's grid), ``"nearest"``, ``"bilinear"``,
+            ``"bicubic"`` or ``"jafar"`` (:func:`jafar.build_upsampler`, ``feature_dim`` = the
+            backbone's width); or an upsampler module already built (e.g. from a Hydra config:
+            FeatUp, LiFT), or None for no upsampler.
+        checkpoint: for JAFAR by name, a ``.pth``/``.safetensors`` path or an official release
+            name; random initialisation when None.
         jafar_kwargs: JAFAR constructor / runtime arguments (``qk_dim``, ``attention``, ...).
         encoder_kwargs: the other :class:`MultiCameraEncoder` arguments.
     """
     if not isinstance(backbone, Backbone):
         raise ValueError(f"backbone must be a jafar.backbones.Backbone, got {type(backbone).__name__}.")
-    if upsampler == "none":
+    if upsampler is None or isinstance(upsampler, nn.Module) or upsampler == "none":
         if checkpoint is not None or jafar_kwargs:
-            raise ValueError(f"upsampler='none' takes no checkpoint or jafar_kwargs, got checkpoint={checkpoint!r}, "
-                             f"jafar_kwargs={jafar_kwargs!r}.")
-        module = None
-    else:
+            raise ValueError(f"checkpoint and jafar_kwargs only apply to an upsampler built by name, got "
+                             f"upsampler={upsampler if isinstance(upsampler, (str, type(None))) else type(upsampler).__name__!r}"
+                             f" with checkpoint={checkpoint!r}, jafar_kwargs={jafar_kwargs!r}.")
+        module = upsampler if isinstance(upsampler, nn.Module) else None
+    elif isinstance(upsampler, str):
         module = build_upsampler(upsampler, feature_dim=backbone.embed_dim, checkpoint=checkpoint,
                                  **dict(jafar_kwargs or {}))
+    else:
+        raise ValueError(f"upsampler must be a name, an nn.Module or None, got {type(upsampler).__name__}.")
     return MultiCameraEncoder(backbone, module, **encoder_kwargs)

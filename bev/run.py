@@ -133,7 +133,7 @@ def build_grid(cfg: DictConfig) -> BevGrid:
 
 def build_model(cfg: DictConfig, grid: BevGrid):
     """``(encoder, head)`` from the config groups ``backbone``, ``upsampler``, ``model``."""
-    from .encoder import MultiCameraEncoder
+    from .encoder import build_multicamera_encoder
 
     backbone = instantiate(cfg.backbone)
     up_cfg = OmegaConf.to_container(cfg.upsampler, resolve=True)
@@ -146,7 +146,7 @@ def build_model(cfg: DictConfig, grid: BevGrid):
     for key in ("output_size", "guidance_size"):
         if enc.get(key) is not None and enc[key] != "output":
             enc[key] = tuple(enc[key])
-    encoder = MultiCameraEncoder(backbone, upsampler, **enc)
+    encoder = build_multicamera_encoder(backbone, upsampler, **enc)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     name = model_cfg.pop("name")
     if name not in HEADS:

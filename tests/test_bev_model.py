@@ -15,7 +15,7 @@ from bev import geometry as G
 from bev.encoder import MultiCameraEncoder, build_multicamera_encoder
 from bev.geometry import BevGrid
 from bev.heads import SimpleBeV, lift_to_voxels
-from jafar import JAFAR, build_backbone
+from jafar import JAFAR, build_backbone, build_upsampler
 
 # nuScenes-like camera axes in the ego frame: camera z (forward) -> ego x, camera x (right) ->
 # ego -y, camera y (down) -> ego -z.
@@ -319,8 +319,12 @@ def test_encoder_refuses_bad_inputs(tiny_vit):
         enc(images(), cache_keys=["a", "../b"])
     with pytest.raises(ValueError, match="output_size"):
         build_multicamera_encoder(tiny_vit, "none", output_size=(4, 4))
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="only apply to an upsampler built by name"):
         build_multicamera_encoder(tiny_vit, "none", jafar_kwargs=dict(qk_dim=16))
+    with pytest.raises(ValueError, match="only apply to an upsampler built by name"):
+        build_multicamera_encoder(tiny_vit, build_upsampler("bilinear"), checkpoint="x.pth")
+    with pytest.raises(ValueError, match="a name, an nn.Module or None"):
+        build_multicamera_encoder(tiny_vit, 3)
     with pytest.raises(ValueError, match="output_scale"):
         build_multicamera_encoder(tiny_vit, "bilinear", output_scale=0)
     with pytest.raises(ValueError, match="unknown upsampler"):

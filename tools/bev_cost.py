@@ -57,7 +57,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     from torch.utils.flop_counter import FlopCounterMode
 
     import jafar
-    from bev.encoder import MultiCameraEncoder
+    from bev.encoder import build_multicamera_encoder
     from bev.geometry import BevGrid
     from bev.losses import SimpleBevLoss
 
@@ -65,9 +65,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     dev = torch.device(device)
     H, W = image_size
     backbone = jafar.build_backbone("vit_small_patch14_dinov2.lvd142m", pretrained=False)
-    up = None if upsampler == "none" else jafar.build_upsampler(upsampler, feature_dim=backbone.embed_dim) \
-        if upsampler == "jafar" else jafar.build_upsampler(upsampler)
-    encoder = MultiCameraEncoder(backbone, up, guidance_size=guidance)
+    encoder = build_multicamera_encoder(backbone, upsampler, guidance_size=guidance)
     grid = BevGrid()
     head = build_head(model, encoder.out_channels, grid)
     encoder, head, loss = encoder.to(dev), head.to(dev), SimpleBevLoss().to(dev)
@@ -91,7 +89,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
 
     def step():
         out = head(encoder(batch["images"]), batch["intrinsics"], batch["cam2ego"], (H, W))
-        loss(out, batch)["loss"].backward()
+        loss(out, batch, point_mask=out.get("point_mask"))["loss"].backward()  # as bev.module: a sparse head's cells
         opt.step()
         opt.zero_grad(set_to_none=True)
 
