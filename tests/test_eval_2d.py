@@ -97,7 +97,7 @@ def test_depth_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("compare=[bilinear,carafe]", "compare lists 'carafe'"),
-    ("task.datasets=[imagenet]", "task.datasets names 'imagenet'"),
+    ("task.datasets=[pascal_context]", "task.datasets names 'pascal_context'"),
     ("task.probe.epochs=0", "task.probe.epochs"),
     ("task.probe.scheduler_interval=batch", "scheduler_interval"),
     ("resume=always", "resume must be"),

@@ -25,6 +25,8 @@ Layouts and class definitions (each class below cites its source):
   lists ``curated/{split}2017/Coco164kFull_Stuff_Coarse.txt`` (IIC/STEGO); 182 fine labels mapped
   to 27 coarse classes.
 * :class:`DepthFolder`: ``{split}/images/*`` with ``{split}/depth/<stem>.{png,npy,tif}``.
+* :class:`ImageNetFolder`: ImageNet-1k classification, ``{split}/<wnid>/*`` (the validation set
+  sorted into one folder per synset); ``label`` is the class index (an int64 scalar).
 """
 
 from __future__ import annotations
@@ -368,3 +370,61 @@ class DepthFolder(Dataset):
             label = torch.from_numpy(np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32))
         return {"image": load_image(image_path, self.image_size), "label": label, "name": image_path.stem,
                 "index": index}
+
+
+# ---------------------------------------------------------------------------------------------
+# classification (Grad-CAM)
+# ---------------------------------------------------------------------------------------------
+
+
+def imagenet_wnids() -> List[str]:
+    """The 1,000 ImageNet-1k synset ids in class-index order (sorted, as torchvision's
+    ``ImageFolder`` and every ImageNet classifier number them), from timm's ``ImageNetInfo``."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_label_name(i) for i in range(info.num_classes())]
+
+
+class ImageNetFolder(Dataset):
+    """ImageNet-1k images with their class: ``root/<split>/<wnid>/<image>`` (the usual layout of
+    the validation set after sorting it into synset folders, as for torchvision's
+    ``ImageFolder``). A folder holding a subset of the 1,000 synsets keeps the 1,000-class indices
+    (``label`` = position of the wnid among the sorted ImageNet-1k wnids).
+
+    ``sample``: draw that many images at random (``sample_seed``) instead of taking them all.
+    Images: shorter side resized to ``image_size`` (bilinear), centre crop.
+    """
+
+    def __init__(self, root, split: str = "val", image_size: int = 224, target_size: Optional[int] = None,
+                 num_classes: int = 1000, sample: Optional[int] = None, sample_seed: int = 0):
+        base = _require(Path(root) / split, f"ImageNet split {split!r}")
+        wnids = imagenet_wnids()
+        index = {w: i for i, w in enumerate(wnids)}
+        if int(num_classes) != len(wnids):
+            raise ValueError(f"ImageNetFolder has {len(wnids)} classes, got num_classes={num_classes}.")
+        folders = sorted(d for d in os.listdir(base) if (base / d).is_dir() and not d.startswith("."))
+        unknown = [d for d in folders if d not in index]
+        if unknown:
+            raise ValueError(f"{str(base)!r} holds folders that are not ImageNet-1k synsets, e.g. {unknown[0]!r}; "
+                             f"expected one folder per wnid (n01440764, ...).")
+        items = [(base / d / f, index[d]) for d in folders for f in sorted(os.listdir(base / d))
+                 if f.lower().endswith(_IMAGE_EXTS) and not f.startswith(".")]
+        if not items:
+            raise FileNotFoundError(f"no images under {str(base)!r} (expected <wnid>/<image> files).")
+        if sample is not None and int(sample) < len(items):
+            gen = torch.Generator().manual_seed(int(sample_seed))
+            keep = sorted(torch.randperm(len(items), generator=gen)[:int(sample)].tolist())
+            items = [items[i] for i in keep]
+        self.items = items
+        self.image_size = int(image_size)
+        self.num_classes = len(wnids)
+        self.wnids = wnids
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.items[index]
+        return {"image": load_image(path, self.image_size), "label": torch.tensor(label, dtype=torch.int64),
+                "name": path.stem, "index": index}

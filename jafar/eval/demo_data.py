@@ -11,6 +11,9 @@ that ship inside scikit-image, scikit-learn and matplotlib (:data:`jafar.train.d
   billboards and a back wall, rendered with their exact depth (z, metres, below 10 m: the
   official ``max_depth``) and written in :class:`jafar.eval.datasets.DepthFolder`'s layout
   (16-bit PNG in millimetres). Depth edges are image edges here too.
+* :func:`write_demo_classification`: random crops of three photographs whose subject is an
+  ImageNet-1k class (:data:`CAM_PHOTOS`), in the ImageNet validation layout
+  (:class:`jafar.eval.datasets.ImageNetFolder`), for the Grad-CAM demo.
 
 Both are deterministic functions of ``seed`` and reuse what is already on disk.
 """
@@ -264,13 +267,60 @@ def write_demo_depth(root, train: int = 64, val: int = 24, size: int = 256, seed
     return root
 
 
+# ---------------------------------------------------------------------------------------------
+# classification (Grad-CAM)
+# ---------------------------------------------------------------------------------------------
+
+#: photographs whose subject is one ImageNet-1k class: (photo, ImageNet class index), the class
+#: read from the picture, not from a classifier: scikit-image's ``coffee`` (a cup of espresso) and
+#: ``camera`` (the cameraman's camera on its tripod), matplotlib's ``grace_hopper`` (Grace Hopper
+#: in her US Navy uniform). (``chelsea`` is left out: which of ImageNet's cat breeds it shows is
+#: not clear from the picture.)
+CAM_PHOTOS = (("coffee", 967), ("camera", 872), ("matplotlib_grace_hopper", 652))
+
+
+def write_demo_classification(root, crops: int = 8, size: int = 256, seed: int = 0) -> Path:
+    """Write ``crops`` random crops of each photograph of :data:`CAM_PHOTOS` under
+    ``root/val/<wnid>/<photo>_<i>.png`` (a square of 55-100 % of the shorter side, anywhere in
+    the picture, randomly flipped, resized to ``size``), and return ``root``. Kept if already
+    written with the same arguments."""
+    from PIL import Image
+
+    from .datasets import imagenet_wnids
+
+    root = Path(root)
+    info = {"kind": "photo_crops_imagenet_layout", "crops": int(crops), "size": int(size), "seed": int(seed),
+            "photos": [list(p) for p in CAM_PHOTOS]}
+    if _done(root, info):
+        return root
+    wnids = imagenet_wnids()
+    cache: dict = {}
+    for k, (photo, cls) in enumerate(CAM_PHOTOS):
+        rng = np.random.default_rng([seed, 200, k])
+        folder = root / "val" / wnids[cls]
+        folder.mkdir(parents=True, exist_ok=True)
+        img = _photo(photo, cache)
+        h, w = img.shape[:2]
+        for i in range(int(crops)):
+            side = int(min(h, w) * rng.uniform(0.55, 1.0))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = Image.fromarray((img[y:y + side, x:x + side] * 255).round().astype(np.uint8))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            with atomic_path(folder / f"{photo}_{i:03d}.png") as tmp:
+                crop.resize((size, size), Image.BILINEAR).save(tmp, format="PNG")
+    _write_manifest(root, info)
+    return root
+
+
 def prepare(kind: str, root, **kwargs) -> Path:
-    """Write a demo data set by name (``demo_seg`` or ``demo_depth``) into ``root``."""
-    writers = {"demo_seg": write_demo_segmentation, "demo_depth": write_demo_depth}
+    """Write a demo data set by name (``demo_seg``, ``demo_depth`` or ``demo_cam``) into ``root``."""
+    writers = {"demo_seg": write_demo_segmentation, "demo_depth": write_demo_depth,
+               "demo_cam": write_demo_classification}
     if kind not in writers:
         raise ValueError(f"unknown demo data {kind!r}; expected one of {sorted(writers)}.")
     return writers[kind](root, **kwargs)
 
 
-__all__: List[str] = ["SEG_CLASSES", "SEG_CLASS_NAMES", "make_mosaic", "render_depth_scene", "voc_palette",
+__all__: List[str] = ["CAM_PHOTOS", "write_demo_classification", "SEG_CLASSES", "SEG_CLASS_NAMES", "make_mosaic", "render_depth_scene", "voc_palette",
                       "write_demo_segmentation", "write_demo_depth", "prepare"]

@@ -110,10 +110,11 @@ def _fit(panel: torch.Tensor, size: int, nearest: bool) -> torch.Tensor:
 
 
 def prediction_grid(path, pictures: Dict[str, List[dict]], kind: str, palette: Optional[np.ndarray] = None,
-                    size: int = 160) -> Optional[Path]:
-    """One row per picture image: the image, the ground truth, then each upsampler's prediction
-    (``pictures[label] = [{"index", "image", "target", "prediction"}, ...]``, the same images
-    for every label). ``kind``: ``"seg"`` (class maps, ``palette``) or ``"depth"``."""
+                    size: int = 160, target_title: str = "ground truth") -> Optional[Path]:
+    """One row per picture image: the image, the ground truth (``target_title``), then each
+    upsampler's prediction (``pictures[label] = [{"index", "image", "target", "prediction"},
+    ...]``, the same images for every label). ``kind``: ``"seg"`` (class maps, ``palette``),
+    ``"depth"`` or ``"heatmap"`` (maps in [0, 1], e.g. class activation maps)."""
     labels = [k for k, v in pictures.items() if v]
     if not labels:
         return None
@@ -129,9 +130,11 @@ def prediction_grid(path, pictures: Dict[str, List[dict]], kind: str, palette: O
             valid = gt[gt > 0]
             lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (0.0, 1.0)
             paint = lambda d: colorize_depth(d.reshape(d.shape[-2:]), lo, hi)  # noqa: E731
+        elif kind == "heatmap":
+            paint = lambda d: colorize_depth(d.reshape(d.shape[-2:]).float().clamp(0, 1) + 1e-6, 0.0, 1.0)  # noqa: E731
         else:
             paint = lambda d: colorize_labels(d, palette)  # noqa: E731
         panels.append(_fit(ref["image"], size, nearest=False))
-        panels.append(_fit(paint(ref["target"]), size, nearest=True))
+        panels.append(_fit(paint(ref["target"]), size, nearest=True))  # a coarse heatmap stays blocky
         panels += [_fit(paint(by_index[k][index]["prediction"]), size, nearest=True) for k in labels]
-    return save_panels(panels, path, titles=["image", "ground truth"] + labels, rows=len(indices))
+    return save_panels(panels, path, titles=["image", target_title] + labels, rows=len(indices))

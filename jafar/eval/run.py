@@ -97,10 +97,15 @@ class Task:
     title: str = ""
     columns: Sequence[Column] = ()
     picture_kind: str = "seg"
+    target_title: str = "ground truth"
     needs_train: bool = True
 
     def check(self, cfg: DictConfig) -> None:
         """Refuse bad task settings before any work (one sentence naming the key)."""
+
+    def table_notes(self, ctx: "EvalContext") -> List[str]:
+        """Lines added under the table (e.g. what the run's weights are)."""
+        return []
 
     def evaluate(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: torch.nn.Module,
                  out_dir: Path) -> dict:
@@ -111,7 +116,7 @@ class Task:
 
 TASKS: Dict[str, Task] = {}
 #: modules imported to register more tasks (e.g. ``"jafar.eval.cam"``); missing ones are skipped
-TASK_MODULES: List[str] = []
+TASK_MODULES: List[str] = ["jafar.eval.cam", "jafar.eval.ovseg"]
 
 
 def register_task(task: Task) -> Task:
@@ -434,6 +439,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "datasets": {k: d.info for k, d in data.items()},
         "upsamplers": {r: info for r, (_, info) in rows.items()},
         "results": {k: {} for k in data},
+        "notes": task.table_notes(ctx),
     }
     pictures: Dict[str, Dict[str, List[dict]]] = {k: {} for k in data}
     pairs = [(k, r) for k in data for r in rows]
@@ -473,7 +479,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _write_outputs(run_dir: Path, task: Task, summary: dict, rows, data, pictures, only: Optional[str] = None) -> None:
     _write_json(run_dir / "results.json", summary)
-    notes = [f"{info['label']}: {info['note']}" for _, info in rows.values()]
+    notes = list(summary.get("notes", [])) + [f"{info['label']}: {info['note']}" for _, info in rows.values()]
     caption = (f"Backbone {summary['backbone']}, {summary['image_size']}x{summary['image_size']} images, labels at "
                f"{summary['target_size']}x{summary['target_size']}.")
     table = markdown_table(task.title, [(k, d.title) for k, d in data.items()],
@@ -486,4 +492,5 @@ def _write_outputs(run_dir: Path, task: Task, summary: dict, rows, data, picture
 
         palette = voc_palette()
     for key in ([only] if only else list(data)):
-        prediction_grid(run_dir / "pictures" / f"{key}.png", pictures[key], task.picture_kind, palette)
+        prediction_grid(run_dir / "pictures" / f"{key}.png", pictures[key], task.picture_kind, palette,
+                        target_title=task.target_title)

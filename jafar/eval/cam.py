@@ -1,0 +1,418 @@
+"""Grad-CAM faithfulness of upsampled features (``task=cam``, the paper's appendix A.1).
+
+A frozen classifier is split at a spatial feature map ``A`` (``(B, C, h, w)``): the part before
+gives ``A``, the part after (the *head*) maps ``A`` to the class logits. For each image the
+Grad-CAM of the target class ``c`` (Selvaraju et al., ICCV 2017) is computed from the features
+*upsampled* to the image size by the row's upsampler ``U``::
+
+    alpha_k = mean_ij d y_c / d A_kij                       (the gradient at the feature grid)
+    L       = ReLU(sum_k alpha_k U(image, A)_k)              (H x W), then scaled to [0, 1]
+
+so the bilinear row is the usual Grad-CAM (bilinear interpolation commutes with the channel sum),
+and an image-guided upsampler sharpens it. Only correctly classified images are scored (the issue
+that specified this task; the paper's appendix says the same), with ``c`` their label.
+
+Classifiers (:func:`build_cam_classifier`):
+
+* torchvision's ImageNet MobileNetV2 (the offline demo): ``A`` is the backbone's feature map
+  (stride 16: ``features[:14]``, 96 channels; stride 32: ``features[:19]``), the head is the rest
+  of the network (``features[14:]``, global average pooling, the ImageNet linear classifier), so
+  ``head(A)`` reproduces the full network's logits;
+* a timm ViT built with its classification head (the paper's supervised ViT-B/16,
+  ``vit_base_patch16_224.augreg2_in21k_ft_in1k``: 14 x 14 patches at 224): its class token alone
+  reaches the head, so the patch tokens after the last block carry no gradient. ``A`` is the
+  patch tokens entering the last block's attention (the output of ``blocks[-1].norm1``), the
+  usual Grad-CAM target layer of a ViT (jacobgil/pytorch-grad-cam's ViT tutorial), and the head
+  is that block, the final norm and the classifier. The official JAFAR code has no CAM
+  evaluation, and the paper's appendix text could not be read offline: how the paper connects
+  the upsampled features to the class token is our reading, said in docs/eval_2d.md.
+
+Metrics (per image, then averaged over the correctly classified images; ``Y`` is the softmax
+probability of ``c`` on the image, ``O`` on the explanation map ``E = x * L``):
+
+* Average Drop (Chattopadhay et al., Grad-CAM++, WACV 2018): ``max(0, Y - O) / Y``;
+* Average Increase (ibid., "increase in confidence"): ``1[O > Y]``;
+* Average Gain (Zhang et al., Opti-CAM, 2024): ``max(0, O - Y) / (1 - Y)``;
+* Coherency (Poppi et al., "Revisiting the evaluation of class activation mapping for
+  explainability", CVPR-W 2021; reference code github aimagelab/ADCC ``metrics/coherency.py``):
+  the Pearson correlation of ``L(x)`` and ``L(E)`` (the CAM of the explanation map for the same
+  class), mapped to [0, 1] as ``(r + 1) / 2``; 0 when it is undefined (a constant map), as there;
+* Complexity (ibid., ``metrics/complexity.py``): the mean of ``|L|`` over the pixels (its L1
+  norm divided by ``H W``);
+* ADCC (ibid., ``metrics/adcc.py``): the harmonic mean of Coherency, 1 - Complexity and
+  1 - Average Drop, ``3 / (1/Coherency + 1/(1 - Complexity) + 1/(1 - AverageDrop))``, per image,
+  and 0 when one of the three is 0. ``results.json`` also gives ``adcc_of_means``, the same
+  formula on the averaged metrics.
+
+The explanation map multiplies the *normalised* image by ``L`` (the reference ADCC code
+multiplies the normalised input tensor by the saliency map: ``image_utils.py``
+``images_to_tensors``); ``mask_space=pixels`` multiplies the image in [0, 1] instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .report import Column
+from .run import DatasetSplits, EvalContext, Task, picture_indices, register_task
+
+log = logging.getLogger(__name__)
+
+#: the per-image metrics, in the order of the paper's table
+CAM_METRICS = ("average_drop", "average_increase", "average_gain", "coherency", "complexity", "adcc")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def average_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``max(0, y - o) / y`` per image: ``y`` the class probability on the image, ``o`` on the
+    explanation map."""
+    return (y - o).clamp_min(0) / y
+
+
+def average_increase(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``1`` where the explanation map is more confident than the image (``o > y``), else 0."""
+    return (o > y).to(y.dtype)
+
+
+def average_gain(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``max(0, o - y) / (1 - y)`` per image (0 when ``y == 1``: no gain is possible)."""
+    gain = (o - y).clamp_min(0)
+    return torch.where(y < 1, gain / (1 - y).clamp_min(1e-12), torch.zeros_like(gain))
+
+
+def coherency(cam: torch.Tensor, cam_of_explanation: torch.Tensor) -> torch.Tensor:
+    """``(pearson(cam, cam_of_explanation) + 1) / 2`` per image (``(B, H, W)`` maps); 0 where the
+    correlation is undefined (a constant map)."""
+    a = cam.flatten(1).double()
+    b = cam_of_explanation.flatten(1).double()
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    r = (a * b).sum(1) / den.clamp_min(1e-300)
+    out = (r.clamp(-1, 1) + 1) / 2
+    return torch.where(den > 0, out, torch.zeros_like(out)).to(cam.dtype)
+
+
+def complexity(cam: torch.Tensor) -> torch.Tensor:
+    """The mean of ``|cam|`` over the pixels, per image (``(B, H, W)``, maps in [0, 1])."""
+    return cam.abs().flatten(1).mean(1)
+
+
+def adcc(average_drop_: torch.Tensor, coherency_: torch.Tensor, complexity_: torch.Tensor) -> torch.Tensor:
+    """``3 / (1/coherency + 1/(1 - complexity) + 1/(1 - average_drop))`` (all as fractions);
+    0 where one of the three terms is 0 (the harmonic mean's limit)."""
+    terms = torch.stack([coherency_, 1 - complexity_, 1 - average_drop_]).double()
+    ok = (terms > 0).all(0)
+    value = 3 / (1 / terms.clamp_min(1e-300)).sum(0)
+    return torch.where(ok, value, torch.zeros_like(value)).to(average_drop_.dtype)
+
+
+def cam_metrics(y: torch.Tensor, o: torch.Tensor, cam: torch.Tensor, cam_of_explanation: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every per-image metric of :data:`CAM_METRICS` (fractions, ``(B,)`` each)."""
+    drop = average_drop(y, o)
+    coh = coherency(cam, cam_of_explanation)
+    com = complexity(cam)
+    return {"average_drop": drop, "average_increase": average_increase(y, o), "average_gain": average_gain(y, o),
+            "coherency": coh, "complexity": com, "adcc": adcc(drop, coh, com)}
+
+
+class CamMeter:
+    """Sums of the per-image metrics; :meth:`compute` gives their means (fractions) and
+    ``adcc_of_means`` (ADCC of the averaged Coherency, Complexity and Average Drop)."""
+
+    def __init__(self):
+        self.sums = {k: 0.0 for k in CAM_METRICS}
+        self.images = 0
+
+    def update(self, metrics: Dict[str, torch.Tensor]) -> None:
+        n = int(next(iter(metrics.values())).numel())
+        for k in CAM_METRICS:
+            self.sums[k] += float(metrics[k].double().sum())
+        self.images += n
+
+    def compute(self) -> Dict[str, float]:
+        if self.images == 0:
+            return {**{k: float("nan") for k in CAM_METRICS}, "adcc_of_means": float("nan"), "images": 0}
+        out = {k: v / self.images for k, v in self.sums.items()}
+        means = {k: torch.tensor(out[k], dtype=torch.float64) for k in ("average_drop", "coherency", "complexity")}
+        out["adcc_of_means"] = float(adcc(means["average_drop"], means["coherency"], means["complexity"]))
+        out["images"] = self.images
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# classifiers split at a feature map
+# ---------------------------------------------------------------------------------------------
+
+
+class CamClassifier(nn.Module):
+    """A frozen classifier split at the Grad-CAM target layer: :meth:`split` maps a normalised
+    image to ``(A, state)`` (``A``: ``(B, C, h, w)``), :meth:`head` maps ``(A, state)`` to the
+    logits. ``target`` describes the layer (one line, for the table)."""
+
+    target: str = ""
+
+    def split(self, image: torch.Tensor) -> Tuple[torch.Tensor, tuple]:
+        raise NotImplementedError
+
+    def head(self, features: torch.Tensor, state: tuple) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(*self.split(image))
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class MobileNetV2Classifier(CamClassifier):
+    """torchvision's MobileNetV2 split after the backbone's blocks (``features[:n]``); the head is
+    ``features[n:]``, global average pooling and the linear classifier (torchvision's forward)."""
+
+    def __init__(self, backbone, pretrained: bool = True, weights=None):
+        super().__init__()
+        from ..backbones import _MOBILENET_CUTS, load_mobilenet_v2
+
+        n_blocks, _ = _MOBILENET_CUTS[int(backbone.patch_size)]
+        net = load_mobilenet_v2(pretrained=pretrained, weights=weights)
+        object.__setattr__(self, "backbone", backbone)  # shared with the run, not owned
+        self.tail = net.features[n_blocks:]
+        self.classifier = net.classifier
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        self.target = f"MobileNetV2 features[:{n_blocks}] (stride {backbone.patch_size}, {backbone.embed_dim} channels)"
+
+    def split(self, image):
+        return self.backbone(image), ()
+
+    def head(self, features, state):
+        x = self.tail(features)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+class TimmViTClassifier(CamClassifier):
+    """A timm ``VisionTransformer`` with its head, split at the output of ``blocks[-1].norm1``
+    (the patch tokens entering the last attention); the head is the rest of that block (its
+    residual branches), the final norm and ``forward_head``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        last = model.blocks[-1] if hasattr(model, "blocks") and len(model.blocks) else None
+        if last is None or not all(hasattr(last, a) for a in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")):
+            raise ValueError(f"task=cam needs a timm VisionTransformer (pre-norm blocks); {type(model).__name__} "
+                             f"is not one.")
+        if int(getattr(model, "num_classes", 0) or 0) < 1:
+            raise ValueError("task=cam needs the classifier's head: build the backbone with it "
+                             "(backbone.num_classes=1000 for an ImageNet classifier).")
+        self.model = model
+        self.npt = int(model.num_prefix_tokens)
+        self.target = f"{type(model).__name__}: blocks[-1].norm1 output (patch tokens entering the last attention)"
+
+    def split(self, image):
+        m = self.model
+        with torch.no_grad():
+            x = m.patch_embed(image)
+            x = m._pos_embed(x)
+            x = m.patch_drop(x)
+            x = m.norm_pre(x)
+            for blk in m.blocks[:-1]:
+                x = blk(x)
+            t = m.blocks[-1].norm1(x)
+        b, _, c = t.shape
+        h, w = image.shape[-2] // m.patch_embed.patch_size[0], image.shape[-1] // m.patch_embed.patch_size[1]
+        patches = t[:, self.npt:].transpose(1, 2).reshape(b, c, h, w)
+        return patches, (x, t[:, :self.npt])
+
+    def head(self, features, state):
+        x, prefix = state
+        m, blk = self.model, self.model.blocks[-1]
+        t = torch.cat([prefix, features.flatten(2).transpose(1, 2)], dim=1)
+        x = x + blk.ls1(blk.attn(t))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return m.forward_head(m.norm(x))
+
+
+def build_cam_classifier(backbone, backbone_cfg=None) -> CamClassifier:
+    """The classifier behind ``backbone`` (a MobileNetV2 backbone: the same ImageNet weights with
+    their head; a timm ViT backbone built with ``num_classes``: its own head)."""
+    from ..backbones import MobileNetV2Backbone, TimmViTBackbone
+
+    cfg = dict(backbone_cfg or {})
+    if isinstance(backbone, MobileNetV2Backbone):
+        return MobileNetV2Classifier(backbone, pretrained=bool(cfg.get("pretrained", True)), weights=cfg.get("weights"))
+    if isinstance(backbone, TimmViTBackbone):
+        return TimmViTClassifier(backbone.model)
+    raise ValueError(f"task=cam needs a classifier: the MobileNetV2 backbones or a timm ViT with its head; "
+                     f"{getattr(backbone, 'name', type(backbone).__name__)} is neither.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM from upsampled features
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit_range(cam: torch.Tensor) -> torch.Tensor:
+    """Each ``(H, W)`` map scaled to [0, 1] (min-max); a constant map becomes 0."""
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    span = (hi - lo).clamp_min(1e-12)
+    out = (cam - lo[:, None, None]) / span[:, None, None]
+    return torch.where((hi > lo)[:, None, None], out, torch.zeros_like(out))
+
+
+def grad_cam(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tensor, classes: torch.Tensor,
+             size: Sequence[int], return_low_res: bool = False):
+    """Grad-CAMs ``(B, H, W)`` in [0, 1] of ``classes`` for the normalised ``image``, from the
+    classifier's target features upsampled by ``upsampler`` to ``size``.
+
+    ``return_low_res``: also the Grad-CAM at the feature grid (``(B, h, w)``, [0, 1])."""
+    features, state = classifier.split(image)
+    with torch.enable_grad():
+        leaf = features.detach().float().requires_grad_(True)
+        logits = classifier.head(leaf, state)
+        score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+        (grads,) = torch.autograd.grad(score, leaf)
+    alpha = grads.mean(dim=(2, 3))
+    with torch.no_grad():
+        hr = upsampler(image, features.detach(), tuple(size)).float()
+        if tuple(hr.shape[-2:]) != tuple(size):  # an upsampler that overshoots
+            hr = F.interpolate(hr, size=tuple(size), mode="bilinear", align_corners=False)
+        cam = _unit_range(F.relu(torch.einsum("bc,bchw->bhw", alpha, hr)))
+        if not return_low_res:
+            return cam
+        low = _unit_range(F.relu(torch.einsum("bc,bchw->bhw", alpha, features.float())))
+    return cam, low
+
+
+def explanation_map(normalized: torch.Tensor, image01: torch.Tensor, cam: torch.Tensor, normalize,
+                    mask_space: str = "normalized") -> torch.Tensor:
+    """The image masked by its CAM, as the classifier's (normalised) input: ``normalized * cam``
+    (``mask_space="normalized"``, the reference ADCC code) or ``normalize(image01 * cam)``
+    (``"pixels"``)."""
+    if mask_space == "normalized":
+        return normalized * cam[:, None]
+    if mask_space == "pixels":
+        return normalize(image01 * cam[:, None])
+    raise ValueError(f"task.mask_space must be 'normalized' or 'pixels', got {mask_space!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the task
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(cfg) -> torch.device:
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class CamTask(Task):
+    name = "cam"
+    title = "Class activation maps (Grad-CAM from upsampled features)"
+    columns = (Column("average_drop", "A.D", False, 100.0, 1), Column("average_increase", "A.I", True, 100.0, 1),
+               Column("average_gain", "A.G", True, 100.0, 1), Column("coherency", "Coh.", True, 100.0, 1),
+               Column("complexity", "Com.", False, 100.0, 1), Column("adcc", "ADCC", True, 100.0, 1))
+    picture_kind = "heatmap"
+    target_title = "Grad-CAM at the feature grid"
+    needs_train = False
+
+    def check(self, cfg) -> None:
+        from ..backbones import MOBILENET_BACKBONES
+
+        t = cfg.task
+        if int(t.batch_size) < 1:
+            raise ValueError(f"task.batch_size must be a positive integer, got {t.batch_size}.")
+        if str(t.mask_space) not in ("normalized", "pixels"):
+            raise ValueError(f"task.mask_space must be 'normalized' (the reference ADCC code) or 'pixels', "
+                             f"got {t.mask_space!r}.")
+        if t.get("target_size") not in (None, t.image_size):
+            raise ValueError(f"task=cam computes its maps at the image size: leave task.target_size null "
+                             f"(got {t.target_size} for task.image_size={t.image_size}).")
+        if str(cfg.backbone.get("name")) not in MOBILENET_BACKBONES:
+            rows = [r for r in cfg.compare if str(cfg.upsamplers[r].get("name", r)) in ("large_image", "strided")]
+            if rows:
+                raise ValueError(f"compare includes {rows[0]}, which encodes the image again with the backbone's "
+                                 f"last layer, while task=cam takes a ViT's Grad-CAM at the input of its last "
+                                 f"block: drop it (compare=[...]).")
+
+    def table_notes(self, ctx: EvalContext) -> List[str]:
+        clf = self.classifier(ctx)
+        t = ctx.cfg.task
+        return [f"Classifier {ctx.backbone.name}, Grad-CAM target: {clf.target}; explanation map = the "
+                f"{'normalised' if t.mask_space == 'normalized' else '[0, 1]'} image times the CAM. Scores "
+                f"over the correctly classified images only (counts in results.json)."]
+
+    def classifier(self, ctx: EvalContext) -> CamClassifier:
+        if "cam_classifier" not in ctx.extras:
+            from omegaconf import OmegaConf
+
+            ctx.extras["cam_classifier"] = build_cam_classifier(
+                ctx.backbone, OmegaConf.to_container(ctx.cfg.backbone, resolve=True))
+        return ctx.extras["cam_classifier"]
+
+    def evaluate(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: nn.Module, out_dir) -> dict:
+        import time
+
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        cfg, t = ctx.cfg, ctx.cfg.task
+        device = _device(cfg)
+        clf = self.classifier(ctx).to(device)
+        ctx.backbone.to(device)
+        upsampler = upsampler.to(device).eval()
+        size = (int(t.image_size), int(t.image_size))
+        wanted = set(picture_indices(len(data.val), int(t.pictures)))
+        loader = DataLoader(data.val, batch_size=int(t.batch_size), shuffle=False, num_workers=int(t.num_workers))
+        meter, pictures, seen, correct = CamMeter(), [], 0, 0
+        start = time.time()
+        bar = tqdm(loader, desc=f"{data.key} / {row}", disable=not bool(cfg.trainer.get("enable_progress_bar", True)))
+        for batch in bar:
+            image01 = batch["image"].to(device)
+            label = torch.as_tensor(batch["label"]).view(-1).long().to(device)
+            x = ctx.backbone.normalize(image01)
+            logits = clf.logits(x)
+            keep = logits.argmax(1) == label
+            seen += int(label.numel())
+            correct += int(keep.sum())
+            if not bool(keep.any()):
+                continue
+            x, image01, label, probs = x[keep], image01[keep], label[keep], logits[keep].softmax(1)
+            index = batch["index"][keep.cpu()].tolist()
+            names = [n for n, k in zip(batch["name"], keep.tolist()) if k]
+            cam, low = grad_cam(clf, upsampler, x, label, size, return_low_res=True)
+            e = explanation_map(x, image01, cam, ctx.backbone.normalize, str(t.mask_space))
+            o = clf.logits(e).softmax(1).gather(1, label[:, None])[:, 0]
+            y = probs.gather(1, label[:, None])[:, 0]
+            cam_e = grad_cam(clf, upsampler, e, label, size)
+            meter.update(cam_metrics(y.double(), o.double(), cam, cam_e))
+            for j, i in enumerate(index):
+                if i in wanted:
+                    pictures.append({"index": int(i), "name": names[j], "image": image01[j].cpu(),
+                                     "target": low[j].cpu(), "prediction": cam[j].cpu()})
+            bar.set_postfix(correct=f"{correct}/{seen}")
+        metrics = meter.compute()
+        metrics["classified_images"] = seen
+        metrics["accuracy"] = correct / max(seen, 1)
+        if meter.images == 0:
+            log.warning("%s / %s: no image was classified correctly; nothing to score.", data.key, row)
+        return {"metrics": metrics, "pictures": pictures, "seconds": round(time.time() - start, 1),
+                "val_images": len(data.val)}
+
+
+register_task(CamTask())
