@@ -32,14 +32,16 @@ Four interchangeable implementations, selected by ``mode``:
     log-sum-exp; the backward recomputes the probabilities tile by tile (one kernel per query
     tile for ``dQ``, one per key tile for ``dK`` and ``dF``).
 
-``"auto"`` is ``"triton"`` on CUDA for bf16/fp16 inputs (and float32 when TF32 matmuls are
-allowed) when Triton is importable and the heads fit the kernel (power-of-two head width >=
-16), and ``"chunked"`` otherwise: with exact float32 products the kernel is slower than
-cuBLAS. ``"chunked"`` rather than
-``"sdpa"`` because, measured on an H100 (``docs/benchmarks.md``), it matches ``"sdpa"`` up to
-448x448 outputs and is 2x faster at 896x896 in float32 and 2.6x in bf16 at 1792x1792 (per-head
-SDPA multiplies ``F`` once per head, and PyTorch's flash kernels do not take a value width
-different from the query width).
+``"auto"`` is ``"triton"`` on CUDA when Triton is importable, for bf16/fp16 inputs, and for
+float32 inputs when TF32 matmuls are allowed (``torch.backends.cuda.matmul.allow_tf32 = True``,
+or ``torch.set_float32_matmul_precision("high")``); otherwise (the CPU, float64, exact float32:
+PyTorch's default) ``"chunked"``, because with exact (IEEE) float32 products the kernel is
+slower than cuBLAS's float32 matmuls (``docs/benchmarks.md``). ``mode="triton"`` asks for the
+kernel in any case, exact float32 included. ``"chunked"`` rather than ``"sdpa"`` because,
+measured on an H100 (``docs/benchmarks.md``), it matches ``"sdpa"`` up to 448x448 outputs and
+is 2x faster at 896x896 in float32 and 2.6x in bf16 at 1792x1792 (per-head SDPA multiplies
+``F`` once per head, and PyTorch's flash kernels do not take a value width different from the
+query width).
 
 Dtypes: under autocast the inputs are cast to the autocast dtype; logits, softmax and their
 gradients are computed in float32 (float64 for float64 inputs); the ``P @ F`` products run in the input dtype.
@@ -61,23 +63,27 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 def resolve_mode(mode: str, device: torch.device, head_dim: int = 32, num_heads: int = 4,
                  dtype: torch.dtype = torch.bfloat16) -> str:
+    """The implementation ``mode`` stands for on ``device`` for inputs of ``dtype`` (``"auto"``:
+    see the module docstring). ``head_dim`` and ``num_heads`` are accepted for compatibility: the
+    kernels take any head width and count."""
     if mode not in MODES:
         raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}.")
     if mode == "auto":
-        # the kernel's float32 products without TF32 are slower than cuBLAS's (docs/benchmarks.md)
+        # the kernel's exact float32 products are slower than cuBLAS's (docs/benchmarks.md)
         exact_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-        if device.type != "cuda" or exact_fp32 or dtype == torch.float64:
+        if device.type != "cuda" or exact_fp32 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "chunked"
         from . import kernels
 
-        fits = head_dim >= 16 and not head_dim & (head_dim - 1) and not num_heads & (num_heads - 1)
-        return "triton" if fits and kernels.available(device) else "chunked"
+        return "triton" if kernels.available(device) else "chunked"
     if mode == "triton":
         from . import kernels
 
         if not kernels.available(device):
             raise RuntimeError(f"attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the "
                                f"CPU); the input is on {device}.")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"attention='triton' takes float32, bfloat16 or float16 inputs, got {dtype}.")
     return mode
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from jafar import kernel_checks
 from jafar.attention import chunk_rows, head_averaged_attention, reference_attention
 
 
@@ -87,3 +88,13 @@ def test_bad_shapes_are_refused():
         head_averaged_attention(q, k, f, 5)
     with pytest.raises(ValueError, match="attention mode must be one of"):
         head_averaged_attention(q, k, f, 4, mode="flash")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["chunked", "sdpa"])
+@pytest.mark.parametrize("case", kernel_checks.CASES, ids=[c.name for c in kernel_checks.CASES])
+def test_fast_paths_on_the_kernel_cases(case, mode, dtype):
+    # the seeded cases of the Triton kernels (tests/test_kernels.py): peaked and huge logits,
+    # a single key, heads that disagree, 3 heads of width 8, widths 64/96/1536, 128x128 keys
+    errors = kernel_checks.run_case(case, dtype, "cpu", mode=mode)
+    assert max(errors.values()) < kernel_checks.TOLERANCE[dtype], errors
