@@ -22,9 +22,12 @@ state dict and the parameter count (628,480 at ``v_dim=384``) match, and frozen
 gradients. The ``v`` third of ``in_proj_bias`` is likewise unused.
 
 Departures that do not change the numbers: 1x1 convolutions use zero padding mode (reflect
-padding of width 0 only costs a copy), RoPE works on NCHW with float32 angles, and the
-attention never materialises the ``(heads, queries, keys)`` weights unless asked to
-(``attention="reference"``).
+padding of width 0 only costs a copy; no pad op is launched), RoPE works on NCHW with float32
+angles, GroupNorm takes its statistics from ``torch.var_mean`` on CUDA (PyTorch's kernel runs
+batch x groups thread blocks) and under autocast writes its output in the autocast dtype, so
+the per-pixel 1x1 encoders run in bf16/fp16 end to end (:class:`GroupNorm`), and the attention
+never materialises the ``(heads, queries, keys)`` weights unless asked to
+(``attention="reference"``). ``compile=True`` compiles the encoders with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -41,37 +44,117 @@ from .rope import RoPE
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, same numbers) whose statistics use the whole GPU.
+    """``nn.GroupNorm`` (same parameters and state-dict keys, same numbers) whose statistics use the
+    whole GPU, and whose output stays in the autocast dtype.
 
     PyTorch's CUDA GroupNorm reduces each (sample, group) in one thread block: at batch 1 with 8
     groups, 8 blocks on a GPU of 132 SMs, about 60 % of JAFAR's forward at 448 (issue #5's
-    profile). On CUDA, without autograd, the statistics come from ``torch.var_mean`` instead, a
-    reduction that spreads each row over many blocks; like ``F.group_norm`` under autocast, the
-    result is float32. Training and other devices use ``F.group_norm``.
+    profile). :func:`group_norm` takes the statistics from ``torch.var_mean`` instead, a
+    reduction that spreads each row over many blocks, in float32 whatever the input dtype, and
+    applies them as one fused ``x * a + b`` per channel (as PyTorch's kernel does); its backward
+    is PyTorch's own GroupNorm backward (``aten.native_group_norm_backward``), so training gets
+    the fast statistics too without saving more than ``nn.GroupNorm`` does (the input and the
+    per-group mean and reciprocal standard deviation).
+
+    Under autocast ``nn.GroupNorm`` returns float32 (an autocast float32 op), so the SiLU after
+    it and the next 1x1 convolution's input cast each move float32 activations at full image
+    resolution. Here the output is written once in the autocast dtype (bf16/fp16), from the
+    float32 result: the 1x1 encoders then run in half precision end to end; the numbers are
+    ``nn.GroupNorm``'s rounded to that dtype, the rounding the next convolution applied anyway.
+
+    ``impl`` (class attribute, or per instance): ``"auto"`` (:func:`group_norm` on CUDA,
+    ``F.group_norm`` elsewhere, where PyTorch's kernel is not the bottleneck), ``"var_mean"``
+    (:func:`group_norm` everywhere), ``"native"`` (``F.group_norm``, output cast to the autocast
+    dtype) and ``"official"`` (exactly ``nn.GroupNorm``, float32 output under autocast: the
+    benchmark's rows of the official algorithm).
     """
 
-    #: set to False to use ``F.group_norm`` everywhere (the benchmark's "official" rows do)
-    use_var_mean = True
+    IMPLS = ("auto", "var_mean", "native", "official")
+    impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # inference only: under autograd the float32 temporaries it saves cost more memory than
-        # the statistics kernel costs time (measured: 448 fwd+bwd bf16 peak 4.3 -> 6.6 GB)
-        if not (x.is_cuda and self.use_var_mean) or torch.is_grad_enabled():
+        impl = self.impl
+        if impl not in self.IMPLS:
+            raise ValueError(f"GroupNorm.impl must be one of {self.IMPLS}, got {impl!r}.")
+        if impl == "official":
             return super().forward(x)
-        return group_norm_var_mean(x, self.num_groups, self.weight, self.bias, self.eps)
+        out_dtype = _autocast_dtype(x)
+        if impl == "native" or (impl == "auto" and not x.is_cuda):
+            return super().forward(x).to(out_dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out_dtype)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives a half-precision op's output on ``x``'s device (``x.dtype`` when
+    autocast is off or ``x`` is not a float32/bf16/fp16 tensor)."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype):
+    """``(y, mean, rstd)``: statistics ``(N, G)`` in float32 (float64 for float64 inputs) from
+    ``torch.var_mean``, then ``y = x * a + s`` per (sample, channel), computed in that precision
+    and written once in ``out_dtype``."""
+    n, c = x.shape[:2]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xg = x.reshape(n, num_groups, -1)
+    var, mean = torch.var_mean(xg.to(acc), dim=-1, correction=0, keepdim=True)  # (N, G, 1)
+    rstd = torch.rsqrt(var + eps)
+    if weight is None:
+        a, shift, xs = rstd, -mean * rstd, xg
+    else:  # per channel: a = w * rstd, s = b - mean * a (PyTorch's kernel folds the affine the same way)
+        cg = c // num_groups
+        a = (weight.to(acc).view(1, num_groups, cg) * rstd).view(n, c, 1)
+        shift = -mean.expand(n, num_groups, cg).reshape(n, c, 1) * a
+        if bias is not None:
+            shift = shift + bias.to(acc).view(1, c, 1)
+        xs = x.reshape(n, c, -1)
+    y = torch.empty(xs.shape, dtype=out_dtype, device=x.device)
+    torch.addcmul(shift, xs, a, out=y)
+    return y.view(x.shape), mean.view(n, num_groups), rstd.view(n, num_groups)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, out_dtype):
+        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.num_groups, ctx.has_bias = num_groups, bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = mean.dtype
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy.to(acc).contiguous(), x.to(acc).contiguous(), mean, rstd,
+            None if weight is None else weight.to(acc), n, c, x[0, 0].numel(), ctx.num_groups,
+            [need_x, need_w and weight is not None, need_b and ctx.has_bias])
+        return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if dw is not None else None,
+                db.to(weight.dtype) if db is not None else None, None, None, None)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
+               out_dtype=None) -> torch.Tensor:
+    """``F.group_norm`` with ``torch.var_mean`` statistics (float32) and PyTorch's GroupNorm
+    backward; the output in ``out_dtype`` (default: the autocast dtype under autocast, else
+    ``x.dtype``)."""
+    out_dtype = _autocast_dtype(x) if out_dtype is None else out_dtype
+    with torch.autocast(x.device.type, enabled=False):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))
+        if not needs_grad:
+            return _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype)[0]
+        return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, out_dtype)
 
 
 def group_norm_var_mean(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
-    """``F.group_norm`` computed with ``torch.var_mean``, in float32 (kept under autocast, as
-    ``F.group_norm`` is; otherwise cast back to the input's dtype)."""
-    b, c = x.shape[:2]
-    xg = x.float().reshape(b, num_groups, -1)
-    var, mean = torch.var_mean(xg, dim=-1, correction=0, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + eps)).view(x.shape)
-    if weight is not None:
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(bias.float().view(shape), y, weight.float().view(shape))
-    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+    """Alias of :func:`group_norm` kept for callers of the first version."""
+    return group_norm(x, num_groups, weight, bias, eps)
 
 
 def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
@@ -197,10 +280,15 @@ class JAFAR(nn.Module):
         v_dim: channel count of the backbone features to upsample.
         num_heads: attention heads whose softmax weights are averaged.
         kernel_size: kernel of the first image-encoder convolution.
-        attention: ``"auto"`` (the Triton kernels on CUDA in bf16/fp16, ``"chunked"``
-            otherwise), ``"chunked"``, ``"triton"``, ``"sdpa"`` or ``"reference"`` (the official
-            algorithm, materialising the attention weights); see ``jafar.attention``.
+        attention: ``"auto"`` (the Triton kernels on CUDA in bf16/fp16, and in float32 when TF32
+            matmuls are allowed; ``"chunked"`` otherwise), ``"chunked"``, ``"triton"``,
+            ``"sdpa"`` or ``"reference"`` (the official algorithm, materialising the attention
+            weights); see ``jafar.attention``.
         memory_budget_mb: extra memory one attention chunk may take, in MiB.
+        compile: ``False`` (default), ``True`` or a dict of ``torch.compile`` arguments: compile
+            :meth:`encode` (the per-pixel encoders, pooling, GroupNorms and SFT; the attention
+            keeps its own kernels). The first call per output size pays the compilation.
+            Changes no parameter, state-dict key or result beyond float rounding.
 
     Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
     is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
@@ -208,7 +296,8 @@ class JAFAR(nn.Module):
     """
 
     def __init__(self, input_dim: int = 3, qk_dim: int = 128, v_dim: int = 384, num_heads: int = 4,
-                 kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256):
+                 kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256,
+                 compile=False):
         super().__init__()
         if qk_dim % 8:
             raise ValueError(f"qk_dim must be divisible by 8 (GroupNorm groups) and 4 (RoPE), got {qk_dim}.")
@@ -217,8 +306,12 @@ class JAFAR(nn.Module):
         self.config = dict(input_dim=input_dim, qk_dim=qk_dim, v_dim=v_dim, num_heads=num_heads,
                            kernel_size=kernel_size)
         self.input_dim, self.qk_dim, self.v_dim = input_dim, qk_dim, v_dim
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}.")
         self.attention = attention
         self.memory_budget = int(memory_budget_mb * 2**20)
+        self.compile = compile
+        self._compiled_encode = None  # built on first use; not state, not copied
 
         self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size)
         self.key_encoder = make_encoder(qk_dim, qk_dim)
@@ -248,19 +341,35 @@ class JAFAR(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.rope(self.image_encoder(image))
 
+    def encode(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int]):
+        """Everything before the cross-attention block: queries ``(B, qk_dim, H_out, W_out)`` and
+        keys ``(B, qk_dim, h, w)``."""
+        encoded = self.encode_image(image)
+        queries = F.adaptive_avg_pool2d(self.query_encoder(encoded), output_size)
+        queries = self.norm(queries)
+        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), features.shape[-2:])
+        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
+        return queries, keys
+
+    def _encoder(self):
+        if not self.compile:
+            return self.encode
+        if self._compiled_encode is None:
+            self._compiled_encode = torch.compile(self.encode, **(self.compile if isinstance(self.compile, dict) else {}))
+        return self._compiled_encode
+
+    def __getstate__(self):  # deepcopy / pickle: the compiled function is bound to this instance
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_compiled_encode"] = None
+        return state
+
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         out_h, out_w = self.check_inputs(image, features, output_size)
-        b, c, h, w = features.shape
-        encoded = self.encode_image(image)
-
-        queries = F.adaptive_avg_pool2d(self.query_encoder(encoded), (out_h, out_w))
-        queries = self.norm(queries)
-
-        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), (h, w))
-        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
-
+        b, c = features.shape[:2]
+        queries, keys = self._encoder()(image, features, (out_h, out_w))
         out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget)  # (B, Nq, C)
         return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.config.items()) + f", attention={self.attention!r}"
+        extra = f", attention={self.attention!r}" + (f", compile={self.compile!r}" if self.compile else "")
+        return ", ".join(f"{k}={v}" for k, v in self.config.items()) + extra

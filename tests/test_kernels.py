@@ -139,14 +139,3 @@ def test_triton_mode_refuses_a_plain_cpu_tensor():
     with pytest.raises(RuntimeError, match="needs Triton and a CUDA device"):
         head_averaged_attention(torch.randn(1, 4, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 8), 2, mode="triton")
 
-
-@pytest.mark.parametrize("affine", [True, False])
-def test_var_mean_group_norm_equals_group_norm(affine):
-    import torch.nn.functional as F
-
-    from jafar.model import group_norm_var_mean
-
-    x = torch.randn(2, 16, 7, 9) * 3 + 1
-    w, b = (torch.randn(16), torch.randn(16)) if affine else (None, None)
-    torch.testing.assert_close(group_norm_var_mean(x, 8, w, b, 1e-5), F.group_norm(x, 8, w, b, 1e-5),
-                               rtol=1e-5, atol=1e-5)
