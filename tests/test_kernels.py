@@ -139,3 +139,45 @@ def test_triton_mode_refuses_a_plain_cpu_tensor():
     with pytest.raises(RuntimeError, match="needs Triton and a CUDA device"):
         head_averaged_attention(torch.randn(1, 4, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 8), 2, mode="triton")
 
+
+
+def _benchmark_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jafar_benchmark_tool", ROOT / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_on_the_cpu_and_writes_its_own_section(tmp_path, capsys):
+    bench = _benchmark_tool()
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nintro\n\n<!-- benchmark:pending -->\nto be measured\n<!-- /benchmark:pending -->\n\n"
+                   "## GPU: an earlier table\n\n| kept |\n")
+    argv = ["--device", "cpu", "--sizes", "28", "--dim", "32", "--dtypes", "fp32", "--repeats", "1", "--warmup",
+            "0", "--no-isolate", "--check", "--check-cases", "single_key", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    printed = capsys.readouterr().out
+    assert "| 28x28 | 2x2 | fp32 |" in printed and "| 28x28 | 2x2 | fp32 |" in text
+    assert "forward (reference)" in text and "fwd+bwd peak (auto)" in text
+    assert "| single_key | " in text and "FAIL" not in text  # the --check table
+    assert "## GPU: an earlier table\n\n| kept |" in text and "to be measured" in text  # CPU keeps the placeholder
+    assert text.index("## CPU") < text.index("## GPU: an earlier table")
+    assert text.count("<!-- benchmark:CPU") == 1
+
+
+def test_benchmark_section_replaces_the_pending_placeholder_for_a_gpu(tmp_path):
+    bench = _benchmark_tool()
+    out = tmp_path / "b.md"
+    out.write_text("# B\n\n<!-- benchmark:pending -->\nto be measured\n<!-- /benchmark:pending -->\n\n## Old\n")
+    bench.write_section(out, "NVIDIA H100 80GB HBM3", "## GPU: NVIDIA H100 80GB HBM3, current code\n\n| a |", True)
+    text = out.read_text()
+    assert "to be measured" not in text and text.index("## GPU: NVIDIA H100") < text.index("## Old")
+    bench.write_section(out, "NVIDIA H100 80GB HBM3", "## GPU: NVIDIA H100 80GB HBM3, current code\n\n| b |", True)
+    assert "| a |" not in out.read_text() and out.read_text().count("| b |") == 1
+    assert bench.parse_mode("auto+compile+gn=native") == dict(attention="auto", compile=True, gn="native")
+    assert bench.parse_mode("reference")["gn"] == "official"
+    with pytest.raises(ValueError, match="unknown option"):
+        bench.parse_mode("auto+fast")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Speed and memory of JAFAR: the official algorithm beside ours, as a Markdown table.
+"""Speed and memory of JAFAR: the official algorithm beside ours, as a Markdown table, and (with
+``--check``) the kernels' correctness on the device.
 
 Protocol of the official ``test/test_time_and_memory.py`` (github PaulCouairon/JAFAR @
 94d4d54): batch 1, a random guidance image and output of ``S x S``, random features of
@@ -7,22 +8,41 @@ Protocol of the official ``test/test_time_and_memory.py`` (github PaulCouairon/J
 and ``backward()`` with the image and the features requiring grad. Reported: the median of
 ``--repeats`` timed runs after ``--warmup`` runs, and the peak memory (CUDA:
 ``max_memory_allocated`` including the model and inputs; CPU: the whole process's peak RSS,
-Python and libraries included, each configuration in a fresh process).
+Python and libraries included, each configuration in a fresh process unless ``--no-isolate``).
 
-"reference" is the official algorithm (``attention="reference"``: the ``(heads, queries,
-keys)`` weights are materialised, and PyTorch's GroupNorm); the other rows are our attention
-paths (``auto``: the Triton kernel on CUDA) with our GroupNorm. Plain Python, no Hydra, so
-that it runs on a bare GPU machine::
+Rows (``--modes``): ``reference`` is the official algorithm (``attention="reference"``: the
+``(heads, queries, keys)`` weights materialised, and ``nn.GroupNorm`` as it is); ``auto`` (or
+``chunked``, ``triton``, ``sdpa``) is ours: that attention path, the var_mean GroupNorm and the
+half-precision encoders. A mode may carry options after ``+``: ``auto+compile`` (``JAFAR(compile=
+True)``), ``auto+gn=native`` (another GroupNorm implementation, ``jafar.model.GroupNorm.impl``).
 
-    python tools/benchmark.py                       # all sizes, fp32 and bf16, writes nothing
-    python tools/benchmark.py --out docs/benchmarks.md
+Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
+float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
+``bf16``/``fp16`` autocast on float32 inputs and weights.
+
+``--check`` first runs the seeded correctness cases of ``jafar.kernel_checks`` (the cases of
+``tests/test_kernels.py``) on the device and prints the largest relative error per case and
+dtype: on CUDA the Triton kernels in fp32, tf32, bf16 and fp16, and the module's gradients; on
+the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``).
+
+``--out FILE`` writes the tables to ``FILE`` as one section headed with the device's name,
+between ``<!-- benchmark:NAME -->`` markers: a later run on the same device replaces that
+section, other sections (earlier measurements, other devices) stay; the first GPU section also
+replaces the ``<!-- benchmark:pending -->`` placeholder. The file is rewritten after every
+configuration, so a run cut short leaves what it measured. Plain Python, no Hydra, so that it
+runs on a bare GPU machine::
+
+    python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
+    python tools/benchmark.py --device cpu --sizes 56 --dtypes fp32 --repeats 1 --warmup 0
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -32,11 +52,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from jafar import JAFAR  # noqa: E402
 from jafar.model import GroupNorm  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: issue #5's "done when" (one H100, batch 1, ViT-S width, keys = output/14), checked on ``auto``
+TARGETS = [
+    # (size, dtype, metric, limit, unit, text)
+    (448, "bf16", "fwd_ms", 3.0, "ms", "448 bf16 forward <= 3 ms"),
+    (448, "bf16", "fwd_gb", 1.0, "GB", "448 bf16 forward peak <= 1 GB"),
+    (448, "tf32", "fwd_ms", 6.0, "ms", "448 float32 inputs, TF32 matmuls, forward <= 6 ms"),
+    (448, "bf16", "fwdbwd_ms", 15.0, "ms", "448 bf16 fwd+bwd <= 15 ms"),
+    (448, "bf16", "fwdbwd_gb", 3.0, "GB", "448 bf16 fwd+bwd peak <= 3 GB"),
+    (896, "bf16", "fwd_ms", 25.0, "ms", "896 bf16 forward <= 25 ms"),
+    (896, "bf16", "fwd_gb", 4.0, "GB", "896 bf16 forward peak <= 4 GB"),
+    (1792, "bf16", "fwd_ms", None, "ms", "1792 bf16 forward runs"),
+]
 
 
 def _sync(device):
@@ -57,21 +91,52 @@ def _timed(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
+def parse_mode(mode: str) -> dict:
+    """``"auto+compile+gn=native"`` -> ``{"attention": "auto", "compile": True, "gn": "native"}``."""
+    attention, *options = mode.split("+")
+    spec = dict(attention=attention, compile=False, gn="official" if attention == "reference" else "auto")
+    for opt in options:
+        if opt == "compile":
+            spec["compile"] = True
+        elif opt.startswith("gn=") and opt[3:] in GroupNorm.IMPLS:
+            spec["gn"] = opt[3:]
+        else:
+            raise ValueError(f"unknown option {opt!r} in mode {mode!r}: expected 'compile' or 'gn=' one of "
+                             f"{GroupNorm.IMPLS}.")
+    return spec
+
+
+class _Precision:
+    """TF32 off (``fp32``, exact) or on (``tf32``) for matmuls and cuDNN within the block."""
+
+    def __init__(self, dtype: str):
+        self.tf32 = dtype == "tf32"
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
+
+
 def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmup: int = 5,
             repeats: int = 20, backward: bool = True, patch: int = 14, parts=("fwd", "fwdbwd")) -> dict:
     """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB)."""
     device = torch.device(device)
+    spec = parse_mode(mode)
     torch.manual_seed(0)
-    # the reference rows are the official algorithm throughout: materialising attention and
-    # PyTorch's GroupNorm
-    GroupNorm.use_var_mean = mode != "reference"
-    model = JAFAR(v_dim=dim, attention=mode).to(device)
+    old_impl = GroupNorm.impl
+    GroupNorm.impl = spec["gn"]
+    model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"]).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     feats = torch.randn(1, dim, size // patch, size // patch, device=device)
     head = torch.nn.Conv2d(dim, 1, 1).to(device)
     amp = DTYPES[dtype]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else (lambda: torch.autocast(device.type, enabled=False))
     result = dict(size=size, keys=size // patch, mode=mode, dtype=dtype)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
     def forward():
         with torch.no_grad(), autocast():
@@ -83,23 +148,27 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
             loss = head(model(img, f, (size, size))).float().sum()
         loss.backward()
 
-    for name, fn in (("fwd", forward), ("fwdbwd", forward_backward if backward else None)):
-        if fn is None or name not in parts:
-            continue
-        try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            result[f"{name}_ms"] = _timed(fn, device, warmup, repeats)
-            if device.type == "cuda":
-                result[f"{name}_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            else:
-                result[f"{name}_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        except torch.OutOfMemoryError:
-            result[f"{name}_ms"] = result[f"{name}_gb"] = "OOM"
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    try:
+        with _Precision(dtype):
+            for name, fn in (("fwd", forward), ("fwdbwd", forward_backward if backward else None)):
+                if fn is None or name not in parts:
+                    continue
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    result[f"{name}_ms"] = _timed(fn, device, warmup, repeats)
+                    if device.type == "cuda":
+                        result[f"{name}_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    else:
+                        result[f"{name}_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                except torch.OutOfMemoryError:
+                    result[f"{name}_ms"] = result[f"{name}_gb"] = "OOM"
+                    model.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    finally:
+        GroupNorm.impl = old_impl
     return result
 
 
@@ -126,14 +195,15 @@ def _fmt(x, unit):
     return f"{x:.1f} {unit}" if unit == "ms" else f"{x:.2f} {unit}"
 
 
-def table(rows, device_name: str) -> str:
+def table(rows) -> str:
     by = {(r["size"], r["dtype"], r["mode"]): r for r in rows}
-    modes = sorted({r["mode"] for r in rows}, key=lambda m: m != "reference")
+    modes = list(dict.fromkeys(r["mode"] for r in sorted(rows, key=lambda r: r["mode"] != "reference")))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     header = ["output", "keys", "dtype"]
     for metric in ("forward", "forward peak", "fwd+bwd", "fwd+bwd peak"):
         header += [f"{metric} ({m})" for m in modes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for size, dtype in sorted({(r["size"], r["dtype"]) for r in rows}, key=lambda t: (t[1], t[0])):
+    for size, dtype in sorted({(r["size"], r["dtype"]) for r in rows}, key=lambda t: (dtypes.index(t[1]), t[0])):
         cells = [f"{size}x{size}", f"{size // 14}x{size // 14}", dtype]
         for key, unit in (("fwd_ms", "ms"), ("fwd_gb", "GB"), ("fwdbwd_ms", "ms"), ("fwdbwd_gb", "GB")):
             cells += [_fmt(by.get((size, dtype, m), {}).get(key), unit) for m in modes]
@@ -141,52 +211,198 @@ def table(rows, device_name: str) -> str:
     return "\n".join(lines)
 
 
+def targets_table(rows, mode: str = "auto") -> str:
+    by = {(r["size"], r["dtype"]): r for r in rows if r["mode"] == mode}
+    lines = [f"| issue #5 target (`{mode}`) | measured | met |", "|---|---|---|"]
+    for size, dtype, metric, limit, unit, text in TARGETS:
+        value = by.get((size, dtype), {}).get(metric)
+        if value is None:
+            continue
+        met = "no (OOM)" if value == "OOM" else "yes" if limit is None or value <= limit else "no"
+        lines.append(f"| {text} | {_fmt(value, unit)} | {met} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+# --- correctness on the device ---------------------------------------------------------------
+
+def run_checks(device: str, cases=None) -> tuple:
+    """``(results, markdown)``: the errors of ``jafar.kernel_checks`` on ``device``."""
+    from jafar import kernel_checks as kc
+    from jafar import kernels
+
+    dev = torch.device(device)
+    interpreter = dev.type == "cpu" and kernels.available(dev)
+    if dev.type == "cuda" or interpreter:
+        mode, dtypes = "triton", (["fp32", "tf32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16", "fp16"])
+    else:
+        mode, dtypes = "chunked", ["fp32", "fp16"]
+    results = {}
+    for case in kc.CASES:
+        if cases and case.name not in cases:
+            continue
+        for dt in dtypes:
+            if interpreter and dt not in case.interpreter_dtypes:
+                continue
+            results[f"{case.name}/{dt}"] = kc.run_case(case, dt, device, case.interpreter_blocks if interpreter else None,
+                                                       mode=mode)
+            print(f"check {case.name}/{dt}: " + ", ".join(f"{k} {v:.1e}" for k, v in results[f"{case.name}/{dt}"].items()),
+                  file=sys.stderr, flush=True)
+    for dt in [d for d in dtypes if d != "tf32"] if not cases or "module" in cases else []:
+        results[f"module/{dt}"] = kc.module_case(device, dt, mode=mode)
+    names = list(dict.fromkeys(k.split("/")[0] for k in results))
+    what = {c.name: c.what for c in kc.CASES}
+    what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
+    lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
+             "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets).",
+             "", "| case | " + " | ".join(dtypes) + " | what |", "|---|" + "---|" * (len(dtypes) + 1)]
+    for name in names:
+        cells = []
+        for dt in dtypes:
+            errs = results.get(f"{name}/{dt}")
+            cells.append("-" if errs is None else f"{max(errs.values()):.1e} ({kc.tolerance(f'{name}/{dt}'):.0e})"
+                         + ("" if max(errs.values()) < kc.tolerance(f"{name}/{dt}") else " **FAIL**"))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {what.get(name, '')} |")
+    return results, "\n".join(lines)
+
+
+# --- the Markdown file -------------------------------------------------------------------------
+
+def write_section(path: Path, key: str, body: str, replace_pending: bool) -> None:
+    """Put ``body`` between ``<!-- benchmark:KEY -->`` markers in ``path``: replace that section if
+    present (and the pending placeholder if asked), else insert it before the first ``## `` heading
+    (or at the end)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"<!-- benchmark:{key} -->\n{body.strip()}\n<!-- /benchmark:{key} -->\n"
+
+    def pattern(k):
+        return re.compile(rf"<!-- benchmark:{re.escape(k)} -->\n.*?<!-- /benchmark:{re.escape(k)} -->\n?", re.S)
+
+    if pattern(key).search(text):
+        text = pattern(key).sub(lambda m: block, text, count=1)
+        if replace_pending:
+            text = pattern("pending").sub("", text)
+    elif replace_pending and pattern("pending").search(text):
+        text = pattern("pending").sub(lambda m: block, text, count=1)
+    else:
+        m = re.search(r"^## ", text, re.M)
+        text = text[:m.start()] + block + "\n" + text[m.start():] if m else text.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown commit"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[56, 112, 224, 448, 896])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--sizes", type=int, nargs="+", default=[56, 112, 224, 448, 896, 1792])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "tf32", "bf16"], choices=list(DTYPES))
     p.add_argument("--modes", nargs="+", default=["reference", "auto"],
-                   help="attention paths to compare: reference, auto, chunked, sdpa")
+                   help="rows: reference, auto, chunked, triton, sdpa, each optionally +compile, +gn=IMPL")
     p.add_argument("--dim", type=int, default=384, help="feature channels (ViT-S: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-backward", action="store_true", help="forward only")
-    p.add_argument("--skip-reference-above", type=int, default=None,
-                   help="skip the reference path above this output size (it needs O(S^4) memory)")
-    p.add_argument("--out", type=Path, help="also write the table (Markdown) to this file")
+    p.add_argument("--backward-up-to", type=int, default=896,
+                   help="fwd+bwd only up to this output size (default 896: 1792 is forward only)")
+    p.add_argument("--skip-reference-above", type=int, default=448,
+                   help="skip the reference rows above this output size (it needs O(S^4) memory: 52.6 GB of "
+                        "weights at 896); 0 runs them all")
+    p.add_argument("--fp32-up-to", type=int, default=896,
+                   help="exact fp32 rows only up to this size (1792 in exact float32 takes ~4 s a run)")
+    p.add_argument("--check", action="store_true", help="run the kernels' correctness cases first")
+    p.add_argument("--check-cases", nargs="+", default=None,
+                   help="only these cases (names in jafar.kernel_checks.CASES, and 'module')")
+    p.add_argument("--out", type=Path, help="write the tables into this Markdown file (a section per device)")
+    p.add_argument("--no-isolate", action="store_true", help="CPU: measure in this process (peak = whole run)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.one:  # child process of _measure_isolated
         print(json.dumps(measure(**json.loads(args.one))))
-        return
+        return 0
+    for mode in args.modes:
+        parse_mode(mode)  # bad options fail before any work
 
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         name = torch.cuda.get_device_name(torch.device(args.device))
+        heading = f"## GPU: {name}, current code"
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        heading = f"## {name}, current code"
+    try:
+        import triton
+
+        triton_version = f"Triton {triton.__version__}"
+    except Exception:
+        triton_version = "no Triton"
+    command = "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    check_md, failed = "", []
+
+    def render(rows, done):
+        protocol = (f"Measured {datetime.date.today().isoformat()} at commit {_commit()} with `{command}`"
+                    f"{'' if done else ' (partial: the run was cut short or is still going)'}. "
+                    f"torch {torch.__version__}, {triton_version}; batch 1, {args.dim} channels, keys = output/14; "
+                    f"median of {args.repeats} runs after {args.warmup} warm-up runs; peak = "
+                    + ("`max_memory_allocated`" if cuda else "the process's peak RSS")
+                    + ". fp32: TF32 off (matmul and cuDNN); tf32: on for both; bf16/fp16: autocast on float32 "
+                    "inputs and weights. **reference**: the official algorithm (materialising attention, "
+                    "`nn.GroupNorm`); the other rows are ours.")
+        parts = [heading, "", protocol, ""]
+        if rows:
+            parts += [table(rows), ""]
+            tt = targets_table(rows)
+            if tt and cuda:
+                parts += [tt, ""]
+        if check_md:
+            parts += [check_md, ""]
+        return "\n".join(parts)
+
+    key = name
+    if args.check:
+        results, check_md = run_checks(args.device, args.check_cases)
+        from jafar.kernel_checks import failures
+
+        failed = failures(results)
+        print(check_md + "\n", flush=True)
+        if args.out:
+            write_section(args.out, key, render([], False), replace_pending=cuda)
+
     rows = []
     for dtype in args.dtypes:
         for size in args.sizes:
+            if dtype == "fp32" and size > args.fp32_up_to:
+                continue
             for mode in args.modes:
-                if mode == "reference" and args.skip_reference_above and size > args.skip_reference_above:
+                if mode.startswith("reference") and args.skip_reference_above and size > args.skip_reference_above:
                     continue
                 kwargs = dict(size=size, mode=mode, dtype=dtype, device=args.device, dim=args.dim,
-                              warmup=args.warmup, repeats=args.repeats, backward=not args.no_backward)
-                r = measure(**kwargs) if args.device.startswith("cuda") else _measure_isolated(kwargs)
+                              warmup=args.warmup, repeats=args.repeats,
+                              backward=not args.no_backward and size <= args.backward_up_to)
+                isolate = not cuda and not args.no_isolate
+                r = _measure_isolated(kwargs) if isolate else measure(**kwargs)
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
-    text = (f"Device: {name}; torch {torch.__version__}; batch 1, {args.dim} channels, keys = output/14, "
-            f"median of {args.repeats} runs after {args.warmup} warm-up runs; fp32 runs use PyTorch's defaults "
-            f"(TF32 matmul {tf32[0]}, TF32 cuDNN {tf32[1]}); bf16 = autocast on fp32 inputs.\n\n"
-            + table(rows, name) + "\n")
+                if args.out:
+                    write_section(args.out, key, render(rows, False), replace_pending=cuda)
+    text = render(rows, True)
     print(text)
+    print(f"({time.time() - started:.0f} s)", file=sys.stderr)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_section(args.out, key, text, replace_pending=cuda)
+    if failed:
+        print("CORRECTNESS FAILURES:\n" + "\n".join(failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
