@@ -17,9 +17,10 @@ def compose_demo(root, *overrides):
     return compose_bev_demo(root, "model.latent_dim=16", *overrides)
 
 
-@pytest.mark.parametrize("upsampler", ["none", "bilinear", "jafar"])
+@pytest.mark.parametrize("upsampler", ["none", "bilinear", "jafar", "featup"])
 def test_simplebev_trains_with_each_upsampler(synthetic_root, tmp_path, upsampler):
-    cfg = compose_demo(synthetic_root, f"upsampler={upsampler}")
+    extra = ["upsampler.checkpoint=null"] if upsampler == "featup" else []  # random FeatUp: no release download
+    cfg = compose_demo(synthetic_root, f"upsampler={upsampler}", *extra)
     assert cfg.model.name == "simplebev" and cfg.upsampler.name == upsampler
     results = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())

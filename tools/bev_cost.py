@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-UPSAMPLERS = ("none", "bilinear", "jafar")
+UPSAMPLERS = ("none", "bilinear", "jafar", "featup")  # featup: its JBU stack (x16, then resized to the output), random weights
 MODEL_CONFIGS = ROOT / "configs" / "bev" / "model"
 MODELS = tuple(sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml")))
 
