@@ -27,12 +27,14 @@ the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``).
 
 ``--out FILE`` writes the tables to ``FILE`` as one section headed with the device's name,
 between ``<!-- benchmark:NAME -->`` markers: a later run on the same device replaces that
-section, other sections (earlier measurements, other devices) stay; the first GPU section also
-replaces the ``<!-- benchmark:pending -->`` placeholder. The file is rewritten after every
+section, other sections (earlier measurements, other devices, other ``--label``s) stay; the first
+GPU section also replaces the ``<!-- benchmark:pending -->`` placeholder. The file is rewritten after every
 configuration, so a run cut short leaves what it measured. Plain Python, no Hydra, so that it
 runs on a bare GPU machine::
 
     python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
+    python tools/benchmark.py --sizes 448 896 --dtypes bf16 --modes auto auto+gn=native auto+compile \
+        --label options --out docs/benchmarks.md                     # what each option pays
     python tools/benchmark.py --device cpu --sizes 56 --dtypes fp32 --repeats 1 --warmup 0
 """
 
@@ -269,8 +271,8 @@ def run_checks(device: str, cases=None) -> tuple:
 
 def write_section(path: Path, key: str, body: str, replace_pending: bool) -> None:
     """Put ``body`` between ``<!-- benchmark:KEY -->`` markers in ``path``: replace that section if
-    present (and the pending placeholder if asked), else insert it before the first ``## `` heading
-    (or at the end)."""
+    present (and the pending placeholder if asked), else insert it after the last section of this
+    tool, or before the first ``## `` heading, or at the end."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"<!-- benchmark:{key} -->\n{body.strip()}\n<!-- /benchmark:{key} -->\n"
 
@@ -283,9 +285,16 @@ def write_section(path: Path, key: str, body: str, replace_pending: bool) -> Non
             text = pattern("pending").sub("", text)
     elif replace_pending and pattern("pending").search(text):
         text = pattern("pending").sub(lambda m: block, text, count=1)
-    else:
+    else:  # after the last section of this tool, else before the first heading, else at the end
+        ends = list(re.finditer(r"^<!-- /benchmark:.*?-->\n?", text, re.M))
         m = re.search(r"^## ", text, re.M)
-        text = text[:m.start()] + block + "\n" + text[m.start():] if m else text.rstrip("\n") + "\n\n" + block
+        if ends:
+            at = ends[-1].end()
+            text = text[:at].rstrip("\n") + "\n\n" + block + "\n" + text[at:].lstrip("\n")
+        elif m:
+            text = text[:m.start()] + block + "\n" + text[m.start():]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -320,6 +329,8 @@ def main(argv=None):
     p.add_argument("--check-cases", nargs="+", default=None,
                    help="only these cases (names in jafar.kernel_checks.CASES, and 'module')")
     p.add_argument("--out", type=Path, help="write the tables into this Markdown file (a section per device)")
+    p.add_argument("--label", default="", help="a section of its own for this run (e.g. 'options'): the section "
+                   "key and heading get this label, so the run does not replace the device's main section")
     p.add_argument("--no-isolate", action="store_true", help="CPU: measure in this process (peak = whole run)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -366,7 +377,9 @@ def main(argv=None):
             parts += [check_md, ""]
         return "\n".join(parts)
 
-    key = name
+    key = f"{name} / {args.label}" if args.label else name
+    if args.label:
+        heading += f" ({args.label})"
     if args.check:
         results, check_md = run_checks(args.device, args.check_cases)
         from jafar.kernel_checks import failures
@@ -374,7 +387,7 @@ def main(argv=None):
         failed = failures(results)
         print(check_md + "\n", flush=True)
         if args.out:
-            write_section(args.out, key, render([], False), replace_pending=cuda)
+            write_section(args.out, key, render([], False), replace_pending=cuda and not args.label)
 
     rows = []
     for dtype in args.dtypes:
@@ -392,12 +405,12 @@ def main(argv=None):
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 if args.out:
-                    write_section(args.out, key, render(rows, False), replace_pending=cuda)
+                    write_section(args.out, key, render(rows, False), replace_pending=cuda and not args.label)
     text = render(rows, True)
     print(text)
     print(f"({time.time() - started:.0f} s)", file=sys.stderr)
     if args.out:
-        write_section(args.out, key, text, replace_pending=cuda)
+        write_section(args.out, key, text, replace_pending=cuda and not args.label)
     if failed:
         print("CORRECTNESS FAILURES:\n" + "\n".join(failed), file=sys.stderr)
         return 1
