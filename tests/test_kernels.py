@@ -115,6 +115,13 @@ def test_error_is_relative_and_absolute_where_the_reference_vanishes():
     assert kc.failures({"plain/fp32": {"out": 2e-5, "dq": 0.0}}) == ["plain/fp32 out: 2.00e-05 > 1e-05"]
 
 
+def test_tf32_inputs_are_tf32_numbers():
+    x = torch.tensor([1.0, 1.0 + 2**-11, 1.0 + 3 * 2**-12, -(1.0 + 2**-11), 300.123, 0.0])
+    assert kc.round_to_tf32(x).tolist() == [1.0, 1.0 + 2**-10, 1.0 + 2**-10, -(1.0 + 2**-10), 300.0, 0.0]
+    q = kc.make_inputs(kc.CASES[0], torch.float32, tf32=True)[0]
+    assert (q.view(torch.int32) & 0x1FFF).eq(0).all()  # 10 mantissa bits: what the tensor cores read
+
+
 def test_auto_mode_picks_the_kernel_on_cuda_for_half_and_tf32_only():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     old = torch.backends.cuda.matmul.allow_tf32
