@@ -39,9 +39,37 @@ try:
 except Exception:  # pragma: no cover - triton missing or broken
     triton = None
 
-#: default tile sizes (queries, keys, feature channels) of the forward and backward kernels
-FWD_BLOCKS = dict(block_m=64, block_n=64, block_c=128)
-BWD_BLOCKS = dict(block_m=64, block_n=64, block_c=64)
+#: launch configuration of each kernel: tiles of queries, keys and feature channels, warps and
+#: software-pipeline stages. The defaults are the first round's, measured on an H100
+#: (docs/benchmarks.md). Compiled for sm_90 offline (Triton 3.8, bf16, 4 heads of 32), they
+#: spill registers: the forward 24 bytes a thread, the backward kernels 2.0 and 2.6 KB;
+#: ``tools/benchmark.py --tune`` times candidates on the GPU. Override per process with
+#: ``JAFAR_TRITON_CONFIG='{"bwd_dq": {"num_warps": 8}}'`` (JSON, merged into these) or per call.
+CONFIGS = {
+    "fwd": dict(block_m=64, block_n=64, block_c=128, num_warps=4, num_stages=2),
+    "bwd_dq": dict(block_m=64, block_n=64, block_c=64, num_warps=4, num_stages=2),
+    "bwd_dkdf": dict(block_m=64, block_n=64, block_c=64, num_warps=4, num_stages=2),
+}
+
+
+def _merge_env_config() -> None:
+    text = os.environ.get("JAFAR_TRITON_CONFIG")
+    if not text:
+        return
+    import json
+
+    try:
+        extra = json.loads(text)
+        for name, cfg in extra.items():
+            if name not in CONFIGS or set(cfg) - set(CONFIGS[name]):
+                raise ValueError
+            CONFIGS[name].update({k: int(v) for k, v in cfg.items()})
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"JAFAR_TRITON_CONFIG must be JSON like {{\"fwd\": {{\"num_warps\": 8}}}} with kernels "
+                         f"{sorted(CONFIGS)} and keys {sorted(CONFIGS['fwd'])}, got {text!r}.") from e
+
+
+_merge_env_config()
 
 
 def interpreting() -> bool:
@@ -299,42 +327,58 @@ def _check(q, k, f, num_heads):
         raise ValueError("the attention needs at least one key.")
 
 
-def _meta(q, f, num_heads, block_m, block_n, block_c):
-    """Tile sizes (powers of two, at least 16 for ``tl.dot``) and constexprs of one call."""
+def _meta(q, f, num_heads, cfg):
+    """Tile sizes (powers of two, at least 16 for ``tl.dot``, at most the padded problem) and the
+    constexprs and launch options of one call."""
     nq, dim = q.shape[1], q.shape[2]
     nk, c = f.shape[1], f.shape[2]
     d = dim // num_heads
     return dict(H=num_heads, D=d, HP=_next_pow2(num_heads), DP=max(16, _next_pow2(d)),
-                BLOCK_M=min(block_m, max(16, _next_pow2(nq))), BLOCK_N=min(block_n, max(16, _next_pow2(nk))),
-                BLOCK_C=min(block_c, max(16, _next_pow2(c))),
+                BLOCK_M=min(cfg["block_m"], max(16, _next_pow2(nq))),
+                BLOCK_N=min(cfg["block_n"], max(16, _next_pow2(nk))),
+                BLOCK_C=min(cfg["block_c"], max(16, _next_pow2(c))),
                 # exact float32 products unless TF32 matmuls are allowed; Triton's default otherwise
-                PREC="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32")
+                PREC="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _config(name, override=None, **blocks):
+    cfg = dict(CONFIGS[name])
+    cfg.update(override or {})
+    cfg.update({k: v for k, v in blocks.items() if v is not None})
+    return cfg
+
+
+#: the compiled kernel of the last launch of each kernel (``n_regs``, ``n_spills`` on a GPU)
+LAST_LAUNCH = {}
 
 
 def head_averaged_attention_fwd(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, num_heads: int,
-                                scale: float, block_m: int = FWD_BLOCKS["block_m"],
-                                block_n: int = FWD_BLOCKS["block_n"], block_c: int = FWD_BLOCKS["block_c"],
-                                return_lse: bool = False):
+                                scale: float, block_m: int = None, block_n: int = None, block_c: int = None,
+                                return_lse: bool = False, config: dict = None):
     """``(B, Nq, H*d)``, ``(B, Nk, H*d)``, ``(B, Nk, C)`` -> ``(B, Nq, C)`` in ``f``'s dtype (and the
-    per-head base-2 log-sum-exp ``(B, H, Nq)`` of the scaled logits with ``return_lse``)."""
+    per-head base-2 log-sum-exp ``(B, H, Nq)`` of the scaled logits with ``return_lse``). Launch
+    configuration: ``CONFIGS["fwd"]``, updated by ``config`` and the ``block_*`` arguments."""
     _check(q, k, f, num_heads)
     b, nq, _ = q.shape
     nk, c = f.shape[1], f.shape[2]
     q, k, f = q.contiguous(), k.contiguous(), f.contiguous()
     out = torch.empty(b, nq, c, device=f.device, dtype=f.dtype)
     lse = torch.empty(b, num_heads, nq, device=f.device, dtype=torch.float32)
-    meta = _meta(q, f, num_heads, block_m, block_n, block_c)
+    meta = _meta(q, f, num_heads, _config("fwd", config, block_m=block_m, block_n=block_n, block_c=block_c))
     grid = (triton.cdiv(nq, meta["BLOCK_M"]), b, triton.cdiv(c, meta["BLOCK_C"]))
-    _fwd_kernel[grid](q, k, f, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0),
-                      f.stride(1), out.stride(0), out.stride(1), nq, nk, c, float(scale) * math.log2(math.e),
-                      **meta, num_warps=4, num_stages=2)
+    LAST_LAUNCH["fwd"] = _fwd_kernel[grid](
+        q, k, f, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1),
+        out.stride(0), out.stride(1), nq, nk, c, float(scale) * math.log2(math.e), **meta)
     return (out, lse) if return_lse else out
 
 
-def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: float,
-                                block_m: int = BWD_BLOCKS["block_m"], block_n: int = BWD_BLOCKS["block_n"],
-                                block_c: int = BWD_BLOCKS["block_c"]):
-    """Gradients ``(dq, dk, df)`` of :func:`head_averaged_attention_fwd` (``lse`` from its forward)."""
+def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: float, block_m: int = None,
+                                block_n: int = None, block_c: int = None, dq_config: dict = None,
+                                dkdf_config: dict = None):
+    """Gradients ``(dq, dk, df)`` of :func:`head_averaged_attention_fwd` (``lse`` from its forward).
+    Launch configurations: ``CONFIGS["bwd_dq"]`` and ``CONFIGS["bwd_dkdf"]``, updated by
+    ``dq_config``, ``dkdf_config`` and (both) the ``block_*`` arguments."""
     _check(q, k, f, num_heads)
     b, nq, _ = q.shape
     nk, c = f.shape[1], f.shape[2]
@@ -342,11 +386,13 @@ def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: f
     grad_out = grad_out.to(f.dtype).contiguous()
     dq, dk, df = torch.empty_like(q), torch.empty_like(k), torch.empty_like(f)
     delta = torch.empty_like(lse)
-    meta = _meta(q, f, num_heads, block_m, block_n, block_c)
+    blocks = dict(block_m=block_m, block_n=block_n, block_c=block_c)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1), grad_out.stride(0),
               grad_out.stride(1), nq, nk, c, float(scale) * math.log2(math.e), float(scale))
-    _bwd_dq_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b)](q, k, f, grad_out, lse, delta, dq, *common, **meta,
-                                                          num_warps=4, num_stages=2)
-    _bwd_dkdf_kernel[(triton.cdiv(nk, meta["BLOCK_N"]), b, triton.cdiv(c, meta["BLOCK_C"]))](
-        q, k, f, grad_out, lse, delta, dk, df, *common, **meta, num_warps=4, num_stages=2)
+    meta = _meta(q, f, num_heads, _config("bwd_dq", dq_config, **blocks))
+    LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b)](
+        q, k, f, grad_out, lse, delta, dq, *common, **meta)
+    meta = _meta(q, f, num_heads, _config("bwd_dkdf", dkdf_config, **blocks))
+    LAST_LAUNCH["bwd_dkdf"] = _bwd_dkdf_kernel[(triton.cdiv(nk, meta["BLOCK_N"]), b, triton.cdiv(c, meta["BLOCK_C"]))](
+        q, k, f, grad_out, lse, delta, dk, df, *common, **meta)
     return dq, dk, df

@@ -188,3 +188,36 @@ def test_benchmark_section_replaces_the_pending_placeholder_for_a_gpu(tmp_path):
     assert bench.parse_mode("reference")["gn"] == "official"
     with pytest.raises(ValueError, match="unknown option"):
         bench.parse_mode("auto+fast")
+
+
+def test_benchmark_tunes_launch_configurations_in_the_interpreter(tmp_path):
+    if CUDA:
+        pytest.skip("CUDA available: tools/benchmark.py --tune runs on the GPU")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT),
+               JAFAR_TRITON_CONFIG='{"fwd": {"num_warps": 8}}')
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--device", "cpu", "--tune", "--modes", "--sizes",
+           "14", "--dtypes", "bf16", "--repeats", "1", "--warmup", "0", "--tune-candidates", "1",
+           "--out", str(tmp_path / "b.md")]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "b.md").read_text()
+    # the environment's configuration is the default, timed first; one row per kernel
+    assert "| 14x14 | bf16 | fwd | 64x64x128, 8 warps, 2 stages (default) |" in text
+    assert "| bwd_dq |" in text and "| bwd_dkdf |" in text and "JAFAR_TRITON_CONFIG='" in text
+
+
+def test_kernel_configuration_from_the_environment(monkeypatch):
+    from jafar import kernels
+
+    saved = {k: dict(v) for k, v in kernels.CONFIGS.items()}
+    try:
+        monkeypatch.setenv("JAFAR_TRITON_CONFIG", '{"bwd_dq": {"num_warps": 8, "block_c": 32}}')
+        kernels._merge_env_config()
+        assert kernels.CONFIGS["bwd_dq"] == dict(saved["bwd_dq"], num_warps=8, block_c=32)
+        for bad in ('{"bwd": {}}', '{"fwd": {"warps": 8}}', "num_warps=8"):
+            monkeypatch.setenv("JAFAR_TRITON_CONFIG", bad)
+            with pytest.raises(ValueError, match="JAFAR_TRITON_CONFIG must be JSON"):
+                kernels._merge_env_config()
+    finally:
+        for k, v in saved.items():
+            kernels.CONFIGS[k] = v

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory of JAFAR: the official algorithm beside ours, as a Markdown table, and (with
+r"""Speed and memory of JAFAR: the official algorithm beside ours, as a Markdown table, and (with
 ``--check``) the kernels' correctness on the device.
 
 Protocol of the official ``test/test_time_and_memory.py`` (github PaulCouairon/JAFAR @
@@ -35,6 +35,8 @@ runs on a bare GPU machine::
     python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
     python tools/benchmark.py --sizes 448 896 --dtypes bf16 --modes auto auto+gn=native auto+compile \
         --label options --out docs/benchmarks.md                     # what each option pays
+    python tools/benchmark.py --tune --modes --sizes 448 896 --dtypes bf16 tf32 \
+        --label tuning --out docs/benchmarks.md                      # the kernels' launch configurations
     python tools/benchmark.py --device cpu --sizes 56 --dtypes fp32 --repeats 1 --warmup 0
 """
 
@@ -267,6 +269,102 @@ def run_checks(device: str, cases=None) -> tuple:
     return results, "\n".join(lines)
 
 
+# --- launch configurations of the Triton kernels ----------------------------------------------
+
+def _cfg(bm, bn, bc, warps, stages=2):
+    return dict(block_m=bm, block_n=bn, block_c=bc, num_warps=warps, num_stages=stages)
+
+
+#: candidates per kernel (the current default, ``jafar.kernels.CONFIGS``, is timed first); chosen
+#: from offline sm_90 compilations (register spills, shared memory), to be timed with ``--tune``
+TUNE_CANDIDATES = {
+    "fwd": [_cfg(64, 64, 128, 4), _cfg(64, 64, 128, 8), _cfg(64, 64, 256, 8), _cfg(128, 64, 128, 8),
+            _cfg(32, 64, 512, 8), _cfg(64, 64, 64, 4), _cfg(128, 32, 128, 8, 3)],
+    "bwd_dq": [_cfg(64, 64, 64, 4), _cfg(64, 64, 64, 8), _cfg(64, 32, 64, 8), _cfg(64, 32, 32, 8),
+               _cfg(128, 32, 64, 8), _cfg(32, 64, 64, 4)],
+    "bwd_dkdf": [_cfg(64, 64, 64, 4), _cfg(64, 64, 64, 8), _cfg(32, 64, 64, 8), _cfg(32, 64, 32, 8),
+                 _cfg(64, 32, 64, 8), _cfg(64, 64, 128, 8), _cfg(64, 128, 128, 8)],
+}
+
+
+def _int(x) -> str:
+    return "-" if x is None else str(int(x))
+
+
+def _cfg_text(c: dict) -> str:
+    return f"{c['block_m']}x{c['block_n']}x{c['block_c']}, {c['num_warps']} warps, {c['num_stages']} stages"
+
+
+def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int = 384, qk_dim: int = 128,
+               heads: int = 4, candidates: int = None) -> tuple:
+    """Time each candidate launch configuration of each kernel alone on the benchmark's attention
+    shapes (queries = S*S, keys = (S/14)^2, ``dim`` channels): ``(rows, markdown)``. The backward
+    rows time both backward kernels, the other one at its default."""
+    from jafar import kernels
+
+    dev = torch.device(device)
+    if not kernels.available(dev):
+        return [], "Tuning (`--tune`) needs CUDA (or `TRITON_INTERPRET=1` on the CPU): skipped."
+    rows = []
+    scale = 1.0 / (qk_dim // heads) ** 0.5
+    for dtype in [d for d in dtypes if d in ("bf16", "fp16", "tf32")]:
+        tdtype = torch.float32 if dtype == "tf32" else DTYPES[dtype]
+        for size in sizes:
+            nq, nk = size * size, (size // 14) ** 2
+            g = torch.Generator(device="cpu").manual_seed(0)
+            q, k, f, go = (torch.randn(1, n, w, generator=g).to(dev, tdtype)
+                           for n, w in ((nq, qk_dim), (nk, qk_dim), (nk, dim), (nq, dim)))
+            with _Precision(dtype):
+                _, lse = kernels.head_averaged_attention_fwd(q, k, f, heads, scale, return_lse=True)
+                for kernel, cands in TUNE_CANDIDATES.items():
+                    default = dict(kernels.CONFIGS[kernel])
+                    cands = [default] + [c for c in cands if c != default]
+                    for i, cfg in enumerate(cands[:candidates]):
+                        if kernel == "fwd":
+                            def fn(cfg=cfg):
+                                kernels.head_averaged_attention_fwd(q, k, f, heads, scale, return_lse=True, config=cfg)
+                        else:
+                            arg = "dq_config" if kernel == "bwd_dq" else "dkdf_config"
+
+                            def fn(cfg=cfg, arg=arg):
+                                kernels.head_averaged_attention_bwd(q, k, f, lse, go, heads, scale, **{arg: cfg})
+                        row = dict(size=size, dtype=dtype, kernel=kernel, config=cfg, default=i == 0)
+                        try:
+                            row["ms"] = _timed(fn, dev, warmup, repeats)
+                            handle = kernels.LAST_LAUNCH.get(kernel)
+                            row["regs"] = getattr(handle, "n_regs", None)
+                            row["spills"] = getattr(handle, "n_spills", None)
+                        except Exception as e:  # out of resources (shared memory, registers)
+                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+    best = {}
+    for r in rows:
+        key = (r["size"], r["dtype"], r["kernel"])
+        if "ms" in r and r["ms"] < best.get(key, (float("inf"), None))[0]:
+            best[key] = (r["ms"], r["config"])
+    lines = ["Launch configurations of the Triton kernels (`--tune`): each kernel alone on the attention of "
+             f"that output, median of {repeats} runs; tiles (queries x keys x channels), warps, pipeline stages; "
+             "the backward rows time both backward kernels, the other one at its default. **Bold**: the fastest "
+             "per kernel.", "", "| output | dtype | kernel | config | time | regs | spills |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("error") or _fmt(r["ms"], "ms")
+        if "ms" in r and best[(r["size"], r["dtype"], r["kernel"])][1] is r["config"]:
+            t = f"**{t}**"
+        lines.append(f"| {r['size']}x{r['size']} | {r['dtype']} | {r['kernel']} | {_cfg_text(r['config'])}"
+                     f"{' (default)' if r['default'] else ''} | {t} | {_int(r.get('regs'))} | {_int(r.get('spills'))} |")
+    largest = {}
+    for (size, dtype, kernel), (_, cfg) in best.items():
+        if size >= largest.get((dtype, kernel), (0, None))[0]:
+            largest[(dtype, kernel)] = (size, cfg)
+    for dtype in dict.fromkeys(d for d, _ in largest):
+        choice = {kernel: cfg for (d, kernel), (_, cfg) in largest.items() if d == dtype}
+        lines += ["", f"Fastest at the largest output, {dtype}: `JAFAR_TRITON_CONFIG='{json.dumps(choice)}'` "
+                  "(or make it the default in `CONFIGS` of `jafar/kernels.py`)."]
+    return rows, "\n".join(lines)
+
+
 # --- the Markdown file -------------------------------------------------------------------------
 
 def write_section(path: Path, key: str, body: str, replace_pending: bool) -> None:
@@ -311,7 +409,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[56, 112, 224, 448, 896, 1792])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "tf32", "bf16"], choices=list(DTYPES))
-    p.add_argument("--modes", nargs="+", default=["reference", "auto"],
+    p.add_argument("--modes", nargs="*", default=["reference", "auto"],
                    help="rows: reference, auto, chunked, triton, sdpa, each optionally +compile, +gn=IMPL")
     p.add_argument("--dim", type=int, default=384, help="feature channels (ViT-S: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -326,6 +424,10 @@ def main(argv=None):
     p.add_argument("--fp32-up-to", type=int, default=896,
                    help="exact fp32 rows only up to this size (1792 in exact float32 takes ~4 s a run)")
     p.add_argument("--check", action="store_true", help="run the kernels' correctness cases first")
+    p.add_argument("--tune", action="store_true",
+                   help="time candidate launch configurations of the Triton kernels (bf16/fp16/tf32 of --dtypes, "
+                        "outputs --sizes); '--modes' with no value then skips the model rows")
+    p.add_argument("--tune-candidates", type=int, default=None, help=argparse.SUPPRESS)  # first N (tests)
     p.add_argument("--check-cases", nargs="+", default=None,
                    help="only these cases (names in jafar.kernel_checks.CASES, and 'module')")
     p.add_argument("--out", type=Path, help="write the tables into this Markdown file (a section per device)")
@@ -356,7 +458,7 @@ def main(argv=None):
         triton_version = "no Triton"
     command = "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
-    check_md, failed = "", []
+    check_md, tune_md, failed = "", "", []
 
     def render(rows, done):
         protocol = (f"Measured {datetime.date.today().isoformat()} at commit {_commit()} with `{command}`"
@@ -375,6 +477,8 @@ def main(argv=None):
                 parts += [tt, ""]
         if check_md:
             parts += [check_md, ""]
+        if tune_md:
+            parts += [tune_md, ""]
         return "\n".join(parts)
 
     key = f"{name} / {args.label}" if args.label else name
@@ -386,6 +490,13 @@ def main(argv=None):
 
         failed = failures(results)
         print(check_md + "\n", flush=True)
+        if args.out:
+            write_section(args.out, key, render([], False), replace_pending=cuda and not args.label)
+
+    if args.tune:
+        _, tune_md = run_tuning(args.device, args.sizes, args.dtypes, args.warmup, args.repeats, args.dim,
+                                candidates=args.tune_candidates)
+        print(tune_md + "\n", flush=True)
         if args.out:
             write_section(args.out, key, render([], False), replace_pending=cuda and not args.label)
 
