@@ -396,3 +396,30 @@ def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: f
     LAST_LAUNCH["bwd_dkdf"] = _bwd_dkdf_kernel[(triton.cdiv(nk, meta["BLOCK_N"]), b, triton.cdiv(c, meta["BLOCK_C"]))](
         q, k, f, grad_out, lse, delta, dk, df, *common, **meta)
     return dq, dk, df
+
+
+def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, num_heads: int = 4, head_dim: int = 32,
+                    arch: int = 90, tf32: bool = True) -> dict:
+    """Compile the three kernels for a CUDA architecture without a GPU (Triton's ahead-of-time
+    path, down to the cubin with the ``ptxas`` shipped in the triton wheel), with the launch
+    configurations of :data:`CONFIGS`: ``{kernel: compiled kernel}`` (``.metadata.shared``: bytes of
+    shared memory per program). Catches what the interpreter does not check: types, layouts,
+    shared memory. Used by the tests; ``tools/benchmark.py --tune`` measures on the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    pointers = {"Q", "K", "F", "O", "DO", "DQ", "DK", "DF"}
+    out = {}
+    for kernel, fn in (("fwd", _fwd_kernel), ("bwd_dq", _bwd_dq_kernel), ("bwd_dkdf", _bwd_dkdf_kernel)):
+        cfg = CONFIGS[kernel]
+        consts = dict(H=num_heads, D=head_dim, HP=_next_pow2(num_heads), DP=max(16, _next_pow2(head_dim)),
+                      BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
+                      PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
+        signature = {a: "constexpr" if a in consts else f"*{name}" if a in pointers else
+                     "*fp32" if a in ("LSE", "DELTA") else "fp32" if a in ("qk_scale", "scale") else "i32"
+                     for a in fn.arg_names}
+        out[kernel] = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                                     target=GPUTarget("cuda", arch, 32),
+                                     options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return out

@@ -221,3 +221,16 @@ def test_kernel_configuration_from_the_environment(monkeypatch):
     finally:
         for k, v in saved.items():
             kernels.CONFIGS[k] = v
+
+
+def test_kernels_compile_for_an_h100_without_a_gpu():
+    # the interpreter runs Python, not the compiler: this goes through Triton's sm_90 pipeline down
+    # to the cubin (types, layouts, shared memory), as the GPU will at its first call
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter enabled: the kernels are not compilable functions")
+    from jafar import kernels
+
+    compiled = kernels.compile_for_gpu(torch.bfloat16, num_heads=4, head_dim=32, arch=90)
+    assert set(compiled) == {"fwd", "bwd_dq", "bwd_dkdf"}
+    for kernel in compiled.values():
+        assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
