@@ -261,13 +261,24 @@ class FeatUpJBU(nn.Module):
         x = features
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        taps, pixels = self.up1.diameter ** 2, 0
         for up in (self.up1, self.up2, self.up3, self.up4):
             h, w = x.shape[-2:]
             x = up(x, F.adaptive_avg_pool2d(image, (2 * h, 2 * w)))
+            pixels += x.shape[0] * 4 * h * w
+        key_dim = self.up1.range_proj[-1].out_channels
+        self._uncounted = pixels * taps * 2 * (self.feature_dim + key_dim)
         x = 0.1 * self.fixup_proj(x) + x
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
+
+    def uncounted_flops(self) -> int:
+        """FLOPs of the last forward that ``torch.utils.flop_counter`` does not see: the per-pixel
+        filtering of each JBU step (a multiply and an add per tap, channel and output pixel) and
+        its range kernel's similarities (per tap, key channel and output pixel); 0 before any
+        forward. The 1x1 convolutions and the interpolations' matrix products are counted by it."""
+        return int(getattr(self, "_uncounted", 0))
 
     def load_weights(self, path) -> "FeatUpJBU":
         """Load a FeatUp checkpoint (``{"state_dict": {"upsampler.*": ...}}``, a Lightning file) or

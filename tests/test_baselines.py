@@ -31,3 +31,15 @@ def test_registry():
         build_upsampler("bilinear", checkpoint="x.pth")
     with pytest.raises(ValueError, match="output_size must be a pair"):
         build_upsampler("nearest")(None, torch.randn(1, 2, 3, 3), 5)
+
+
+def test_featup_uncounted_flops_by_hand():
+    from jafar.baselines import FeatUpJBU
+
+    up = FeatUpJBU(4).eval()
+    assert up.uncounted_flops() == 0  # before any forward
+    with torch.no_grad():
+        up(torch.rand(1, 3, 32, 32), torch.rand(1, 4, 2, 2), (32, 32))
+    # steps at 4x4, 8x8, 16x16, 32x32 = 1,360 output pixels; 49 taps; 2 FLOPs per tap and
+    # channel, over the 4 feature channels (filtering) and the 32 key channels (similarities)
+    assert up.uncounted_flops() == 1360 * 49 * 2 * (4 + 32)

@@ -101,6 +101,8 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
         head(encoder(batch["images"]), batch["intrinsics"], batch["cam2ego"], (H, W))
     h, w = encoder.output_size_for(H, W)
     lift_flops = head.uncounted_flops(n) if hasattr(head, "uncounted_flops") else 0
+    if hasattr(encoder.upsampler, "uncounted_flops"):  # FeatUp's per-pixel filtering
+        lift_flops += encoder.upsampler.uncounted_flops()
     base_rss = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
