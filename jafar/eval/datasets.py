@@ -31,6 +31,7 @@ Layouts and class definitions (each class below cites its source):
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -380,10 +381,15 @@ class DepthFolder(Dataset):
 def imagenet_wnids() -> List[str]:
     """The 1,000 ImageNet-1k synset ids in class-index order (sorted, as torchvision's
     ``ImageFolder`` and every ImageNet classifier number them), from timm's ``ImageNetInfo``."""
+    return list(_imagenet_wnids())
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_wnids() -> Tuple[str, ...]:
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    return [info.index_to_label_name(i) for i in range(info.num_classes())]
+    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
 
 
 class ImageNetFolder(Dataset):

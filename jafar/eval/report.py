@@ -53,7 +53,7 @@ def markdown_table(title: str, datasets: Sequence[Tuple[str, str]], rows: Sequen
         for c in columns:
             vals = [results.get(ds, {}).get(r, {}).get(c.key) for r, _ in rows]
             vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
-            if len(vals) > 1:
+            if len(set(vals)) > 1:  # a column where every row ties has no best
                 best[(ds, c.key)] = max(vals) if c.higher_is_better else min(vals)
     for r, label in rows:
         cells = [label]
