@@ -207,6 +207,7 @@ def test_cam_demo_end_to_end(tmp_path):
     ("task.mask_space=logits", "task.mask_space"),
     ("task.batch_size=0", "task.batch_size"),
     ("task.target_size=64", "task.target_size"),
+    ("task.datasets=[demo_seg]", "demo_seg .VOCSegmentation. is not a classification"),
 ])
 def test_cam_bad_settings_are_refused_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -218,3 +219,11 @@ def test_cam_refuses_re_encoding_rows_with_a_vit(tmp_path):
     cfg = compose_eval("task=cam", "backbone=tiny_vit", "+backbone.num_classes=5", "compare=[bilinear,large_image]")
     with pytest.raises(ValueError, match="compare includes large_image"):
         run(cfg, tmp_path / "run")
+
+
+def test_the_paper_setting_composes():
+    cfg = compose_eval("task=cam")
+    assert cfg.backbone.name == "vit_base_patch16_224.augreg2_in21k_ft_in1k" and cfg.backbone.num_classes == 1000
+    assert list(cfg.compare) == ["bilinear", "featup", "lift", "jafar"] and list(cfg.task.datasets) == ["imagenet"]
+    assert cfg.task.image_size == 224 and cfg.upsamplers.jafar.checkpoint == cfg.backbone.name  # the official release
+    assert compose_eval("task=cam", "backbone=mobilenetv2_s16").backbone.name == "mobilenetv2_s16"  # still choosable

@@ -111,6 +111,7 @@ def test_ovseg_demo_end_to_end_says_it_is_a_smoke_test(tmp_path):
     ("task.templates=[a photo]", "task.templates"),
     ("task.batch_size=0", "task.batch_size"),
     ("task.datasets=[ade20k]", "ADE20K's 150 are not written"),
+    ("task.datasets=[demo_depth]", "demo_depth is not one"),
 ])
 def test_ovseg_bad_settings_are_refused_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -121,3 +122,11 @@ def test_ovseg_bad_settings_are_refused_before_any_work(tmp_path, override, mess
 def test_ovseg_needs_a_maskclip_backbone(tmp_path):
     with pytest.raises(ValueError, match="task=ovseg needs a CLIP backbone"):
         run(compose_eval("task=ovseg", "backbone=tiny_vit"), tmp_path / "run")
+
+
+def test_the_paper_setting_composes():
+    cfg = compose_eval("task=ovseg")
+    assert cfg.backbone.name == "ViT-B-16" and cfg.backbone.pretrained == "openai"
+    assert list(cfg.task.datasets) == ["coco", "voc", "cityscapes"] and cfg.task.image_size == 448
+    assert cfg.upsamplers.featup.checkpoint == "maskclip" and cfg.upsamplers.jafar.checkpoint is None
+    assert cfg.dataset.voc.get("class_names") is None  # VOCSegmentation names its 21 classes itself

@@ -52,8 +52,7 @@ multiplies the normalised input tensor by the saliency map: ``image_utils.py``
 from __future__ import annotations
 
 import logging
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +320,10 @@ def _device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
+#: data sets of the other tasks, refused by task=cam
+_NOT_CLASSIFICATION = ("VOCSegmentation", "ADE20K", "Cityscapes", "COCOStuff", "DepthFolder")
+
+
 class CamTask(Task):
     name = "cam"
     title = "Class activation maps (Grad-CAM from upsampled features)"
@@ -340,6 +343,11 @@ class CamTask(Task):
         if str(t.mask_space) not in ("normalized", "pixels"):
             raise ValueError(f"task.mask_space must be 'normalized' (the reference ADCC code) or 'pixels', "
                              f"got {t.mask_space!r}.")
+        for key in t.datasets:
+            target = str(cfg.dataset.get(key, {}).get("_target_", ""))
+            if target.rsplit(".", 1)[-1] in _NOT_CLASSIFICATION:
+                raise ValueError(f"task=cam needs images with a class label (e.g. dataset.imagenet); "
+                                 f"{key} ({target.rsplit('.', 1)[-1]}) is not a classification data set.")
         if t.get("target_size") not in (None, t.image_size):
             raise ValueError(f"task=cam computes its maps at the image size: leave task.target_size null "
                              f"(got {t.target_size} for task.image_size={t.image_size}).")

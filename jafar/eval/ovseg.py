@@ -65,6 +65,8 @@ class OVSegTask(Task):
             raise ValueError(f"task.batch_size must be a positive integer, got {t.batch_size}.")
         for key in t.datasets:
             d = cfg.dataset.get(key, {})
+            if str(d.get("_target_", "")).endswith(("DepthFolder", "ImageNetFolder")):
+                raise ValueError(f"task=ovseg needs a segmentation data set with class names; {key} is not one.")
             if str(d.get("_target_", "")).endswith("ADE20K") and not d.get("class_names"):
                 raise ValueError(f"task=ovseg needs class names for the text prompts; ADE20K's 150 are not written "
                                  f"yet: set dataset.{key}.class_names (151 names, 'other' first) or drop {key}.")
