@@ -5,7 +5,9 @@
     python tools/eval_2d.py task=seg task.datasets=[voc] compare=[bilinear,jafar]
     python tools/eval_2d.py task=seg dataset.cityscapes.classes=27            # the paper's 27 Cityscapes classes
     python tools/eval_2d.py task=depth data_root=/data                        # depth probe, Depth Anything V2 pseudo-labels
-    python tools/eval_2d.py task=seg experiment=demo                          # offline demo on the CPU (also task=depth)
+    python tools/eval_2d.py task=cam data_root=/data                          # Grad-CAM faithfulness (ViT-B/16, ImageNet val)
+    python tools/eval_2d.py task=ovseg data_root=/data                        # MaskCLIP open-vocabulary segmentation
+    python tools/eval_2d.py task=seg experiment=demo                          # offline demo on the CPU (also depth, cam, ovseg)
 
 Configs: ``configs/eval/eval_2d.yaml`` (groups task/, dataset/, upsampler/, experiment/ there;
 backbone/ and the shared upsampler/ options in ``configs/``). Outputs under
