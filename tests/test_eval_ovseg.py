@@ -110,12 +110,12 @@ def test_ovseg_demo_end_to_end_says_it_is_a_smoke_test(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("task.templates=[a photo]", "task.templates"),
     ("task.batch_size=0", "task.batch_size"),
-    ("task.datasets=[ade20k]", "ADE20K's 150 are not written"),
+    ("task.datasets=[ade20k]|dataset.ade20k.skip_other_class=false", "skip_other_class=true"),
     ("task.datasets=[demo_depth]", "demo_depth is not one"),
 ])
 def test_ovseg_bad_settings_are_refused_before_any_work(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        run(tiny_ovseg(tmp_path / "data", override), tmp_path / "run")
+        run(tiny_ovseg(tmp_path / "data", *override.split("|")), tmp_path / "run")
     assert not (tmp_path / "data").exists()
 
 
@@ -127,6 +127,27 @@ def test_ovseg_needs_a_maskclip_backbone(tmp_path):
 def test_the_paper_setting_composes():
     cfg = compose_eval("task=ovseg")
     assert cfg.backbone.name == "ViT-B-16" and cfg.backbone.pretrained == "openai"
-    assert list(cfg.task.datasets) == ["coco", "voc", "cityscapes"] and cfg.task.image_size == 448
+    assert list(cfg.task.datasets) == ["coco", "voc", "ade20k", "cityscapes"] and cfg.task.image_size == 448
+    assert cfg.dataset.ade20k.skip_other_class is True  # the 150 named classes; "other" ignored
     assert cfg.upsamplers.featup.checkpoint == "maskclip" and cfg.upsamplers.jafar.checkpoint is None
     assert cfg.dataset.voc.get("class_names") is None  # VOCSegmentation names its 21 classes itself
+
+
+def test_ade20k_names_its_150_classes_and_skipping_other_leaves_class_0_unlabelled(tmp_path):
+    """ADE20K with skip_other_class: id 0 maps to 255, so no label is class 0 ("other"), and
+    task=ovseg (which never predicts a class no label id maps to) scores the 150 named classes."""
+    import numpy as np
+    from PIL import Image
+
+    from jafar.eval.datasets import ADE20K, ADE20K_CLASSES
+
+    root = tmp_path / "ADEChallengeData2016"
+    for split in ("validation",):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / split / "a.jpg")
+        Image.fromarray(np.full((8, 8), 3, np.uint8)).save(root / "annotations" / split / "a.png")
+    ds = ADE20K(tmp_path, "val", image_size=8, skip_other_class=True)
+    assert len(ADE20K_CLASSES) == 151 and ds.class_names[0] == "other" and ds.class_names[1] == "wall"
+    present = {int(v) for v in np.unique(ds.lut)}
+    assert 0 not in present and set(range(1, 151)) <= present

@@ -172,6 +172,28 @@ class VOCSegmentation(SegmentationDataset):
         super().__init__(pairs, num_classes, image_size, target_size, lut, class_names)
 
 
+#: ADE20K SceneParsing's 150 classes (the benchmark's objectInfo150, first name of each entry, as
+#: mmsegmentation's ADE20KDataset lists them), after id 0 "other": index = annotation id.
+ADE20K_CLASSES = ("other", "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
+                 "grass", "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant",
+                 "curtain", "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror",
+                 "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
+                 "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
+                 "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
+                 "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+                 "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
+                 "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
+                 "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
+                 "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+                 "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van",
+                 "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool",
+                 "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+                 "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle",
+                 "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase",
+                 "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+                 "bulletin board", "shower", "radiator", "glass", "clock", "flag")
+
+
 class ADE20K(SegmentationDataset):
     """ADE20K (SceneParsing, ``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
     ``annotations/{training,validation}/*.png`` (ids 0..150, 0 = "other"). Like the official
@@ -199,6 +221,8 @@ class ADE20K(SegmentationDataset):
         lut[int(num_classes):] = IGNORE_INDEX
         if skip_other_class:
             lut[0] = IGNORE_INDEX
+        if class_names is None and int(num_classes) == len(ADE20K_CLASSES):
+            class_names = ADE20K_CLASSES
         super().__init__(pairs, num_classes, image_size, target_size, lut, class_names)
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,9 +68,9 @@ class OVSegTask(Task):
             d = cfg.dataset.get(key, {})
             if str(d.get("_target_", "")).endswith(("DepthFolder", "ImageNetFolder")):
                 raise ValueError(f"task=ovseg needs a segmentation data set with class names; {key} is not one.")
-            if str(d.get("_target_", "")).endswith("ADE20K") and not d.get("class_names"):
-                raise ValueError(f"task=ovseg needs class names for the text prompts; ADE20K's 150 are not written "
-                                 f"yet: set dataset.{key}.class_names (151 names, 'other' first) or drop {key}.")
+            if str(d.get("_target_", "")).endswith("ADE20K") and not d.get("skip_other_class"):
+                raise ValueError(f"task=ovseg on ADE20K scores its 150 named classes: set dataset.{key}.skip_other_class"
+                                 f"=true (id 0 'other' ignored, as open-vocabulary ADE20K-150 is scored), got false.")
 
     def table_notes(self, ctx: EvalContext) -> List[str]:
         bb, t = ctx.backbone, ctx.cfg.task
@@ -103,6 +104,8 @@ class OVSegTask(Task):
         if len(text) != num_classes:
             raise ValueError(f"dataset.{data.key}: {len(text)} class names for {num_classes} classes.")
         metrics = segmentation_metrics(num_classes).to(device)
+        lut = getattr(data.val, "lut", None)
+        absent = [] if lut is None else sorted(set(range(num_classes)) - {int(v) for v in np.unique(lut)})
         wanted = set(picture_indices(len(data.val), int(t.pictures)))
         size = int(t.target_size or t.image_size)
         loader = DataLoader(data.val, batch_size=int(t.batch_size), shuffle=False, num_workers=int(t.num_workers))
@@ -110,7 +113,10 @@ class OVSegTask(Task):
         for batch in tqdm(loader, desc=f"{data.key} / {row}",
                           disable=not bool(cfg.trainer.get("enable_progress_bar", True))):
             image, label = batch["image"].to(device), batch["label"].to(device)
-            pred = segment(ctx.backbone, upsampler, image, text, label.shape[-2:]).argmax(1)
+            scores = segment(ctx.backbone, upsampler, image, text, label.shape[-2:])
+            if absent:  # classes no label id maps to (ADE20K's "other" when skipped) are never predicted
+                scores[:, absent] = float("-inf")
+            pred = scores.argmax(1)
             metrics.update(pred, label.long())
             for j, index in enumerate(batch["index"].tolist()):
                 if index in wanted:
