@@ -151,3 +151,7 @@ def test_ade20k_names_its_150_classes_and_skipping_other_leaves_class_0_unlabell
     assert len(ADE20K_CLASSES) == 151 and ds.class_names[0] == "other" and ds.class_names[1] == "wall"
     present = {int(v) for v in np.unique(ds.lut)}
     assert 0 not in present and set(range(1, 151)) <= present
+    from jafar.eval.ovseg import never_labelled
+
+    assert never_labelled(ds, 151) == [0]
+    assert never_labelled(ADE20K(tmp_path, "val", image_size=8), 151) == []  # "other" kept as a class

@@ -104,8 +104,7 @@ class OVSegTask(Task):
         if len(text) != num_classes:
             raise ValueError(f"dataset.{data.key}: {len(text)} class names for {num_classes} classes.")
         metrics = segmentation_metrics(num_classes).to(device)
-        lut = getattr(data.val, "lut", None)
-        absent = [] if lut is None else sorted(set(range(num_classes)) - {int(v) for v in np.unique(lut)})
+        absent = never_labelled(data.val, num_classes)
         wanted = set(picture_indices(len(data.val), int(t.pictures)))
         size = int(t.target_size or t.image_size)
         loader = DataLoader(data.val, batch_size=int(t.batch_size), shuffle=False, num_workers=int(t.num_workers))
@@ -125,6 +124,15 @@ class OVSegTask(Task):
         out = {k: float(v) for k, v in metrics.compute().items()}
         return {"metrics": out, "pictures": pictures, "seconds": round(time.time() - start, 1),
                 "val_images": len(data.val), "size": size}
+
+
+def never_labelled(dataset, num_classes: int) -> List[int]:
+    """The classes no label id of ``dataset`` maps to (through its ``lut``), e.g. ADE20K's
+    "other" with ``skip_other_class``: task=ovseg never predicts them. Empty without a ``lut``."""
+    lut = getattr(dataset, "lut", None)
+    if lut is None:
+        return []
+    return sorted(set(range(int(num_classes))) - {int(v) for v in np.unique(lut)})
 
 
 register_task(OVSegTask())
