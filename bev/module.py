@@ -15,6 +15,7 @@ threshold 0.5, on the cells the visibility mask keeps (``bev.losses.visibility_m
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -51,6 +52,32 @@ class BevSegmentation(L.LightningModule):
         self.val_results: Dict[str, float] = {}
         self.validated_at = -1  # the global step of the last validation
         self._picture_batches = []
+
+    # ------------------------------------------------------------------ exact resume
+    # The random state (dropout in BEVFormer, anything else drawn from the global generators) is
+    # saved with every checkpoint and put back just before the first training step after a
+    # resume, after Lightning has built its data iterators, so a killed run continues with the
+    # draws of the uninterrupted one (tests/test_bev_train.py::test_killed_run_resumes_exactly).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: Lightning
+        checkpoint["rng_states"] = {                                  # loads checkpoints weights_only
+            "torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        states, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
+            if states.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -51,10 +51,26 @@ class _Kill(L.Callback):
             raise RuntimeError("killed")
 
 
-def test_killed_run_resumes_exactly(synthetic_root, tmp_path):
+HEAD_ARGS = {
+    "simplebev": (),
+    # dropout in every layer: the random state must resume too
+    "bevformer": ("model=bevformer", "model.num_layers=1", "model.num_heads=2", "model.ffn_dim=16",
+                  "model.self_points=2", "model.cross_points=8"),
+    # sparse training on the 16 x 16 test grid: random coarse cells, fine cells around anchors
+    "pointbev": ("model=pointbev", "model.N_coarse=60", "model.N_fine=40", "model.N_anchor=4",
+                 "model.fine_patch_size=3", "model.unet_channels=8"),
+}
+
+
+@pytest.mark.parametrize("head", list(HEAD_ARGS))
+def test_killed_run_resumes_exactly(synthetic_root, tmp_path, head):
     """A run killed after step 2 of 3 and started again with the same command ends with the
-    weights of an uninterrupted run: batches, augmentation, optimiser and schedule all resume."""
-    args = ("upsampler=jafar", "trainer.max_steps=3", "checkpoint_every=1", "trainer.val_check_interval=3")
+    weights of an uninterrupted run: batches, augmentation, optimiser, schedule, dropout and
+    PointBeV's cell sampling all resume."""
+    if head == "pointbev":
+        pytest.importorskip("spconv")
+    args = ("upsampler=jafar", "trainer.max_steps=3", "checkpoint_every=1", "trainer.val_check_interval=3",
+            *HEAD_ARGS[head])
     run(compose_demo(synthetic_root, *args), tmp_path / "straight")
     with pytest.raises(RuntimeError, match="killed"):
         run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[_Kill(2)])
