@@ -152,11 +152,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
         return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, out_dtype)
 
 
-def group_norm_var_mean(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
-    """Alias of :func:`group_norm` kept for callers of the first version."""
-    return group_norm(x, num_groups, weight, bias, eps)
-
-
 def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
     # Reflect padding of width 0 (kernel 1) is the identity but still launches a copy.
     return nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2,

@@ -13,7 +13,8 @@ peak resident set (``ru_maxrss``) minus the resident set before the first step o
 GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one forward (multiply-adds counted as
 2 FLOPs; it counts matrix products and convolutions, which is where JAFAR's and the heads'
 work is, on the CPU path), plus what the counter does not see (``grid_sample``, sparse
-convolutions), counted analytically by each head's ``uncounted_flops(num_cameras)``.
+convolutions, FeatUp's per-tap filtering), counted analytically by each head's
+``uncounted_flops(num_cameras)`` and the upsampler's ``uncounted_flops()`` where it has one.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         head(encoder(batch["images"]), batch["intrinsics"], batch["cam2ego"], (H, W))
     h, w = encoder.output_size_for(H, W)
-    lift_flops = head.uncounted_flops(n) if hasattr(head, "uncounted_flops") else 0
+    uncounted = head.uncounted_flops(n) if hasattr(head, "uncounted_flops") else 0
     if hasattr(encoder.upsampler, "uncounted_flops"):  # FeatUp's per-pixel filtering
-        lift_flops += encoder.upsampler.uncounted_flops()
+        uncounted += encoder.upsampler.uncounted_flops()
     base_rss = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +121,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss) / 1024
     return {"model": model, "upsampler": upsampler, "features": f"{h}x{w}",
-            "gflops": (counter.get_total_flops() + lift_flops) / 1e9, "step_s": statistics.median(times),
+            "gflops": (counter.get_total_flops() + uncounted) / 1e9, "step_s": statistics.median(times),
             "peak_gb": peak, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"}
 
 

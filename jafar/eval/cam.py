@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .report import Column
-from .run import DatasetSplits, EvalContext, Task, picture_indices, register_task
+from .run import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +313,6 @@ def explanation_map(normalized: torch.Tensor, image01: torch.Tensor, cam: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _device(cfg) -> torch.device:
-    acc = str(cfg.trainer.get("accelerator", "auto"))
-    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 #: data sets of the other tasks, refused by task=cam
 _NOT_CLASSIFICATION = ("VOCSegmentation", "ADE20K", "Cityscapes", "COCOStuff", "DepthFolder")
 
@@ -380,7 +373,7 @@ class CamTask(Task):
         from tqdm.auto import tqdm
 
         cfg, t = ctx.cfg, ctx.cfg.task
-        device = _device(cfg)
+        device = eval_device(cfg)
         clf = self.classifier(ctx).to(device)
         ctx.backbone.to(device)
         upsampler = upsampler.to(device).eval()

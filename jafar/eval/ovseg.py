@@ -21,16 +21,9 @@ from torch import nn
 
 from .metrics import segmentation_metrics
 from .report import Column
-from .run import DatasetSplits, EvalContext, Task, picture_indices, register_task
+from .run import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg) -> torch.device:
-    acc = str(cfg.trainer.get("accelerator", "auto"))
-    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def segment(backbone, upsampler: nn.Module, image01: torch.Tensor, text: torch.Tensor, size) -> torch.Tensor:
@@ -96,7 +89,7 @@ class OVSegTask(Task):
         from tqdm.auto import tqdm
 
         cfg, t = ctx.cfg, ctx.cfg.task
-        device = _device(cfg)
+        device = eval_device(cfg)
         ctx.backbone.to(device)
         upsampler = upsampler.to(device).eval()
         text = self.text(ctx, data)

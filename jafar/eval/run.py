@@ -272,6 +272,15 @@ register_task(SegTask())
 register_task(DepthTask())
 
 
+def eval_device(cfg: DictConfig) -> torch.device:
+    """The device of the training-free tasks (cam, ovseg), which run outside a Lightning trainer:
+    CUDA when ``trainer.accelerator`` allows it (auto, gpu, cuda) and one is present, else the CPU."""
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def picture_indices(n: int, k: int) -> List[int]:
     """``k`` fixed validation indices spread evenly over ``n`` images."""
     k = min(max(int(k), 0), n)
