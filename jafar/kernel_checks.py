@@ -14,6 +14,9 @@ Error of one tensor: ``||x - ref|| / ||ref||``; where the reference is zero or b
 normal number of the tested dtype (the query and key gradients of a single key, or of a
 saturated softmax: about 1e-47 in the ``huge_logits`` case), ``||x||`` instead.
 
+:data:`ENCODER_CASES` check the fused encoder kernels (``jafar.encoder_kernels``) the same way:
+queries, keys and output of ``JAFAR(encoders="triton")`` against the PyTorch path in float64.
+
 Used by ``tests/test_kernels.py`` (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``,
 and on CUDA) and by ``tools/benchmark.py --check`` (on the GPU).
 """
@@ -205,11 +208,81 @@ def module_case(device="cpu", dtype_name: str = "fp32", mode: str = "triton") ->
     return {name: error(a, r) for name, a, r in zip(("out", "d_image", "d_features"), ours, ref)}
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderCase:
+    """A random JAFAR whose encoders run as fused Triton kernels (``encoders="triton"``)."""
+
+    name: str
+    batch: int
+    image: tuple
+    output: tuple
+    features: tuple
+    qk_dim: int
+    v_dim: int
+    kernel_size: int = 1
+    image_offset: float = 0.0  # added to the image: GroupNorm inputs whose mean dwarfs their spread
+    image_std: float = 1.0
+    what: str = ""
+
+
+ENCODER_CASES: List[EncoderCase] = [
+    EncoderCase("enc_plain", 2, (19, 21), (19, 21), (2, 3), 128, 24,
+                what="the real width (128), batch 2, 399 pixels: 4 tiles, the last partial; output = image"),
+    EncoderCase("enc_pooled", 1, (30, 26), (17, 13), (3, 2), 48, 40, kernel_size=3,
+                what="width 48 (groups of 6, padded tiles), a 3x3 first conv (cuDNN), pooled queries"),
+    EncoderCase("enc_offset", 1, (24, 24), (24, 24), (2, 2), 32, 16, image_offset=30.0, image_std=0.05,
+                what="image 30 +- 0.05: GroupNorm statistics of values whose mean is ~600x their spread"),
+]
+
+
+def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> Dict[str, float]:
+    """Errors of the queries, keys and output of ``JAFAR(encoders="triton")`` (float32, TF32, or
+    under bf16/fp16 autocast) against the PyTorch path in float64, and (keys ``torch:...``) those of
+    the PyTorch path in the same precision, for comparison."""
+    from .model import JAFAR
+
+    torch.manual_seed(0)
+    model = JAFAR(v_dim=case.v_dim, qk_dim=case.qk_dim, kernel_size=case.kernel_size, attention="chunked").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    image = case.image_offset + case.image_std * torch.randn(case.batch, 3, *case.image, generator=g)
+    feats = torch.randn(case.batch, case.v_dim, *case.features, generator=g)
+
+    def run(m, dtype, dev, encoders, amp=None):
+        m = m.to(dev, dtype)
+        m.encoders = encoders
+        img, ft = image.to(dev, dtype), feats.to(dev, dtype)
+        with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
+            q, k = (m._encode_triton if encoders == "triton" else m.encode)(img, ft, case.output)
+            return q, k, m(img, ft, case.output)
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype_name == "tf32"
+    try:
+        amp = None if dtype_name in ("fp32", "tf32") else DTYPES[dtype_name]
+        ours = run(model, torch.float32, device, "triton", amp)
+        theirs = run(model, torch.float32, device, "torch", amp)
+        ref = run(model, torch.float64, "cpu", "torch")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    names = ("queries", "keys", "out")
+    result = {name: error(a, r) for name, a, r in zip(names, ours, ref)}
+    result.update({f"torch:{name}": error(a, r) for name, a, r in zip(names, theirs, ref)})
+    return result
+
+
 def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[str]] = None,
-            module: bool = True, interpreter: bool = False) -> dict:
+            module: bool = True, interpreter: bool = False, encoders: bool = False) -> dict:
     """The cases (all, or those named) in ``dtypes`` (under the interpreter, each case's
-    ``interpreter_dtypes`` among them) and the module case: ``{"case/dtype": {tensor: error}}``."""
+    ``interpreter_dtypes`` among them), the module case and, with ``encoders``, the fused-encoder
+    cases: ``{"case/dtype": {tensor: error}}``."""
     results = {}
+    if encoders:
+        for case in ENCODER_CASES:
+            for dt in dtypes:
+                results[f"{case.name}/{dt}"] = encoder_case(case, device, dt)
     for case in CASES:
         if cases is not None and case.name not in cases:
             continue
@@ -225,16 +298,26 @@ def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[
 
 def tolerance(key: str) -> float:
     """Tolerance of a result key ``"case/dtype"``: the module case runs the encoders in the autocast
-    dtype too, as ``tests/test_model.py`` does (3e-2 there; 5e-2 for the gradients through them)."""
+    dtype too, as ``tests/test_model.py`` does (3e-2 there; 5e-2 for the gradients through them);
+    so do the fused-encoder cases (the PyTorch path's own bf16 error there is about 1e-2)."""
     name, dt = key.split("/")
+    if name.startswith("enc_") and dt in ("bf16", "fp16"):
+        return 3e-2
     if name == "module" and dt in ("bf16", "fp16"):
         return 5e-2
     return TOLERANCE[dt]
 
 
 def failures(results: dict) -> List[str]:
-    return [f"{key} {t}: {e:.2e} > {tolerance(key):.0e}" for key, errs in results.items() for t, e in errs.items()
-            if not e < tolerance(key)]
+    """What exceeds its tolerance (the ``torch:`` entries, the PyTorch path's own errors, are not
+    checked), and any fused-encoder result more than 1.5x less accurate than the PyTorch path in
+    the same precision."""
+    out = [f"{key} {t}: {e:.2e} > {tolerance(key):.0e}" for key, errs in results.items() for t, e in errs.items()
+           if not t.startswith("torch:") and not e < tolerance(key)]
+    out += [f"{key} {t}: {e:.2e} > 1.5 x the PyTorch path's {errs['torch:' + t]:.2e}"
+            for key, errs in results.items() for t, e in errs.items()
+            if f"torch:{t}" in errs and not e <= 1.5 * errs[f"torch:{t}"] + 1e-6]
+    return out
 
 
 def main(argv=None) -> None:
@@ -249,8 +332,10 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=list(DTYPES))
     p.add_argument("--cases", nargs="*", default=None, help="case names (none: only the module case)")
     p.add_argument("--no-module", action="store_true")
+    p.add_argument("--encoders", action="store_true", help="also the fused-encoder cases (ENCODER_CASES)")
     args = p.parse_args(argv)
-    print(json.dumps(run_all(args.device, args.dtypes, args.cases, not args.no_module, kernels.interpreting())))
+    print(json.dumps(run_all(args.device, args.dtypes, args.cases, not args.no_module, kernels.interpreting(),
+                             args.encoders)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Rows (``--modes``): ``reference`` is the official algorithm (``attention="refere
 ``(heads, queries, keys)`` weights materialised, and ``nn.GroupNorm`` as it is); ``auto`` (or
 ``chunked``, ``triton``, ``sdpa``) is ours: that attention path, the var_mean GroupNorm and the
 half-precision encoders. A mode may carry options after ``+``: ``auto+compile`` (``JAFAR(compile=
-True)``), ``auto+gn=native`` (another GroupNorm implementation, ``jafar.model.GroupNorm.impl``).
+True)``), ``auto+gn=native`` (another GroupNorm implementation, ``jafar.model.GroupNorm.impl``),
+``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
+``jafar.encoder_kernels``; inference only, so its fwd+bwd column is the PyTorch encoders').
 
 Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
 float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
@@ -23,7 +25,8 @@ float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with
 ``--check`` first runs the seeded correctness cases of ``jafar.kernel_checks`` (the cases of
 ``tests/test_kernels.py``) on the device and prints the largest relative error per case and
 dtype: on CUDA the Triton kernels in fp32, tf32, bf16 and fp16, and the module's gradients; on
-the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``).
+the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``); where Triton runs,
+also the fused encoder kernels (``kernel_checks.ENCODER_CASES``).
 
 ``--out FILE`` writes the tables to ``FILE`` as one section headed with the device's name,
 between ``<!-- benchmark:NAME -->`` markers: a later run on the same device replaces that
@@ -33,7 +36,7 @@ configuration, so a run cut short leaves what it measured. Plain Python, no Hydr
 runs on a bare GPU machine::
 
     python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
-    python tools/benchmark.py --sizes 448 896 --dtypes bf16 --modes auto auto+gn=native auto+compile \
+    python tools/benchmark.py --sizes 448 896 --dtypes bf16 --modes auto auto+gn=native auto+compile auto+enc=triton \
         --label options --out docs/benchmarks.md                     # what each option pays
     python tools/benchmark.py --tune --modes --sizes 448 896 --dtypes bf16 tf32 \
         --label tuning --out docs/benchmarks.md                      # the kernels' launch configurations
@@ -59,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jafar import JAFAR  # noqa: E402
-from jafar.model import GroupNorm  # noqa: E402
+from jafar.model import ENCODERS, GroupNorm  # noqa: E402
 
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,17 +99,23 @@ def _timed(fn, device, warmup, repeats):
 
 
 def parse_mode(mode: str) -> dict:
-    """``"auto+compile+gn=native"`` -> ``{"attention": "auto", "compile": True, "gn": "native"}``."""
+    """``"auto+compile+gn=native"`` -> ``{"attention": "auto", "compile": True, "gn": "native",
+    "encoders": "torch"}``."""
     attention, *options = mode.split("+")
-    spec = dict(attention=attention, compile=False, gn="official" if attention == "reference" else "auto")
+    spec = dict(attention=attention, compile=False, gn="official" if attention == "reference" else "auto",
+                encoders="torch")
     for opt in options:
         if opt == "compile":
             spec["compile"] = True
         elif opt.startswith("gn=") and opt[3:] in GroupNorm.IMPLS:
             spec["gn"] = opt[3:]
+        elif opt.startswith("enc=") and opt[4:] in ENCODERS:
+            spec["encoders"] = opt[4:]
         else:
-            raise ValueError(f"unknown option {opt!r} in mode {mode!r}: expected 'compile' or 'gn=' one of "
-                             f"{GroupNorm.IMPLS}.")
+            raise ValueError(f"unknown option {opt!r} in mode {mode!r}: expected 'compile', 'gn=' one of "
+                             f"{GroupNorm.IMPLS} or 'enc=' one of {ENCODERS}.")
+    if spec["compile"] and spec["encoders"] == "triton":
+        raise ValueError(f"mode {mode!r}: 'compile' and 'enc=triton' cannot be combined.")
     return spec
 
 
@@ -132,7 +141,8 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
     torch.manual_seed(0)
     old_impl = GroupNorm.impl
     GroupNorm.impl = spec["gn"]
-    model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"]).to(device)
+    model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"],
+                  encoders=spec["encoders"]).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     feats = torch.randn(1, dim, size // patch, size // patch, device=device)
     head = torch.nn.Conv2d(dim, 1, 1).to(device)
@@ -253,18 +263,30 @@ def run_checks(device: str, cases=None) -> tuple:
                   file=sys.stderr, flush=True)
     for dt in [d for d in dtypes if d != "tf32"] if not cases or "module" in cases else []:
         results[f"module/{dt}"] = kc.module_case(device, dt, mode=mode)
+    if mode == "triton":  # the fused encoder kernels (where Triton runs)
+        for case in kc.ENCODER_CASES:
+            if cases and case.name not in cases:
+                continue
+            for dt in dtypes:
+                results[f"{case.name}/{dt}"] = kc.encoder_case(case, device, dt)
+                print(f"check {case.name}/{dt}: " + ", ".join(f"{k} {v:.1e}" for k, v in results[f"{case.name}/{dt}"].items()),
+                      file=sys.stderr, flush=True)
     names = list(dict.fromkeys(k.split("/")[0] for k in results))
-    what = {c.name: c.what for c in kc.CASES}
+    what = {c.name: c.what for c in kc.CASES + kc.ENCODER_CASES}
     what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
     lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
-             "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets).",
+             "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets; "
+             "the `enc_` rows: queries, keys and output of the fused encoders, which also must be within 1.5x "
+             "of the PyTorch encoders' own error in that precision).",
              "", "| case | " + " | ".join(dtypes) + " | what |", "|---|" + "---|" * (len(dtypes) + 1)]
     for name in names:
         cells = []
         for dt in dtypes:
             errs = results.get(f"{name}/{dt}")
-            cells.append("-" if errs is None else f"{max(errs.values()):.1e} ({kc.tolerance(f'{name}/{dt}'):.0e})"
-                         + ("" if max(errs.values()) < kc.tolerance(f"{name}/{dt}") else " **FAIL**"))
+            ours = None if errs is None else max(v for k, v in errs.items() if not k.startswith("torch:"))
+            bad = errs is not None and kc.failures({f"{name}/{dt}": errs})
+            cells.append("-" if errs is None else f"{ours:.1e} ({kc.tolerance(f'{name}/{dt}'):.0e})"
+                         + (" **FAIL**" if bad else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {what.get(name, '')} |")
     return results, "\n".join(lines)
 

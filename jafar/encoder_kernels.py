@@ -1,0 +1,317 @@
+"""Fused Triton kernels for JAFAR's per-pixel encoders (inference).
+
+JAFAR's image, query and key encoders run at the full image resolution and are all 1x1:
+``conv -> [GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv (+ identity)] x 2``
+(``jafar.model.make_encoder``). Eagerly, each GroupNorm reads its input twice (statistics, then
+``x * a + b``), SiLU reads and writes, the convolution reads and writes, the residual add reads
+two tensors: at 448x448 and 128 channels in bf16, each pass is 51 MB of memory traffic. The
+matmuls themselves are tiny (128x128 weights). So the encoders are bound by memory traffic and
+kernel launches, not by arithmetic (issue #5).
+
+:func:`pointwise_conv` does one "GroupNorm-apply -> SiLU -> 1x1 conv (+ residual) (-> RoPE)"
+step in one pass over the pixels: each program loads a tile of ``BLOCK_P`` pixels and all input
+channels, applies the per-(sample, channel) normalisation ``x * a + s`` and SiLU in float32,
+multiplies by the weight with ``tl.dot`` (float32 accumulation), adds the residual, optionally
+applies the 2-D RoPE (``jafar.rope``) and writes the tile once. Its epilogue writes, per tile,
+the group means and the sums of squared deviations from them (of the values as stored, i.e.
+after rounding to the output dtype) so that the next GroupNorm needs no pass of its own:
+:func:`group_norm_coefficients` merges the tiles (Chan's parallel formula, in float32, one
+program per (sample, group)) into the per-channel ``a = w * rstd`` and ``s = b - mean * a``.
+A ResBlock is then two kernels and two tiny merges: the input and the output each cross memory
+once.
+
+Same numbers as the PyTorch path (``nn.GroupNorm`` statistics are the biased variance of the
+stored values, ``eps`` inside the square root), up to float rounding: checked against it in
+``tests/test_encoder_kernels.py`` under Triton's interpreter. Inference only: there is no
+backward, and ``JAFAR(encoders="triton")`` uses the PyTorch path whenever gradients are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import _next_pow2, available, interpreting, triton  # noqa: F401 (re-exported helpers)
+
+if triton is not None:
+    import triton.language as tl
+
+#: launch configuration of :func:`pointwise_conv`: pixels per tile, warps, software-pipeline
+#: stages, and programs per SM (persistent programs, each looping over tiles; on the CPU under
+#: the interpreter, one program per tile). Compiled offline for sm_90 (bf16, 128 channels),
+#: 32-pixel tiles with 8 warps need 128-216 registers and spill nothing; 64- and 128-pixel tiles
+#: spill (docs/benchmarks.md).
+CONFIG = dict(block_p=32, num_warps=8, num_stages=2, programs_per_sm=2)
+#: tiles merged per loop step in :func:`group_norm_coefficients`
+BLOCK_T = 512
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pointwise_conv_kernel(X, W, A, S, R, Y, PART, FREQS, C, CO, P, NT, IMG_W, row_step, col_step,
+                               NORM: tl.constexpr, RES: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr,
+                               GP: tl.constexpr, CP: tl.constexpr, COP: tl.constexpr, BLOCK_P: tl.constexpr,
+                               PREC: tl.constexpr):
+        # persistent: each program loads the weight (and the sample's coefficients) once and loops
+        # over the pixel tiles t = pid, pid + programs, ...
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, CP)
+        mask_c = offs_c < C
+        x_base = X + n * C * P + offs_c[:, None].to(tl.int64) * P
+        if NORM:  # GroupNorm's x * a + s; padded channels have a = s = 0
+            a = tl.load(A + n * C + offs_c, mask=mask_c, other=0.0)
+            s = tl.load(S + n * C + offs_c, mask=mask_c, other=0.0)
+        if ROPE:
+            # jafar.rope: y * cos + rotate_half(y) * sin with rotate_half(y1, y2) = (-y2, y1) over the
+            # two channel halves: the weight is used as its two halves, so each product gives one half
+            HALF: tl.constexpr = COP // 2
+            half = CO // 2
+            offs_o = tl.arange(0, HALF)
+            mask_o = offs_o < half
+            w_mask = mask_o[:, None] & mask_c[None, :]
+            w1 = tl.load(W + offs_o[:, None] * C + offs_c[None, :], mask=w_mask, other=0.0)
+            w2 = tl.load(W + (offs_o[:, None] + half) * C + offs_c[None, :], mask=w_mask, other=0.0)
+            f0a = tl.load(FREQS + offs_o, mask=mask_o, other=0.0)
+            f1a = tl.load(FREQS + CO + offs_o, mask=mask_o, other=0.0)
+            f0b = tl.load(FREQS + half + offs_o, mask=mask_o, other=0.0)
+            f1b = tl.load(FREQS + CO + half + offs_o, mask=mask_o, other=0.0)
+            rows1 = n * CO * P + offs_o[:, None].to(tl.int64) * P
+            rows2 = rows1 + half.to(tl.int64) * P
+        else:
+            offs_o = tl.arange(0, COP)
+            mask_o = offs_o < CO
+            w = tl.load(W + offs_o[:, None] * C + offs_c[None, :], mask=mask_o[:, None] & mask_c[None, :], other=0.0)
+            rows = n * CO * P + offs_o[:, None].to(tl.int64) * P
+            if G > 0:
+                cg = CO // G
+                groups = tl.arange(0, GP)
+                member = ((offs_o[None, :] // cg) == groups[:, None]) & mask_o[None, :]  # (GP, COP)
+        for t in range(pid, NT, programs):
+            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            x = tl.load(x_base + offs_p[None, :], mask=mask_c[:, None] & mask_p[None, :], other=0.0)
+            if NORM:  # then SiLU, in float32
+                h = x.to(tl.float32) * a[:, None] + s[:, None]
+                x = (h / (1.0 + tl.exp(-h))).to(W.dtype.element_ty)
+            mask = mask_o[:, None] & mask_p[None, :]
+            if ROPE:
+                y1 = tl.dot(w1, x, input_precision=PREC)
+                y2 = tl.dot(w2, x, input_precision=PREC)
+                if RES:
+                    y1 += tl.load(R + rows1 + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+                    y2 += tl.load(R + rows2 + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+                # the block's output as stored by the PyTorch path, and its cos / sin in that dtype
+                y1 = y1.to(Y.dtype.element_ty).to(tl.float32)
+                y2 = y2.to(Y.dtype.element_ty).to(tl.float32)
+                row = (offs_p // IMG_W).to(tl.float32) * row_step
+                col = (offs_p % IMG_W).to(tl.float32) * col_step
+                angle1 = row[None, :] * f0a[:, None] + col[None, :] * f1a[:, None]
+                angle2 = row[None, :] * f0b[:, None] + col[None, :] * f1b[:, None]
+                cos1 = tl.cos(angle1).to(Y.dtype.element_ty).to(tl.float32)
+                sin1 = tl.sin(angle1).to(Y.dtype.element_ty).to(tl.float32)
+                out1 = y1 * cos1 - y2 * sin1
+                cos2 = tl.cos(angle2).to(Y.dtype.element_ty).to(tl.float32)
+                sin2 = tl.sin(angle2).to(Y.dtype.element_ty).to(tl.float32)
+                out2 = y2 * cos2 + y1 * sin2
+                tl.store(Y + rows1 + offs_p[None, :], out1.to(Y.dtype.element_ty), mask=mask)
+                tl.store(Y + rows2 + offs_p[None, :], out2.to(Y.dtype.element_ty), mask=mask)
+            else:
+                acc = tl.dot(w, x, input_precision=PREC)  # (COP, BLOCK_P) float32
+                if RES:
+                    acc += tl.load(R + rows + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+                y = acc.to(Y.dtype.element_ty)
+                tl.store(Y + rows + offs_p[None, :], y, mask=mask)
+                if G > 0:  # per tile and group: mean and sum of squared deviations of the stored values
+                    yf = tl.where(mask, y.to(tl.float32), 0.0)
+                    n_valid = tl.minimum(P - t * BLOCK_P, BLOCK_P)
+                    g_mean = tl.sum(tl.where(member, tl.sum(yf, axis=1)[None, :], 0.0), axis=1) / (n_valid * cg)
+                    c_mean = tl.sum(tl.where(member, g_mean[:, None], 0.0), axis=0)  # each channel's group mean
+                    d = tl.where(mask, yf - c_mean[:, None], 0.0)
+                    g_m2 = tl.sum(tl.where(member, tl.sum(d * d, axis=1)[None, :], 0.0), axis=1)
+                    base = PART + (n * NT + t) * 2 * G
+                    tl.store(base + groups, g_mean, mask=groups < G)
+                    tl.store(base + G + groups, g_m2, mask=groups < G)
+
+    @triton.jit
+    def _gn_coefficients_kernel(PART, WEIGHT, BIAS, A, S, C, P, NT, TILE, total, eps,
+                                G: tl.constexpr, CGP: tl.constexpr, BLOCK_T: tl.constexpr,
+                                AFFINE: tl.constexpr):
+        pid = tl.program_id(0)
+        n = (pid // G).to(tl.int64)
+        g = pid % G
+        cg = C // G
+        offs = tl.arange(0, BLOCK_T)
+        s1 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, NT, BLOCK_T):
+            t = t0 + offs
+            cnt = (tl.minimum(P - t * TILE, TILE) * cg).to(tl.float32)
+            m = tl.load(PART + (n * NT + t) * 2 * G + g, mask=t < NT, other=0.0)
+            s1 += tl.where(t < NT, cnt * m, 0.0)
+        mean = tl.sum(s1, axis=0) / total
+        m2 = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, NT, BLOCK_T):  # Chan et al.: sum of the tiles' M2 + n_t (mean_t - mean)^2
+            t = t0 + offs
+            cnt = (tl.minimum(P - t * TILE, TILE) * cg).to(tl.float32)
+            m = tl.load(PART + (n * NT + t) * 2 * G + g, mask=t < NT, other=0.0)
+            q = tl.load(PART + (n * NT + t) * 2 * G + G + g, mask=t < NT, other=0.0)
+            m2 += tl.where(t < NT, q + cnt * (m - mean) * (m - mean), 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)
+        ch = tl.arange(0, CGP)
+        mask = ch < cg
+        cidx = g * cg + ch
+        if AFFINE:
+            a = tl.load(WEIGHT + cidx, mask=mask, other=0.0).to(tl.float32) * rstd
+            s = tl.load(BIAS + cidx, mask=mask, other=0.0).to(tl.float32) - mean * a
+        else:
+            a = tl.zeros([CGP], dtype=tl.float32) + rstd
+            s = tl.zeros([CGP], dtype=tl.float32) - mean * rstd
+        tl.store(A + n * C + cidx, a, mask=mask)
+        tl.store(S + n * C + cidx, s, mask=mask)
+
+
+class Stats:
+    """Per-tile group statistics of an ``(N, C, P)`` tensor: ``part`` ``(N, NT, 2, G)`` float32
+    (tile means and sums of squared deviations), ``tile`` pixels per tile (the last tile may be
+    shorter)."""
+
+    def __init__(self, part: torch.Tensor, tile: int, pixels: int, channels: int):
+        self.part, self.tile, self.pixels, self.channels = part, tile, pixels, channels
+
+    @property
+    def groups(self) -> int:
+        return self.part.shape[-1]
+
+    @classmethod
+    def of(cls, x: torch.Tensor, num_groups: int) -> "Stats":
+        """The statistics of a tensor produced elsewhere (one tile: ``torch.var_mean``)."""
+        n, c = x.shape[:2]
+        var, mean = torch.var_mean(x.reshape(n, num_groups, -1).float(), dim=-1, correction=0)
+        pixels = x[0, 0].numel()
+        m2 = var * (pixels * (c // num_groups))
+        return cls(torch.stack([mean, m2], dim=1).view(n, 1, 2, num_groups).contiguous(), pixels, pixels, c)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # the PyTorch path's float32 1x1 convolutions follow cuDNN's TF32 switch
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+
+
+def _check_inputs(x, weight, coefficients, residual):
+    if triton is None:
+        raise RuntimeError("the fused encoder kernels need the triton package (pip install triton).")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"pointwise_conv takes x (N, C, P) and weight (C_out, C), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}.")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"pointwise_conv takes float32, bfloat16 or float16 inputs, got {x.dtype}.")
+    if residual is not None and residual.shape != (x.shape[0], weight.shape[0], x.shape[2]):
+        raise ValueError(f"residual must be (N, C_out, P) = {(x.shape[0], weight.shape[0], x.shape[2])}, got "
+                         f"{tuple(residual.shape)}.")
+    if coefficients is not None and any(t.shape != x.shape[:2] for t in coefficients):
+        raise ValueError(f"the GroupNorm coefficients must be (N, C) = {tuple(x.shape[:2])}.")
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, residual: torch.Tensor = None,
+                   stats_groups: int = 0, rope=None, config: dict = None):
+    """``y = weight @ silu(x * a + s) (+ residual)`` per pixel (``weight @ x`` when ``coefficients``
+    ``(a, s)`` is None), optionally followed by RoPE (``rope = (freqs (2, C_out), H, W)``).
+
+    ``x`` ``(N, C, P)`` (P pixels, contiguous), ``weight`` ``(C_out, C)`` (a 1x1 convolution's
+    weight, cast to ``x``'s dtype), ``residual`` ``(N, C_out, P)``. Returns ``y`` in ``x``'s
+    dtype and, with ``stats_groups``, the :class:`Stats` of ``y`` for the next GroupNorm."""
+    _check_inputs(x, weight, coefficients, residual)
+    cfg = dict(CONFIG, **(config or {}))
+    n, c, p = x.shape
+    co = weight.shape[0]
+    x = x.contiguous()
+    weight = weight.to(x.dtype).contiguous()
+    y = torch.empty(n, co, p, device=x.device, dtype=x.dtype)
+    block_p = min(cfg["block_p"], max(16, _next_pow2(p)))
+    nt = triton.cdiv(p, block_p)
+    g = int(stats_groups)
+    if g and co % g:
+        raise ValueError(f"{co} output channels do not split into {g} groups.")
+    part = torch.empty(n, nt, 2, g, device=x.device, dtype=torch.float32) if g else y
+    a, s = coefficients if coefficients is not None else (y, y)
+    if rope is not None:
+        freqs, img_h, img_w = rope
+        if img_h * img_w != p or co % 4 or tuple(freqs.shape) != (2, co):
+            raise ValueError(f"RoPE needs freqs (2, {co}) and H * W = {p} pixels, got {tuple(freqs.shape)} and "
+                             f"{img_h}x{img_w}.")
+        freqs = freqs.float().contiguous()
+        steps = (1.0 / (img_h - 1) if img_h > 1 else 0.0, 1.0 / (img_w - 1) if img_w > 1 else 0.0)
+    else:
+        freqs, img_w, steps = y, 1, (0.0, 0.0)
+    if rope is not None and g:
+        raise ValueError("pointwise_conv computes no statistics of a RoPE output.")
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
+    else:  # the interpreter: two programs per sample, so that the tile loop is exercised
+        programs = min(nt, 2)
+    _pointwise_conv_kernel[(programs, n)](
+        x, weight, a, s, residual if residual is not None else y, y, part, freqs, c, co, p, nt, img_w, *steps,
+        NORM=coefficients is not None, RES=residual is not None, ROPE=rope is not None, G=g,
+        GP=max(1, _next_pow2(g)) if g else 1, CP=max(16, _next_pow2(c)),
+        COP=max(32 if rope is not None else 16, _next_pow2(co)),  # RoPE: two halves of >= 16 rows
+        BLOCK_P=block_p, PREC=_prec(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (y, Stats(part, block_p, p, co)) if g else y
+
+
+def group_norm_coefficients(stats: Stats, weight=None, bias=None, eps: float = 1e-5):
+    """Per-(sample, channel) ``(a, s)`` float32 ``(N, C)`` with ``GroupNorm(x) = x * a + s``, from
+    :class:`Stats` (``nn.GroupNorm``'s biased variance; ``weight``/``bias`` its affine, or None)."""
+    part = stats.part
+    n, nt, _, g = part.shape
+    c = stats.channels
+    a = torch.empty(n, c, device=part.device, dtype=torch.float32)
+    s = torch.empty_like(a)
+    affine = weight is not None
+    if affine and bias is None:
+        bias = torch.zeros_like(weight)
+    _gn_coefficients_kernel[(n * g,)](
+        part, weight if affine else a, bias if affine else a, a, s, c, stats.pixels, nt, stats.tile,
+        float(stats.pixels * (c // g)), float(eps),
+        G=g, CGP=max(1, _next_pow2(c // g)), BLOCK_T=min(BLOCK_T, max(16, _next_pow2(nt))), AFFINE=affine,
+        num_warps=4)
+    return a, s
+
+
+def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, groups: int = 8, arch: int = 90,
+                    tf32: bool = True) -> dict:
+    """Compile the kernels for a CUDA architecture without a GPU (Triton's ahead-of-time path, as
+    ``jafar.kernels.compile_for_gpu``), in the variants JAFAR launches: ``{name: compiled}`` with
+    ``conv`` (no prologue), ``block`` (GroupNorm-apply, SiLU, statistics), ``residual`` (and the
+    residual), ``rope`` (and RoPE, no statistics) and ``coefficients``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    pad = max(16, _next_pow2(channels))
+    base = dict(G=groups, GP=_next_pow2(groups), CP=pad, COP=pad, BLOCK_P=CONFIG["block_p"],
+                PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
+    variants = {
+        "conv": dict(base, NORM=False, RES=False, ROPE=False),
+        "block": dict(base, NORM=True, RES=False, ROPE=False),
+        "residual": dict(base, NORM=True, RES=True, ROPE=False),
+        "rope": dict(base, NORM=True, RES=True, ROPE=True, G=0, GP=1),
+    }
+    target = GPUTarget("cuda", arch, 32)
+    out = {}
+    for variant, consts in variants.items():
+        signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("X", "W", "R", "Y") else
+                     "*fp32" if a in ("A", "S", "PART", "FREQS") else "fp32" if a.endswith("_step") else "i32"
+                     for a in _pointwise_conv_kernel.arg_names}
+        out[variant] = triton.compile(ASTSource(fn=_pointwise_conv_kernel, signature=signature, constexprs=consts),
+                                      target=target, options=dict(num_warps=CONFIG["num_warps"],
+                                                                  num_stages=CONFIG["num_stages"]))
+    consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_T=BLOCK_T, AFFINE=True)
+    pointers = {"PART", "WEIGHT", "BIAS", "A", "S"}
+    signature = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a in ("eps", "total")
+                 else "i32"
+                 for a in _gn_coefficients_kernel.arg_names}
+    out["coefficients"] = triton.compile(ASTSource(fn=_gn_coefficients_kernel, signature=signature, constexprs=consts),
+                                         target=target, options=dict(num_warps=4))
+    return out
