@@ -187,7 +187,8 @@ def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_locat
         path: the checkpoint.
         feature_dim: the backbone's channel count; a checkpoint for another width is refused.
         map_location: device for the returned model.
-        model_kwargs: runtime options of :class:`JAFAR` (``attention``, ``memory_budget_mb``).
+        model_kwargs: runtime options of :class:`JAFAR` (``attention``, ``memory_budget_mb``,
+            ``compile``, ``encoders``).
     """
     state_dict, config = read_state_dict(path)
     if feature_dim is not None and int(feature_dim) != config["v_dim"]:

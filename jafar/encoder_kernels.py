@@ -30,17 +30,16 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import _next_pow2, available, interpreting, triton  # noqa: F401 (re-exported helpers)
+from .kernels import CONFIGS, _next_pow2, available, interpreting, triton  # noqa: F401 (re-exported helpers)
 
 if triton is not None:
     import triton.language as tl
 
-#: launch configuration of :func:`pointwise_conv`: pixels per tile, warps, software-pipeline
-#: stages, and programs per SM (persistent programs, each looping over tiles; on the CPU under
-#: the interpreter, one program per tile). Compiled offline for sm_90 (bf16, 128 channels),
-#: 32-pixel tiles with 8 warps need 128-216 registers and spill nothing; 64- and 128-pixel tiles
-#: spill (docs/benchmarks.md).
-CONFIG = dict(block_p=32, num_warps=8, num_stages=2, programs_per_sm=2)
+# launch configuration of pointwise_conv: jafar.kernels.CONFIGS["encoder"] (pixels per tile, warps,
+# software-pipeline stages, persistent programs per SM; on the CPU under the interpreter, two
+# programs per sample), overridable with JAFAR_TRITON_CONFIG or per call
+#: the compiled kernel of the last launch (``n_regs``, ``n_spills`` on a GPU)
+LAST_LAUNCH = {}
 #: tiles merged per loop step in :func:`group_norm_coefficients`
 BLOCK_T = 512
 
@@ -222,7 +221,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     weight, cast to ``x``'s dtype), ``residual`` ``(N, C_out, P)``. Returns ``y`` in ``x``'s
     dtype and, with ``stats_groups``, the :class:`Stats` of ``y`` for the next GroupNorm."""
     _check_inputs(x, weight, coefficients, residual)
-    cfg = dict(CONFIG, **(config or {}))
+    cfg = dict(CONFIGS["encoder"], **(config or {}))
     n, c, p = x.shape
     co = weight.shape[0]
     x = x.contiguous()
@@ -251,7 +250,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
         programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
     else:  # the interpreter: two programs per sample, so that the tile loop is exercised
         programs = min(nt, 2)
-    _pointwise_conv_kernel[(programs, n)](
+    LAST_LAUNCH["encoder"] = _pointwise_conv_kernel[(programs, n)](
         x, weight, a, s, residual if residual is not None else y, y, part, freqs, c, co, p, nt, img_w, *steps,
         NORM=coefficients is not None, RES=residual is not None, ROPE=rope is not None, G=g,
         GP=max(1, _next_pow2(g)) if g else 1, CP=max(16, _next_pow2(c)),
@@ -289,8 +288,9 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, gr
     from triton.compiler import ASTSource
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    cfg = CONFIGS["encoder"]
     pad = max(16, _next_pow2(channels))
-    base = dict(G=groups, GP=_next_pow2(groups), CP=pad, COP=pad, BLOCK_P=CONFIG["block_p"],
+    base = dict(G=groups, GP=_next_pow2(groups), CP=pad, COP=pad, BLOCK_P=cfg["block_p"],
                 PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
     variants = {
         "conv": dict(base, NORM=False, RES=False, ROPE=False),
@@ -305,8 +305,8 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, gr
                      "*fp32" if a in ("A", "S", "PART", "FREQS") else "fp32" if a.endswith("_step") else "i32"
                      for a in _pointwise_conv_kernel.arg_names}
         out[variant] = triton.compile(ASTSource(fn=_pointwise_conv_kernel, signature=signature, constexprs=consts),
-                                      target=target, options=dict(num_warps=CONFIG["num_warps"],
-                                                                  num_stages=CONFIG["num_stages"]))
+                                      target=target, options=dict(num_warps=cfg["num_warps"],
+                                                                  num_stages=cfg["num_stages"]))
     consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_T=BLOCK_T, AFFINE=True)
     pointers = {"PART", "WEIGHT", "BIAS", "A", "S"}
     signature = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a in ("eps", "total")

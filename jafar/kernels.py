@@ -43,12 +43,17 @@ except Exception:  # pragma: no cover - triton missing or broken
 #: software-pipeline stages. The defaults are the first round's, measured on an H100
 #: (docs/benchmarks.md). Compiled for sm_90 offline (Triton 3.8, bf16, 4 heads of 32), they
 #: spill registers: the forward 24 bytes a thread, the backward kernels 2.0 and 2.6 KB;
-#: ``tools/benchmark.py --tune`` times candidates on the GPU. Override per process with
-#: ``JAFAR_TRITON_CONFIG='{"bwd_dq": {"num_warps": 8}}'`` (JSON, merged into these) or per call.
+#: ``tools/benchmark.py --tune`` times candidates on the GPU. ``"encoder"``: the fused encoder
+#: kernel of ``jafar.encoder_kernels`` (pixels per tile, warps, stages, persistent programs per
+#: SM). Override per process with ``JAFAR_TRITON_CONFIG='{"bwd_dq": {"num_warps": 8}}'`` (JSON,
+#: merged into these) or per call.
 CONFIGS = {
     "fwd": dict(block_m=64, block_n=64, block_c=128, num_warps=4, num_stages=2),
     "bwd_dq": dict(block_m=64, block_n=64, block_c=64, num_warps=4, num_stages=2),
     "bwd_dkdf": dict(block_m=64, block_n=64, block_c=64, num_warps=4, num_stages=2),
+    # compiled offline for sm_90 (bf16, 128 channels): 32-pixel tiles with 8 warps take 168-249
+    # registers and spill nothing (32 bytes with RoPE); 64- and 128-pixel tiles spill
+    "encoder": dict(block_p=32, num_warps=8, num_stages=2, programs_per_sm=2),
 }
 
 
@@ -65,8 +70,9 @@ def _merge_env_config() -> None:
                 raise ValueError
             CONFIGS[name].update({k: int(v) for k, v in cfg.items()})
     except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"JAFAR_TRITON_CONFIG must be JSON like {{\"fwd\": {{\"num_warps\": 8}}}} with kernels "
-                         f"{sorted(CONFIGS)} and keys {sorted(CONFIGS['fwd'])}, got {text!r}.") from e
+        keys = "; ".join(f"{name}: {', '.join(cfg)}" for name, cfg in CONFIGS.items())
+        raise ValueError(f"JAFAR_TRITON_CONFIG must be JSON like {{\"fwd\": {{\"num_warps\": 8}}}} with kernels and "
+                         f"keys among ({keys}), got {text!r}.") from e
 
 
 _merge_env_config()

@@ -184,10 +184,14 @@ def test_benchmark_section_replaces_the_pending_placeholder_for_a_gpu(tmp_path):
     assert "to be measured" not in text and text.index("## GPU: NVIDIA H100") < text.index("## Old")
     bench.write_section(out, "NVIDIA H100 80GB HBM3", "## GPU: NVIDIA H100 80GB HBM3, current code\n\n| b |", True)
     assert "| a |" not in out.read_text() and out.read_text().count("| b |") == 1
-    assert bench.parse_mode("auto+compile+gn=native") == dict(attention="auto", compile=True, gn="native")
+    assert bench.parse_mode("auto+compile+gn=native") == dict(attention="auto", compile=True, gn="native",
+                                                              encoders="torch")
+    assert bench.parse_mode("auto+enc=triton")["encoders"] == "triton"
     assert bench.parse_mode("reference")["gn"] == "official"
     with pytest.raises(ValueError, match="unknown option"):
         bench.parse_mode("auto+fast")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        bench.parse_mode("auto+compile+enc=triton")
 
 
 def test_benchmark_tunes_launch_configurations_in_the_interpreter(tmp_path):
@@ -204,6 +208,7 @@ def test_benchmark_tunes_launch_configurations_in_the_interpreter(tmp_path):
     # the environment's configuration is the default, timed first; one row per kernel
     assert "| 14x14 | bf16 | fwd | 64x64x128, 8 warps, 2 stages (default) |" in text
     assert "| bwd_dq |" in text and "| bwd_dkdf |" in text and "JAFAR_TRITON_CONFIG='" in text
+    assert "| 14x14 | bf16 | encoder | 32 pixels, 8 warps, 2 stages, 2 programs/SM (default) |" in text
 
 
 def test_kernel_configuration_from_the_environment(monkeypatch):
@@ -219,8 +224,9 @@ def test_kernel_configuration_from_the_environment(monkeypatch):
             with pytest.raises(ValueError, match="JAFAR_TRITON_CONFIG must be JSON"):
                 kernels._merge_env_config()
     finally:
-        for k, v in saved.items():
-            kernels.CONFIGS[k] = v
+        for k, v in saved.items():  # in place: other modules hold these dicts
+            kernels.CONFIGS[k].clear()
+            kernels.CONFIGS[k].update(v)
 
 
 def test_kernels_compile_for_an_h100_without_a_gpu():

@@ -306,6 +306,10 @@ TUNE_CANDIDATES = {
                _cfg(128, 32, 64, 8), _cfg(32, 64, 64, 4)],
     "bwd_dkdf": [_cfg(64, 64, 64, 4), _cfg(64, 64, 64, 8), _cfg(32, 64, 64, 8), _cfg(32, 64, 32, 8),
                  _cfg(64, 32, 64, 8), _cfg(64, 64, 128, 8), _cfg(64, 128, 128, 8)],
+    # the fused encoder kernel (jafar.encoder_kernels): pixels per tile, warps, stages, programs per SM
+    "encoder": [dict(block_p=bp, num_warps=w, num_stages=st, programs_per_sm=pps)
+                for bp, w, st, pps in ((32, 8, 2, 2), (32, 8, 2, 1), (32, 8, 2, 4), (32, 4, 2, 2), (64, 8, 2, 1),
+                                       (64, 8, 3, 2), (32, 8, 3, 2), (16, 4, 2, 4))],
 }
 
 
@@ -314,6 +318,9 @@ def _int(x) -> str:
 
 
 def _cfg_text(c: dict) -> str:
+    if "block_p" in c:
+        return (f"{c['block_p']} pixels, {c['num_warps']} warps, {c['num_stages']} stages, "
+                f"{c['programs_per_sm']} programs/SM")
     return f"{c['block_m']}x{c['block_n']}x{c['block_c']}, {c['num_warps']} warps, {c['num_stages']} stages"
 
 
@@ -338,11 +345,21 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
                            for n, w in ((nq, qk_dim), (nk, qk_dim), (nk, dim), (nq, dim)))
             with _Precision(dtype):
                 _, lse = kernels.head_averaged_attention_fwd(q, k, f, heads, scale, return_lse=True)
+                from jafar import encoder_kernels as ek
+
+                # the encoder kernel: a ResBlock's second convolution (GroupNorm-apply, SiLU, residual,
+                # statistics) on S*S pixels of qk_dim channels
+                x = torch.randn(1, qk_dim, nq, generator=g).to(dev, tdtype)
+                w = (torch.randn(qk_dim, qk_dim, generator=g) / qk_dim ** 0.5).to(dev)
+                coef = tuple(torch.randn(1, qk_dim, generator=g).to(dev) for _ in range(2))
                 for kernel, cands in TUNE_CANDIDATES.items():
                     default = dict(kernels.CONFIGS[kernel])
                     cands = [default] + [c for c in cands if c != default]
                     for i, cfg in enumerate(cands[:candidates]):
-                        if kernel == "fwd":
+                        if kernel == "encoder":
+                            def fn(cfg=cfg):
+                                ek.pointwise_conv(x, w, coef, residual=x, stats_groups=8, config=cfg)
+                        elif kernel == "fwd":
                             def fn(cfg=cfg):
                                 kernels.head_averaged_attention_fwd(q, k, f, heads, scale, return_lse=True, config=cfg)
                         else:
@@ -353,7 +370,7 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
                         row = dict(size=size, dtype=dtype, kernel=kernel, config=cfg, default=i == 0)
                         try:
                             row["ms"] = _timed(fn, dev, warmup, repeats)
-                            handle = kernels.LAST_LAUNCH.get(kernel)
+                            handle = (ek.LAST_LAUNCH if kernel == "encoder" else kernels.LAST_LAUNCH).get(kernel)
                             row["regs"] = getattr(handle, "n_regs", None)
                             row["spills"] = getattr(handle, "n_spills", None)
                         except Exception as e:  # out of resources (shared memory, registers)
@@ -367,8 +384,9 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
             best[key] = (r["ms"], r["config"])
     lines = ["Launch configurations of the Triton kernels (`--tune`): each kernel alone on the attention of "
              f"that output, median of {repeats} runs; tiles (queries x keys x channels), warps, pipeline stages; "
-             "the backward rows time both backward kernels, the other one at its default. **Bold**: the fastest "
-             "per kernel.", "", "| output | dtype | kernel | config | time | regs | spills |",
+             "the backward rows time both backward kernels, the other one at its default; `encoder`: the fused "
+             "encoder kernel alone on one ResBlock convolution (GroupNorm-apply, SiLU, residual, statistics) of "
+             "S x S pixels. **Bold**: the fastest per kernel.", "", "| output | dtype | kernel | config | time | regs | spills |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("error") or _fmt(r["ms"], "ms")
