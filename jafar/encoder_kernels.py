@@ -35,9 +35,12 @@ from .kernels import CONFIGS, _next_pow2, available, interpreting, triton  # noq
 if triton is not None:
     import triton.language as tl
 
-# launch configuration of pointwise_conv: jafar.kernels.CONFIGS["encoder"] (pixels per tile, warps,
-# software-pipeline stages, persistent programs per SM; on the CPU under the interpreter, two
-# programs per sample), overridable with JAFAR_TRITON_CONFIG or per call
+# The launch configuration of pointwise_conv is jafar.kernels.CONFIGS["encoder"] (pixels per tile,
+# warps, software-pipeline stages, persistent programs per SM; on the CPU under the interpreter,
+# two programs per sample), overridable with JAFAR_TRITON_CONFIG or per call.
+
+#: widest input or output the kernel takes (the whole weight is one tile; JAFAR's qk_dim is 128)
+MAX_CHANNELS = 128
 #: the compiled kernel of the last launch (``n_regs``, ``n_spills`` on a GPU)
 LAST_LAUNCH = {}
 #: tiles merged per loop step in :func:`group_norm_coefficients`
@@ -197,7 +200,7 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
 
 
-def _check_inputs(x, weight, coefficients, residual):
+def _check_inputs(x, weight, coefficients, residual, stats_groups, rope):
     if triton is None:
         raise RuntimeError("the fused encoder kernels need the triton package (pip install triton).")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
@@ -210,6 +213,19 @@ def _check_inputs(x, weight, coefficients, residual):
                          f"{tuple(residual.shape)}.")
     if coefficients is not None and any(t.shape != x.shape[:2] for t in coefficients):
         raise ValueError(f"the GroupNorm coefficients must be (N, C) = {tuple(x.shape[:2])}.")
+    co = weight.shape[0]
+    if max(x.shape[1], co) > MAX_CHANNELS:
+        raise ValueError(f"pointwise_conv takes at most {MAX_CHANNELS} input and output channels, got "
+                         f"{x.shape[1]} -> {co}.")
+    if stats_groups and co % stats_groups:
+        raise ValueError(f"{co} output channels do not split into {stats_groups} groups.")
+    if rope is not None:
+        if stats_groups:
+            raise ValueError("pointwise_conv computes no statistics of a RoPE output.")
+        freqs, img_h, img_w = rope
+        if img_h * img_w != x.shape[2] or co % 4 or tuple(freqs.shape) != (2, co):
+            raise ValueError(f"RoPE needs freqs (2, {co}) and H * W = {x.shape[2]} pixels, got "
+                             f"{tuple(freqs.shape)} and {img_h}x{img_w}.")
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, residual: torch.Tensor = None,
@@ -220,7 +236,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     ``x`` ``(N, C, P)`` (P pixels, contiguous), ``weight`` ``(C_out, C)`` (a 1x1 convolution's
     weight, cast to ``x``'s dtype), ``residual`` ``(N, C_out, P)``. Returns ``y`` in ``x``'s
     dtype and, with ``stats_groups``, the :class:`Stats` of ``y`` for the next GroupNorm."""
-    _check_inputs(x, weight, coefficients, residual)
+    _check_inputs(x, weight, coefficients, residual, int(stats_groups), rope)
     cfg = dict(CONFIGS["encoder"], **(config or {}))
     n, c, p = x.shape
     co = weight.shape[0]
@@ -230,21 +246,14 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     block_p = min(cfg["block_p"], max(16, _next_pow2(p)))
     nt = triton.cdiv(p, block_p)
     g = int(stats_groups)
-    if g and co % g:
-        raise ValueError(f"{co} output channels do not split into {g} groups.")
     part = torch.empty(n, nt, 2, g, device=x.device, dtype=torch.float32) if g else y
     a, s = coefficients if coefficients is not None else (y, y)
     if rope is not None:
         freqs, img_h, img_w = rope
-        if img_h * img_w != p or co % 4 or tuple(freqs.shape) != (2, co):
-            raise ValueError(f"RoPE needs freqs (2, {co}) and H * W = {p} pixels, got {tuple(freqs.shape)} and "
-                             f"{img_h}x{img_w}.")
         freqs = freqs.float().contiguous()
         steps = (1.0 / (img_h - 1) if img_h > 1 else 0.0, 1.0 / (img_w - 1) if img_w > 1 else 0.0)
     else:
         freqs, img_w, steps = y, 1, (0.0, 0.0)
-    if rope is not None and g:
-        raise ValueError("pointwise_conv computes no statistics of a RoPE output.")
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))

@@ -309,6 +309,9 @@ class JAFAR(nn.Module):
         if encoders == "triton" and compile:
             raise ValueError("encoders='triton' and compile cannot be combined: the fused kernels replace what "
                              "torch.compile would fuse.")
+        if encoders == "triton" and qk_dim > 128:
+            raise ValueError(f"encoders='triton' takes qk_dim up to 128 (the kernel holds the whole weight), got "
+                             f"{qk_dim}; use encoders='torch'.")
         if qk_dim % 8:
             raise ValueError(f"qk_dim must be divisible by 8 (GroupNorm groups) and 4 (RoPE), got {qk_dim}.")
         if attention not in MODES:

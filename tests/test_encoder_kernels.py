@@ -108,6 +108,8 @@ def test_bad_encoder_options_fail_in_one_sentence():
         _model(encoders="fused")
     with pytest.raises(ValueError, match="cannot be combined"):
         _model(encoders="triton", compile=True)
+    with pytest.raises(ValueError, match="qk_dim up to 128"):
+        JAFAR(qk_dim=256, encoders="triton")
     assert "encoders='triton'" in repr(_model(encoders="triton"))
 
 
@@ -121,6 +123,12 @@ def test_pointwise_conv_checks_its_inputs_before_launching():
         ek.pointwise_conv(x, torch.randn(4, 8), residual=torch.randn(1, 8, 10))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         ek.pointwise_conv(x.double(), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="at most 128 input and output channels"):
+        ek.pointwise_conv(torch.randn(1, 192, 10), torch.randn(4, 192))
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        ek.pointwise_conv(x, torch.randn(4, 8), stats_groups=3)
+    with pytest.raises(ValueError, match=r"RoPE needs freqs \(2, 4\) and H \* W = 10 pixels"):
+        ek.pointwise_conv(x, torch.randn(4, 8), rope=(torch.randn(2, 4), 3, 3))
 
 
 def test_stats_of_a_tensor_give_group_norm():
