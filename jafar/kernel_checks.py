@@ -77,6 +77,8 @@ CASES: List[Case] = [
          what="feature width 96 (not a power of two)"),
     Case("width_1536", 1, 5, 20, 4, 32, 1536, logit_std=2.0, interpreter_dtypes=("fp32",),
          what="feature width 1536 (ViT-g)"),
+    Case("channel_tiles", 2, 21, 19, 4, 16, 200, logit_std=3.0, interpreter_blocks=dict(block_c=64),
+         what="200 channels in tiles of 64 (128 on the GPU), the last partial: pass 1 once, pass 2 per tile"),
     Case("keys_128x128", 1, 5, 128 * 128, 4, 32, 24, logit_std=4.0, interpreter_dtypes=("fp32",),
          interpreter_blocks=dict(block_m=16, block_n=4096, block_c=32), what="128x128 keys, few queries"),
 ]

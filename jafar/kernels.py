@@ -6,7 +6,11 @@ maximum and normaliser (online softmax); pass 2 recomputes the logits block by b
 the heads' probabilities into one block and multiplies it by the features (one ``P @ F`` for
 all heads). Logits, statistics and accumulation are float32 whatever the input dtype (so fp16
 logits beyond 65504 do not overflow); ``P`` is cast to the features' dtype for the product, as
-in the PyTorch ``chunked`` path. The feature channels are tiled over the grid's third axis.
+in the PyTorch ``chunked`` path. The feature channels are tiled over the grid's third axis; when
+there is more than one channel tile, pass 1 runs once per query tile in a launch of its own
+(``PHASE=1``, writing each head's log-sum-exp) and each channel tile's pass 2 starts from it
+(``PHASE=2``), instead of every channel tile redoing pass 1 (at 384 channels in tiles of 128: 4
+instead of 6 evaluations of every logit).
 
 Backward (:func:`head_averaged_attention_bwd`), from each head's log-sum-exp saved by the
 forward: per query tile, pass 1 computes ``delta_h = rowsum(P_h * dP)`` with the shared
@@ -147,7 +151,11 @@ if triton is not None:
     def _fwd_kernel(Q, K, F, O, LSE, stride_qb, stride_qn, stride_kb, stride_kn, stride_fb, stride_fn,
                     stride_ob, stride_on, NQ, NK, C, qk_scale,
                     H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+                    PHASE: tl.constexpr = 0):
+        # PHASE 0: both passes (one program per query tile and channel tile); 1: pass 1 only
+        # (writes the log-sum-exp); 2: pass 2 only, from the log-sum-exp of a PHASE 1 launch, so that
+        # several channel tiles do not each redo pass 1
         pid_m = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         pid_c = tl.program_id(2)
@@ -168,22 +176,28 @@ if triton is not None:
         m_all = tl.zeros((BLOCK_M, HP), tl.float32)
         l_all = tl.full((BLOCK_M, HP), 1.0, tl.float32)
         for h in tl.static_range(H):
-            q = tl.load(q_base + h * D, mask=q_mask, other=0.0)
-            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            l_i = tl.zeros((BLOCK_M,), tl.float32)
-            for start in range(0, NK, BLOCK_N):
-                kn = start + offs_n
-                mask_n = kn < NK
-                k = tl.load(k_base + h * D + kn.to(tl.int64)[None, :] * stride_kn,
-                            mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-                s = tl.where(mask_n[None, :], tl.dot(q, k, input_precision=PREC) * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-                m_i = m_new
-            m_all = tl.where(heads == h, m_i[:, None], m_all)
-            l_all = tl.where(heads == h, l_i[:, None], l_all)
-            if pid_c == 0:  # base-2 log-sum-exp of the scaled logits, for the backward pass
-                tl.store(LSE + (b * H + h) * NQ + rows, m_i + tl.log2(l_i), mask=mask_m)
+            if PHASE == 2:  # p = exp2(s - lse): the log-sum-exp as the maximum, a normaliser of 1
+                lse_h = tl.load(LSE + (b * H + h) * NQ + rows, mask=mask_m, other=0.0)
+                m_all = tl.where(heads == h, lse_h[:, None], m_all)
+            else:
+                q = tl.load(q_base + h * D, mask=q_mask, other=0.0)
+                m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                l_i = tl.zeros((BLOCK_M,), tl.float32)
+                for start in range(0, NK, BLOCK_N):
+                    kn = start + offs_n
+                    mask_n = kn < NK
+                    k = tl.load(k_base + h * D + kn.to(tl.int64)[None, :] * stride_kn,
+                                mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+                    s = tl.where(mask_n[None, :], tl.dot(q, k, input_precision=PREC) * qk_scale, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+                    m_i = m_new
+                m_all = tl.where(heads == h, m_i[:, None], m_all)
+                l_all = tl.where(heads == h, l_i[:, None], l_all)
+                if pid_c == 0:  # base-2 log-sum-exp of the scaled logits, for the backward pass
+                    tl.store(LSE + (b * H + h) * NQ + rows, m_i + tl.log2(l_i), mask=mask_m)
+        if PHASE == 1:
+            return
 
         # pass 2: averaged probabilities times the features
         inv_l = 1.0 / (l_all * H)  # the 1/H of the head average folded into each normaliser
@@ -390,10 +404,14 @@ def head_averaged_attention_fwd(q: torch.Tensor, k: torch.Tensor, f: torch.Tenso
     out = torch.empty(b, nq, c, device=f.device, dtype=f.dtype)
     lse = torch.empty(b, num_heads, nq, device=f.device, dtype=torch.float32)
     meta = _meta(q, f, num_heads, _config("fwd", config, block_m=block_m, block_n=block_n, block_c=block_c))
-    grid = (triton.cdiv(nq, meta["BLOCK_M"]), b, triton.cdiv(c, meta["BLOCK_C"]))
-    LAST_LAUNCH["fwd"] = _fwd_kernel[grid](
-        q, k, f, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1),
-        out.stride(0), out.stride(1), nq, nk, c, float(scale) * math.log2(math.e), **meta)
+    m_tiles, c_tiles = triton.cdiv(nq, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
+    args = (q, k, f, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1),
+            out.stride(0), out.stride(1), nq, nk, c, float(scale) * math.log2(math.e))
+    if c_tiles == 1:
+        LAST_LAUNCH["fwd"] = _fwd_kernel[(m_tiles, b, 1)](*args, **meta)
+    else:  # pass 1 once per query tile, then pass 2 per channel tile from its log-sum-exp
+        _fwd_kernel[(m_tiles, b, 1)](*args, PHASE=1, **meta)
+        LAST_LAUNCH["fwd"] = _fwd_kernel[(m_tiles, b, c_tiles)](*args, PHASE=2, **meta)
     return (out, lse) if return_lse else out
 
 
@@ -424,7 +442,7 @@ def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: f
 
 def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, num_heads: int = 4, head_dim: int = 32,
                     arch: int = 90, tf32: bool = True) -> dict:
-    """Compile the three kernels for a CUDA architecture without a GPU (Triton's ahead-of-time
+    """Compile the kernels (the forward in its three phases) for a CUDA architecture without a GPU (Triton's ahead-of-time
     path, down to the cubin with the ``ptxas`` shipped in the triton wheel), with the launch
     configurations of :data:`CONFIGS`: ``{kernel: compiled kernel}`` (``.metadata.shared``: bytes of
     shared memory per program). Catches what the interpreter does not check: types, layouts,
@@ -435,11 +453,14 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, num_heads: int = 4, hea
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     pointers = {"Q", "K", "F", "O", "DO", "DQ", "DK", "DF"}
     out = {}
-    for kernel, fn in (("fwd", _fwd_kernel), ("bwd_dq", _bwd_dq_kernel), ("bwd_dkdf", _bwd_dkdf_kernel)):
-        cfg = CONFIGS[kernel]
+    for kernel, fn, phase in (("fwd", _fwd_kernel, 0), ("fwd_stats", _fwd_kernel, 1), ("fwd_from_lse", _fwd_kernel, 2),
+                              ("bwd_dq", _bwd_dq_kernel, None), ("bwd_dkdf", _bwd_dkdf_kernel, None)):
+        cfg = CONFIGS[kernel.split("_")[0] if phase is not None else kernel]
         consts = dict(H=num_heads, D=head_dim, HP=_next_pow2(num_heads), DP=max(16, _next_pow2(head_dim)),
                       BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
                       PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
+        if phase is not None:
+            consts["PHASE"] = phase
         signature = {a: "constexpr" if a in consts else f"*{name}" if a in pointers else
                      "*fp32" if a in ("LSE", "DELTA") else "fp32" if a in ("qk_scale", "scale") else "i32"
                      for a in fn.arg_names}
