@@ -173,6 +173,140 @@ if triton is not None:
         tl.store(S + n * C + cidx, s, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _gn_tile_stats_kernel(X, PART, C, P, NT, G: tl.constexpr, CGP: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (tile t, sample n * G + group g): the group's mean and sum of squared deviations
+        over the tile's pixels, in float32 (the layout of :class:`Stats`)."""
+        t = tl.program_id(0)
+        ng = tl.program_id(1)
+        n = (ng // G).to(tl.int64)
+        g = ng % G
+        cg = C // G
+        ch = tl.arange(0, CGP)
+        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
+        x = tl.load(X + (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        count = tl.minimum(P - t * BLOCK_P, BLOCK_P) * cg
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+        d = tl.where(mask, x - mean, 0.0)
+        base = PART + (n * NT + t) * 2 * G + g
+        tl.store(base, mean)
+        tl.store(base + G, tl.sum(tl.sum(d * d, axis=1), axis=0))
+
+    @triton.jit
+    def _gn_bwd_reduce_kernel(DY, X, MEAN, RSTD, PART, C, P, NT, G: tl.constexpr, CGP: tl.constexpr,
+                              BLOCK_P: tl.constexpr):
+        """Program (tile t, n * G + g): per channel of the group, the tile's sums of dy and of
+        dy * xhat, xhat = (x - mean) * rstd (no cancellation: the mean is subtracted first)."""
+        t = tl.program_id(0)
+        ng = tl.program_id(1)
+        n = (ng // G).to(tl.int64)
+        g = ng % G
+        cg = C // G
+        ch = tl.arange(0, CGP)
+        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
+        offs = (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + n * G + g)
+        rstd = tl.load(RSTD + n * G + g)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        base = PART + ((n * NT + t) * 2) * C + g * cg + ch
+        tl.store(base, tl.sum(dy, axis=1), mask=ch < cg)
+        tl.store(base + C, tl.sum(dy * xhat, axis=1), mask=ch < cg)
+
+    @triton.jit
+    def _gn_bwd_apply_kernel(DY, X, CA, MEAN, CB, CC, DX, C, P, G: tl.constexpr, CGP: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+        """dx = a * dy - b * (x - mean) - c: ``a`` per (sample, channel), ``mean``, ``b``, ``c`` per
+        (sample, group), float32; the mean is subtracted before scaling (no cancellation)."""
+        t = tl.program_id(0)
+        ng = tl.program_id(1)
+        n = (ng // G).to(tl.int64)
+        g = ng % G
+        cg = C // G
+        ch = tl.arange(0, CGP)
+        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
+        offs = (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(CA + n * C + g * cg + ch, mask=ch < cg, other=0.0)
+        mean = tl.load(MEAN + n * G + g)
+        b = tl.load(CB + n * G + g)
+        c = tl.load(CC + n * G + g)
+        dx = a[:, None] * dy - b * (x - mean) - c
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+#: pixels per program of the GroupNorm kernels (statistics, backward)
+GN_BLOCK_P = 256
+
+
+def _gn_launch(x: torch.Tensor, num_groups: int):
+    n, c = x.shape[:2]
+    p = x[0, 0].numel()
+    if c % num_groups:
+        raise ValueError(f"{c} channels do not split into {num_groups} groups.")
+    block_p = min(GN_BLOCK_P, max(16, _next_pow2(p)))
+    cgp = max(1, _next_pow2(c // num_groups))
+    if cgp * block_p > 16384:  # wide groups: fewer pixels per program
+        block_p = max(16, 16384 // cgp)
+    return n, c, p, block_p, triton.cdiv(p, block_p), cgp
+
+
+def group_norm_stats(x: torch.Tensor, num_groups: int) -> "Stats":
+    """The :class:`Stats` of ``x`` ``(N, C, ...)`` per group, in one pass over it (no float32 copy
+    of a half-precision input)."""
+    if triton is None:
+        raise RuntimeError("the GroupNorm kernels need the triton package (pip install triton).")
+    x = x.contiguous()
+    n, c, p, block_p, nt, cgp = _gn_launch(x, num_groups)
+    part = torch.empty(n, nt, 2, num_groups, device=x.device, dtype=torch.float32)
+    _gn_tile_stats_kernel[(nt, n * num_groups)](x, part, c, p, nt, G=num_groups, CGP=cgp, BLOCK_P=block_p,
+                                                num_warps=4)
+    return Stats(part, block_p, p, c)
+
+
+def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight,
+                        num_groups: int, need=(True, True, True)):
+    """Gradients ``(dx, dweight, dbias)`` of ``GroupNorm(x)`` (``nn.GroupNorm``'s, from the float32
+    ``(N, G)`` mean and reciprocal standard deviation of its forward), reading ``dy`` and ``x`` in
+    their own dtype twice: per-channel sums of ``dy`` and ``dy * xhat`` (float32), then
+    ``dx = rstd * (w dy - mean_g(w dy) - xhat mean_g(w dy xhat))`` in one elementwise pass.
+    ``dx`` in ``x``'s dtype, ``dweight``/``dbias`` float32 (None where not needed or no weight)."""
+    if triton is None:
+        raise RuntimeError("the GroupNorm kernels need the triton package (pip install triton).")
+    x, dy = x.contiguous(), dy.contiguous()
+    n, c, p, block_p, nt, cgp = _gn_launch(x, num_groups)
+    g = num_groups
+    part = torch.empty(n, nt, 2, c, device=x.device, dtype=torch.float32)
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    _gn_bwd_reduce_kernel[(nt, n * g)](dy, x, mean, rstd, part, c, p, nt, G=g, CGP=cgp, BLOCK_P=block_p,
+                                       num_warps=4)
+    sums = part.sum(dim=1)  # (N, 2, C): sum of dy, sum of dy * xhat
+    s_dy, s_dyx = sums[:, 0], sums[:, 1]
+    dw = s_dyx.sum(0) if need[1] and weight is not None else None
+    db = s_dy.sum(0) if need[2] and weight is not None else None
+    dx = None
+    if need[0]:
+        w = weight.float().view(1, c) if weight is not None else torch.ones(1, c, device=x.device)
+        count = float(p * (c // g))
+        c1 = (w * s_dy).view(n, g, -1).sum(-1) / count  # mean over the group of w dy
+        c2 = (w * s_dyx).view(n, g, -1).sum(-1) / count  # mean over the group of w dy xhat
+        # dx = rstd (w dy - c1 - xhat c2) = (rstd w) dy - (rstd^2 c2) (x - mean) - rstd c1
+        ca = (rstd.repeat_interleave(c // g, dim=1) * w).contiguous()
+        cb, cc = (rstd * rstd * c2).contiguous(), (rstd * c1).contiguous()
+        dx = torch.empty_like(x)
+        _gn_bwd_apply_kernel[(nt, n * g)](dy, x, ca, mean, cb, cc, dx, c, p, G=g, CGP=cgp, BLOCK_P=block_p,
+                                          num_warps=4)
+    return dx, dw, db
+
+
 class Stats:
     """Per-tile group statistics of an ``(N, C, P)`` tensor: ``part`` ``(N, NT, 2, G)`` float32
     (tile means and sums of squared deviations), ``tile`` pixels per tile (the last tile may be
@@ -185,14 +319,18 @@ class Stats:
     def groups(self) -> int:
         return self.part.shape[-1]
 
-    @classmethod
-    def of(cls, x: torch.Tensor, num_groups: int) -> "Stats":
-        """The statistics of a tensor produced elsewhere (one tile: ``torch.var_mean``)."""
-        n, c = x.shape[:2]
-        var, mean = torch.var_mean(x.reshape(n, num_groups, -1).float(), dim=-1, correction=0)
-        pixels = x[0, 0].numel()
-        m2 = var * (pixels * (c // num_groups))
-        return cls(torch.stack([mean, m2], dim=1).view(n, 1, 2, num_groups).contiguous(), pixels, pixels, c)
+    def mean_rstd(self, eps: float = 1e-5):
+        """``(mean, rstd)`` float32 ``(N, G)``: the tiles merged with Chan's formula (in PyTorch; the
+        fused encoders use :func:`group_norm_coefficients` instead)."""
+        n, nt, _, g = self.part.shape
+        cg = self.channels // g
+        starts = torch.arange(nt, device=self.part.device) * self.tile
+        counts = ((self.pixels - starts).clamp(max=self.tile) * cg).float().view(1, nt, 1)
+        means, m2s = self.part[:, :, 0], self.part[:, :, 1]  # (N, NT, G)
+        total = float(self.pixels * cg)
+        mean = (counts * means).sum(1) / total
+        m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
+        return mean, torch.rsqrt(m2 / total + eps)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -323,4 +461,13 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, gr
                  for a in _gn_coefficients_kernel.arg_names}
     out["coefficients"] = triton.compile(ASTSource(fn=_gn_coefficients_kernel, signature=signature, constexprs=consts),
                                          target=target, options=dict(num_warps=4))
+    gn_consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_P=GN_BLOCK_P)
+    gn_pointers = {"X", "PART", "DY", "MEAN", "RSTD", "CA", "CB", "CC", "DX"}
+    for variant, fn in (("gn_stats", _gn_tile_stats_kernel), ("gn_bwd_reduce", _gn_bwd_reduce_kernel),
+                        ("gn_bwd_apply", _gn_bwd_apply_kernel)):
+        signature = {a: "constexpr" if a in gn_consts else
+                     (f"*{name}" if a in ("X", "DY", "DX") else "*fp32") if a in gn_pointers else "i32"
+                     for a in fn.arg_names}
+        out[variant] = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=dict(gn_consts)), target=target,
+                                      options=dict(num_warps=4))
     return out

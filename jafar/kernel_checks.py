@@ -275,6 +275,59 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
     return result
 
 
+#: the Triton GroupNorm (``GroupNorm.impl = "triton"``): (name, shape, groups, input offset, affine)
+GN_CASES = [
+    ("gn_plain", (2, 16, 7, 9), 8, 0.0, True, "batch 2, 63 pixels (one partial tile), affine"),
+    ("gn_offset", (1, 48, 23, 31), 8, 30.0, True, "input 30 +- 0.5 over 713 pixels (3 tiles), groups of 6"),
+    ("gn_no_affine", (2, 12, 5, 5), 3, 1.0, False, "3 groups of 4 channels, no affine (the queries' norm)"),
+]
+
+
+def group_norm_case(case, device="cpu", dtype_name: str = "fp32") -> Dict[str, float]:
+    """Errors of the Triton GroupNorm's output and gradients (input, weight, bias) against
+    ``nn.GroupNorm`` in float64 on the same rounded input, and (``torch:...``) those of
+    ``nn.GroupNorm`` itself in that dtype (weights in float32, as under autocast)."""
+    from .model import GroupNorm
+
+    name, shape, groups, offset, affine, _ = case
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(groups, shape[1], affine=affine)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+            ref.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    dtype = DTYPES[dtype_name]
+    x = (torch.randn(shape, generator=g) * 0.5 + offset).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+
+    def run(module, dev, dt):
+        module = module.to(dev)
+        xi = x.to(dev, dt).clone().requires_grad_()
+        y = module(xi)
+        y.backward(dy.to(dev, dt))
+        out = [y, xi.grad] + ([module.weight.grad, module.bias.grad] if affine else [])
+        module.zero_grad(set_to_none=True)
+        return out
+
+    ours = GroupNorm(groups, shape[1], affine=affine)
+    ours.load_state_dict(ref.state_dict())
+    ours.impl = "triton"
+    mine = run(ours, device, dtype)
+    native = torch.nn.GroupNorm(groups, shape[1], affine=affine)
+    native.load_state_dict(ref.state_dict())
+    theirs = run(native.to(dtype) if dtype_name in ("fp32", "tf32") else native, device, dtype) \
+        if dtype_name in ("fp32", "tf32") else None
+    if theirs is None:  # nn.GroupNorm with float32 weights on a half-precision input: as under autocast
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            theirs = run(native, device, dtype)
+    exact = run(ref.double(), "cpu", torch.float64)
+    names = ["y", "dx"] + (["dweight", "dbias"] if affine else [])
+    result = {n: error(a, r) for n, a, r in zip(names, mine, exact)}
+    result.update({f"torch:{n}": error(a, r) for n, a, r in zip(names, theirs, exact)})
+    return result
+
+
 def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[str]] = None,
             module: bool = True, interpreter: bool = False, encoders: bool = False) -> dict:
     """The cases (all, or those named) in ``dtypes`` (under the interpreter, each case's
@@ -285,6 +338,9 @@ def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[
         for case in ENCODER_CASES:
             for dt in dtypes:
                 results[f"{case.name}/{dt}"] = encoder_case(case, device, dt)
+        for case in GN_CASES:
+            for dt in dtypes:
+                results[f"{case[0]}/{dt}"] = group_norm_case(case, device, dt)
     for case in CASES:
         if cases is not None and case.name not in cases:
             continue
@@ -305,6 +361,8 @@ def tolerance(key: str) -> float:
     name, dt = key.split("/")
     if name.startswith("enc_") and dt in ("bf16", "fp16"):
         return 3e-2
+    if name.startswith("gn_"):
+        return TOLERANCE[dt] if dt != "tf32" else 1e-5
     if name == "module" and dt in ("bf16", "fp16"):
         return 5e-2
     return TOLERANCE[dt]
@@ -334,7 +392,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], choices=list(DTYPES))
     p.add_argument("--cases", nargs="*", default=None, help="case names (none: only the module case)")
     p.add_argument("--no-module", action="store_true")
-    p.add_argument("--encoders", action="store_true", help="also the fused-encoder cases (ENCODER_CASES)")
+    p.add_argument("--encoders", action="store_true",
+                   help="also the fused-encoder and Triton GroupNorm cases (ENCODER_CASES, GN_CASES)")
     args = p.parse_args(argv)
     print(json.dumps(run_all(args.device, args.dtypes, args.cases, not args.no_module, kernels.interpreting(),
                              args.encoders)))

@@ -70,11 +70,13 @@ class GroupNorm(nn.GroupNorm):
     ``impl`` (class attribute, or per instance): ``"auto"`` (:func:`group_norm` on CUDA,
     ``F.group_norm`` elsewhere, where PyTorch's kernel is not the bottleneck), ``"var_mean"``
     (:func:`group_norm` everywhere), ``"native"`` (``F.group_norm``, output cast to the autocast
-    dtype) and ``"official"`` (exactly ``nn.GroupNorm``, float32 output under autocast: the
-    benchmark's rows of the official algorithm).
+    dtype), ``"official"`` (exactly ``nn.GroupNorm``, float32 output under autocast: the
+    benchmark's rows of the official algorithm) and ``"triton"`` (statistics in one pass and the
+    backward as Triton kernels, ``jafar.encoder_kernels``: no float32 copy of a half-precision
+    input or gradient; CUDA, or the CPU under the interpreter).
     """
 
-    IMPLS = ("auto", "var_mean", "native", "official")
+    IMPLS = ("auto", "var_mean", "native", "official", "triton")
     impl = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class GroupNorm(nn.GroupNorm):
         out_dtype = _autocast_dtype(x)
         if impl == "native" or (impl == "auto" and not x.is_cuda):
             return super().forward(x).to(out_dtype)
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out_dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out_dtype, impl == "triton")
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,15 +99,22 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype):
+def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype, use_triton=False):
     """``(y, mean, rstd)``: statistics ``(N, G)`` in float32 (float64 for float64 inputs) from
-    ``torch.var_mean``, then ``y = x * a + s`` per (sample, channel), computed in that precision
-    and written once in ``out_dtype``."""
+    ``torch.var_mean`` (or, ``use_triton``, from ``jafar.encoder_kernels.group_norm_stats``: one
+    pass, no float32 copy of a half-precision input), then ``y = x * a + s`` per (sample,
+    channel), computed in that precision and written once in ``out_dtype``."""
     n, c = x.shape[:2]
     acc = torch.promote_types(x.dtype, torch.float32)
     xg = x.reshape(n, num_groups, -1)
-    var, mean = torch.var_mean(xg.to(acc), dim=-1, correction=0, keepdim=True)  # (N, G, 1)
-    rstd = torch.rsqrt(var + eps)
+    if use_triton:
+        from . import encoder_kernels
+
+        mean, rstd = encoder_kernels.group_norm_stats(x, num_groups).mean_rstd(eps)
+        mean, rstd = mean.view(n, num_groups, 1), rstd.view(n, num_groups, 1)
+    else:
+        var, mean = torch.var_mean(xg.to(acc), dim=-1, correction=0, keepdim=True)  # (N, G, 1)
+        rstd = torch.rsqrt(var + eps)
     if weight is None:
         a, shift, xs = rstd, -mean * rstd, xg
     else:  # per channel: a = w * rstd, s = b - mean * a (PyTorch's kernel folds the affine the same way)
@@ -122,10 +131,10 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype):
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, out_dtype):
-        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype)
+    def forward(ctx, x, weight, bias, num_groups, eps, out_dtype, use_triton=False):
+        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype, use_triton)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.num_groups, ctx.has_bias = num_groups, bias is not None
+        ctx.num_groups, ctx.has_bias, ctx.use_triton = num_groups, bias is not None, use_triton
         return y
 
     @staticmethod
@@ -134,27 +143,41 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.use_triton:  # dy and x read in their own dtype, no float32 copies
+            from . import encoder_kernels
+
+            dx, dw, db = encoder_kernels.group_norm_backward(
+                dy, x, mean.view(n, -1), rstd.view(n, -1), weight, ctx.num_groups,
+                (need_x, need_w and weight is not None, need_b and ctx.has_bias))
+            return (dx, dw.to(weight.dtype) if dw is not None else None,
+                    db.to(weight.dtype) if db is not None else None, None, None, None, None)
         acc = mean.dtype
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
             dy.to(acc).contiguous(), x.to(acc).contiguous(), mean, rstd,
             None if weight is None else weight.to(acc), n, c, x[0, 0].numel(), ctx.num_groups,
             [need_x, need_w and weight is not None, need_b and ctx.has_bias])
         return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if dw is not None else None,
-                db.to(weight.dtype) if db is not None else None, None, None, None)
+                db.to(weight.dtype) if db is not None else None, None, None, None, None)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
-               out_dtype=None) -> torch.Tensor:
+               out_dtype=None, use_triton: bool = False) -> torch.Tensor:
     """``F.group_norm`` with ``torch.var_mean`` statistics (float32) and PyTorch's GroupNorm
-    backward; the output in ``out_dtype`` (default: the autocast dtype under autocast, else
-    ``x.dtype``)."""
+    backward, or (``use_triton``) the Triton statistics and backward of ``jafar.encoder_kernels``;
+    the output in ``out_dtype`` (default: the autocast dtype under autocast, else ``x.dtype``)."""
     out_dtype = _autocast_dtype(x) if out_dtype is None else out_dtype
+    if use_triton:
+        from . import encoder_kernels
+
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not encoder_kernels.available(x.device):
+            raise RuntimeError(f"the Triton GroupNorm takes float32/bf16/fp16 tensors on CUDA (or the CPU under "
+                               f"TRITON_INTERPRET=1), got {x.dtype} on {x.device}.")
     with torch.autocast(x.device.type, enabled=False):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
         if not needs_grad:
-            return _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype)[0]
-        return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, out_dtype)
+            return _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype, use_triton)[0]
+        return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, out_dtype, use_triton)
 
 
 def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
@@ -382,7 +405,7 @@ class JAFAR(nn.Module):
                 y = ek.pointwise_conv(x.reshape(n, x.shape[1], -1), conv0.weight.flatten(1), stats_groups=groups)
             else:  # reflect-padded k x k convolution: cuDNN, then the statistics in one pass
                 y = conv0(x.view(n, -1, h, w)).to(dtype).flatten(2)
-                y = (y, ek.Stats.of(y, groups)) if groups else y
+                y = (y, ek.group_norm_stats(y, groups)) if groups else y
             y, stats = y if groups else (y, None)
             for i, block in enumerate(blocks):
                 last = i == len(blocks) - 1
@@ -404,7 +427,7 @@ class JAFAR(nn.Module):
         queries = queries.view(n, -1, h, w)
         if not same_size:
             queries = F.adaptive_avg_pool2d(queries, output_size)
-            stats = ek.Stats.of(queries, self.norm.num_groups)
+            stats = ek.group_norm_stats(queries, self.norm.num_groups)
         a, s = ek.group_norm_coefficients(stats, eps=self.norm.eps)
         with torch.autocast(image.device.type, enabled=False):
             queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],

@@ -20,7 +20,8 @@ from jafar.model import JAFAR
 triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
-KEYS = [f"{c.name}/{dt}" for c in kc.ENCODER_CASES for dt in ("fp32", "bf16", "fp16")]
+KEYS = [f"{name}/{dt}" for name in [c.name for c in kc.ENCODER_CASES] + [c[0] for c in kc.GN_CASES]
+        for dt in ("fp32", "bf16", "fp16")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,10 +41,11 @@ def test_fused_encoders_match_pytorch_in_the_interpreter(key):
     assert not kc.failures({key: errors}), errors
     # the queries and keys really come out of the fused path: same order of error as PyTorch's in
     # that precision, and float32 within float32 rounding
+    first = "queries" if key.startswith("enc_") else "y"
     if key.endswith("fp32"):
-        assert max(errors.values()) < 1e-5
+        assert max(v for k, v in errors.items() if not k.startswith("torch:")) < 1e-5
     else:
-        assert errors["queries"] > 1e-4 and errors["torch:queries"] > 1e-4
+        assert errors[first] > 1e-4 and errors[f"torch:{first}"] > 1e-4
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -52,6 +54,25 @@ def test_fused_encoders_match_pytorch_in_the_interpreter(key):
 def test_fused_encoders_match_pytorch_on_cuda(case, dtype):
     errors = kc.encoder_case(case, "cuda", dtype)
     assert not kc.failures({f"{case.name}/{dtype}": errors}), errors
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", kc.GN_CASES, ids=[c[0] for c in kc.GN_CASES])
+def test_triton_group_norm_matches_pytorch_on_cuda(case, dtype):
+    errors = kc.group_norm_case(case, "cuda", dtype)
+    assert not kc.failures({f"{case[0]}/{dtype}": errors}), errors
+
+
+def test_triton_group_norm_without_cuda_says_what_is_needed():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter enabled")
+    from jafar.model import GroupNorm
+
+    norm = GroupNorm(2, 4)
+    norm.impl = "triton"
+    with pytest.raises(RuntimeError, match="the Triton GroupNorm takes float32/bf16/fp16 tensors on CUDA"):
+        norm(torch.randn(1, 4, 3, 3))
 
 
 def test_failures_flag_a_fused_path_less_accurate_than_pytorch():
@@ -68,7 +89,8 @@ def test_encoder_kernels_compile_for_sm90():
     from jafar import encoder_kernels as ek
 
     compiled = ek.compile_for_gpu(torch.bfloat16, channels=128, groups=8, arch=90)
-    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients"}
+    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "gn_stats", "gn_bwd_reduce",
+                             "gn_bwd_apply"}
     for kernel in compiled.values():
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
 
@@ -131,14 +153,21 @@ def test_pointwise_conv_checks_its_inputs_before_launching():
         ek.pointwise_conv(x, torch.randn(4, 8), rope=(torch.randn(2, 4), 3, 3))
 
 
-def test_stats_of_a_tensor_give_group_norm():
-    """The one-tile statistics (``Stats.of``) hold the biased variance times the count, as the
-    kernels' epilogue does per tile."""
+def test_tile_statistics_merge_into_group_norm_statistics():
+    """``Stats.mean_rstd`` merges per-tile (mean, sum of squared deviations) with Chan's formula,
+    the last tile shorter, into ``nn.GroupNorm``'s mean and biased variance: built here by hand
+    from tiles of 16 pixels, as the kernels write them."""
     from jafar import encoder_kernels as ek
 
-    x = torch.randn(2, 8, 5, 7) * 3 + 1
-    st = ek.Stats.of(x, 4)
-    mean, m2 = st.part[:, 0, 0], st.part[:, 0, 1]
-    g = x.reshape(2, 4, -1)
-    torch.testing.assert_close(mean, g.mean(-1))
-    torch.testing.assert_close(m2 / g.shape[-1], g.var(-1, unbiased=False))
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64) * 3 + 40  # 35 pixels: tiles of 16, 16, 3
+    g = x.reshape(2, 4, 2, 35)
+    part = []
+    for start in range(0, 35, 16):
+        tile = g[..., start:start + 16].reshape(2, 4, -1)
+        mean = tile.mean(-1)
+        part.append(torch.stack([mean, ((tile - mean[..., None]) ** 2).sum(-1)], dim=1))
+    stats = ek.Stats(torch.stack(part, dim=1).float(), 16, 35, 8)
+    mean, rstd = stats.mean_rstd(eps=1e-5)
+    var, ref_mean = torch.var_mean(x.reshape(2, 4, -1), dim=-1, correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-5), rtol=1e-5, atol=0)

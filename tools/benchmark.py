@@ -263,21 +263,25 @@ def run_checks(device: str, cases=None) -> tuple:
                   file=sys.stderr, flush=True)
     for dt in [d for d in dtypes if d != "tf32"] if not cases or "module" in cases else []:
         results[f"module/{dt}"] = kc.module_case(device, dt, mode=mode)
-    if mode == "triton":  # the fused encoder kernels (where Triton runs)
-        for case in kc.ENCODER_CASES:
-            if cases and case.name not in cases:
+    if mode == "triton":  # the fused encoder kernels and the Triton GroupNorm (where Triton runs)
+        checks = [(c.name, kc.encoder_case, c) for c in kc.ENCODER_CASES]
+        checks += [(c[0], kc.group_norm_case, c) for c in kc.GN_CASES]
+        for name, fn, case in checks:
+            if cases and name not in cases:
                 continue
             for dt in dtypes:
-                results[f"{case.name}/{dt}"] = kc.encoder_case(case, device, dt)
-                print(f"check {case.name}/{dt}: " + ", ".join(f"{k} {v:.1e}" for k, v in results[f"{case.name}/{dt}"].items()),
+                results[f"{name}/{dt}"] = fn(case, device, dt)
+                print(f"check {name}/{dt}: " + ", ".join(f"{k} {v:.1e}" for k, v in results[f"{name}/{dt}"].items()),
                       file=sys.stderr, flush=True)
     names = list(dict.fromkeys(k.split("/")[0] for k in results))
     what = {c.name: c.what for c in kc.CASES + kc.ENCODER_CASES}
+    what.update({c[0]: f"Triton GroupNorm: {c[-1]}" for c in kc.GN_CASES})
     what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
     lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
              "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets; "
-             "the `enc_` rows: queries, keys and output of the fused encoders, which also must be within 1.5x "
-             "of the PyTorch encoders' own error in that precision).",
+             "the `enc_` rows: queries, keys and output of the fused encoders, and the `gn_` rows: output and "
+             "gradients of the Triton GroupNorm, which also must be within 1.5x of PyTorch's own error in that "
+             "precision).",
              "", "| case | " + " | ".join(dtypes) + " | what |", "|---|" + "---|" * (len(dtypes) + 1)]
     for name in names:
         cells = []
