@@ -14,8 +14,8 @@ Rows (``--modes``): ``reference`` is the official algorithm (``attention="refere
 ``(heads, queries, keys)`` weights materialised, and ``nn.GroupNorm`` as it is); ``auto`` (or
 ``chunked``, ``triton``, ``sdpa``) is ours: that attention path, the var_mean GroupNorm and the
 half-precision encoders. A mode may carry options after ``+``: ``auto+compile`` (``JAFAR(compile=
-True)``), ``auto+gn=native`` (another GroupNorm implementation, ``jafar.model.GroupNorm.impl``),
-``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
+True)``), ``auto+gn=native`` or ``auto+gn=triton`` (another GroupNorm implementation,
+``jafar.model.GroupNorm.impl``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
 ``jafar.encoder_kernels``; inference only, so its fwd+bwd column is the PyTorch encoders').
 
 Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
@@ -26,7 +26,8 @@ float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with
 ``tests/test_kernels.py``) on the device and prints the largest relative error per case and
 dtype: on CUDA the Triton kernels in fp32, tf32, bf16 and fp16, and the module's gradients; on
 the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``); where Triton runs,
-also the fused encoder kernels (``kernel_checks.ENCODER_CASES``).
+also the fused encoder kernels and the Triton GroupNorm (``kernel_checks.ENCODER_CASES``,
+``GN_CASES``).
 
 ``--out FILE`` writes the tables to ``FILE`` as one section headed with the device's name,
 between ``<!-- benchmark:NAME -->`` markers: a later run on the same device replaces that
@@ -36,7 +37,8 @@ configuration, so a run cut short leaves what it measured. Plain Python, no Hydr
 runs on a bare GPU machine::
 
     python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
-    python tools/benchmark.py --sizes 448 896 --dtypes bf16 --modes auto auto+gn=native auto+compile auto+enc=triton \
+    python tools/benchmark.py --sizes 448 896 --dtypes bf16 tf32 \
+        --modes auto auto+gn=native auto+gn=triton auto+compile auto+enc=triton \
         --label options --out docs/benchmarks.md                     # what each option pays
     python tools/benchmark.py --tune --modes --sizes 448 896 --dtypes bf16 tf32 \
         --label tuning --out docs/benchmarks.md                      # the kernels' launch configurations
