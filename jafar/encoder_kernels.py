@@ -137,7 +137,7 @@ if triton is not None:
                     tl.store(base + G + groups, g_m2, mask=groups < G)
 
     @triton.jit
-    def _gn_coefficients_kernel(PART, WEIGHT, BIAS, A, S, C, P, NT, TILE, total, eps,
+    def _gn_coefficients_kernel(PART, WEIGHT, BIAS, A, S, MEAN, RSTD, C, P, NT, TILE, total, eps,
                                 G: tl.constexpr, CGP: tl.constexpr, BLOCK_T: tl.constexpr,
                                 AFFINE: tl.constexpr):
         pid = tl.program_id(0)
@@ -160,6 +160,8 @@ if triton is not None:
             q = tl.load(PART + (n * NT + t) * 2 * G + G + g, mask=t < NT, other=0.0)
             m2 += tl.where(t < NT, q + cnt * (m - mean) * (m - mean), 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=0) / total + eps)
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
         ch = tl.arange(0, CGP)
         mask = ch < cg
         cidx = g * cg + ch
@@ -243,6 +245,55 @@ if triton is not None:
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _unit_bwd_kernel(DY, X, W, A, S, MEAN, RSTD, DZ, PART, DWPART, C, CO, P, NT,
+                         G: tl.constexpr, CP: tl.constexpr, COP: tl.constexpr, BLOCK_P: tl.constexpr,
+                         PREC: tl.constexpr):
+        """Backward of ``y = W silu(z)``, ``z = GroupNorm(x) = x * a + s``, up to ``dz`` (persistent
+        over pixel tiles): ``dz = (W^T dy) * silu'(z)`` (written in x's dtype), per tile and
+        channel the sums of ``dz`` and ``dz * xhat`` (for the GroupNorm backward and its affine
+        gradients), and per program the weight gradient ``sum_p dy silu(z)^T`` (float32)."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, CP)
+        mask_c = offs_c < C
+        offs_o = tl.arange(0, COP)
+        mask_o = offs_o < CO
+        # the weight's transpose (CP, COP), loaded as such
+        wt = tl.load(W + offs_o[None, :] * C + offs_c[:, None], mask=mask_o[None, :] & mask_c[:, None], other=0.0)
+        a = tl.load(A + n * C + offs_c, mask=mask_c, other=0.0)
+        s = tl.load(S + n * C + offs_c, mask=mask_c, other=0.0)
+        group = offs_c // (C // G)
+        mean = tl.load(MEAN + n * G + group, mask=mask_c, other=0.0)
+        rstd = tl.load(RSTD + n * G + group, mask=mask_c, other=0.0)
+        dw = tl.zeros((COP, CP), dtype=tl.float32)
+        for t in range(pid, NT, programs):
+            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            x_mask = mask_c[:, None] & mask_p[None, :]
+            x = tl.load(X + n * C * P + offs_c[:, None].to(tl.int64) * P + offs_p[None, :], mask=x_mask,
+                        other=0.0).to(tl.float32)
+            dy = tl.load(DY + n * CO * P + offs_o[:, None].to(tl.int64) * P + offs_p[None, :],
+                         mask=mask_o[:, None] & mask_p[None, :], other=0.0)
+            z = x * a[:, None] + s[:, None]
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            h = tl.where(x_mask, z * sig, 0.0).to(W.dtype.element_ty)  # silu(z), as the forward fed the conv
+            dh = tl.dot(wt, dy, input_precision=PREC)  # (CP, BLOCK_P)
+            dz = tl.where(x_mask, dh * sig * (1.0 + z * (1.0 - sig)), 0.0)
+            tl.store(DZ + n * C * P + offs_c[:, None].to(tl.int64) * P + offs_p[None, :],
+                     dz.to(DZ.dtype.element_ty), mask=x_mask)
+            xhat = tl.where(x_mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            base = PART + ((n * NT + t) * 2) * C + offs_c
+            tl.store(base, tl.sum(dz, axis=1), mask=mask_c)
+            tl.store(base + C, tl.sum(dz * xhat, axis=1), mask=mask_c)
+            dw += tl.dot(dy, tl.trans(h), input_precision=PREC)  # (COP, CP)
+        tl.store(DWPART + ((n * programs + pid) * CO + offs_o[:, None]) * C + offs_c[None, :], dw,
+                 mask=mask_o[:, None] & mask_c[None, :])
+
+
 #: pixels per program of the GroupNorm kernels (statistics, backward)
 GN_BLOCK_P = 256
 
@@ -288,7 +339,15 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     _gn_bwd_reduce_kernel[(nt, n * g)](dy, x, mean, rstd, part, c, p, nt, G=g, CGP=cgp, BLOCK_P=block_p,
                                        num_warps=4)
-    sums = part.sum(dim=1)  # (N, 2, C): sum of dy, sum of dy * xhat
+    return _gn_backward_from_sums(dy, x, mean, rstd, weight, g, part.sum(dim=1), need)
+
+
+def _gn_backward_from_sums(dy, x, mean, rstd, weight, num_groups: int, sums, need):
+    """The GroupNorm backward once the per-(sample, channel) sums ``(N, 2, C)`` of ``dy`` and
+    ``dy * xhat`` are known (``dy``: the gradient of the GroupNorm's output)."""
+    n, c = x.shape[:2]
+    g = num_groups
+    _, _, p, block_p, nt, cgp = _gn_launch(x, g)
     s_dy, s_dyx = sums[:, 0], sums[:, 1]
     dw = s_dyx.sum(0) if need[1] and weight is not None else None
     db = s_dy.sum(0) if need[2] and weight is not None else None
@@ -305,6 +364,70 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
         _gn_bwd_apply_kernel[(nt, n * g)](dy, x, ca, mean, cb, cc, dx, c, p, G=g, CGP=cgp, BLOCK_P=block_p,
                                           num_warps=4)
     return dx, dw, db
+
+
+def unit_backward(dy, x, weight, a, s, mean, rstd, gn_weight, num_groups: int, config: dict = None):
+    """Gradients of ``y = weight @ silu(GroupNorm(x))`` per pixel (:func:`pointwise_conv` with
+    coefficients ``(a, s)`` from the GroupNorm's float32 ``(N, G)`` ``mean``/``rstd``):
+    ``(dx, dweight, dgn_weight, dgn_bias)``, the last three float32 (``dgn_*`` None without an
+    affine). Two passes over the pixels: ``dz = (W^T dy) silu'(z)`` with the per-channel sums and
+    the weight gradient (:func:`_unit_bwd_kernel`), then the GroupNorm backward's ``dx``."""
+    cfg = dict(CONFIGS["encoder"], **(config or {}))
+    n, c, p = x.shape
+    co = weight.shape[0]
+    x, dy = x.contiguous(), dy.to(x.dtype).contiguous()
+    weight = weight.to(x.dtype).contiguous()
+    block_p = _tile(p, cfg)
+    nt = triton.cdiv(p, block_p)
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
+    else:
+        programs = min(nt, 2)
+    dz = torch.empty_like(x)
+    part = torch.empty(n, nt, 2, c, device=x.device, dtype=torch.float32)
+    dwpart = torch.empty(n * programs, co, c, device=x.device, dtype=torch.float32)
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    _unit_bwd_kernel[(programs, n)](
+        dy, x, weight, a, s, mean, rstd, dz, part, dwpart, c, co, p, nt, G=num_groups,
+        CP=max(16, _next_pow2(c)), COP=max(16, _next_pow2(co)), BLOCK_P=block_p, PREC=_prec(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dx, dgw, dgb = _gn_backward_from_sums(dz, x.view(n, c, p), mean, rstd, gn_weight, num_groups, part.sum(dim=1),
+                                          (True, gn_weight is not None, gn_weight is not None))
+    return dx, dwpart.sum(0), dgw, dgb
+
+
+class FusedUnit(torch.autograd.Function):
+    """``y = conv(silu(GroupNorm(x))) (+ residual)`` for training with the fused kernels: the
+    forward is :func:`pointwise_conv` (with the statistics of ``y`` for the next GroupNorm, not
+    differentiable), the backward :func:`unit_backward`; only ``x`` (and the ``(N, C)``
+    coefficients) are saved. ``stats_part``: the :class:`Stats` tensor of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, gn_weight, gn_bias, residual, stats_part, tile: int, eps: float,
+                out_groups: int):
+        n, c, p = x.shape
+        stats = Stats(stats_part, tile, p, c)
+        groups = stats.groups
+        a, s, mean, rstd = group_norm_coefficients(stats, gn_weight, gn_bias, eps, return_stats=True)
+        out = pointwise_conv(x, conv_weight.flatten(1), (a, s), residual=residual, stats_groups=out_groups)
+        y, y_stats = out if out_groups else (out, None)
+        ctx.save_for_backward(x, conv_weight, gn_weight, a, s, mean, rstd)
+        ctx.groups, ctx.has_residual, ctx.has_bias = groups, residual is not None, gn_bias is not None
+        part = y_stats.part if y_stats is not None else y.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(part)
+        ctx.tile = y_stats.tile if y_stats is not None else 0
+        return y, part
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dpart):
+        x, conv_weight, gn_weight, a, s, mean, rstd = ctx.saved_tensors
+        dx, dw, dgw, dgb = unit_backward(dy, x, conv_weight.flatten(1), a, s, mean, rstd, gn_weight, ctx.groups)
+        return (dx, dw.view_as(conv_weight).to(conv_weight.dtype),
+                dgw.to(gn_weight.dtype) if dgw is not None else None,
+                dgb.to(gn_weight.dtype) if dgb is not None and ctx.has_bias else None,
+                dy if ctx.has_residual else None, None, None, None, None)
 
 
 class Stats:
@@ -331,6 +454,20 @@ class Stats:
         mean = (counts * means).sum(1) / total
         m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
         return mean, torch.rsqrt(m2 / total + eps)
+
+
+def _tile(pixels: int, cfg: dict) -> int:
+    """Pixels per tile of :func:`pointwise_conv` and :func:`unit_backward`."""
+    return min(cfg["block_p"], max(16, _next_pow2(pixels)))
+
+
+def fused_unit(x: torch.Tensor, conv_weight, norm, stats: "Stats", residual=None, out_groups: int = 0):
+    """:class:`FusedUnit` for a GroupNorm module ``norm`` and a 1x1 convolution's weight:
+    ``(y, Stats of y or None)``."""
+    y, part = FusedUnit.apply(x, conv_weight, norm.weight, norm.bias, residual, stats.part, stats.tile, norm.eps,
+                              out_groups)
+    p = x.shape[2]
+    return y, (Stats(part, _tile(p, CONFIGS["encoder"]), p, y.shape[1]) if out_groups else None)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -381,7 +518,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     x = x.contiguous()
     weight = weight.to(x.dtype).contiguous()
     y = torch.empty(n, co, p, device=x.device, dtype=x.dtype)
-    block_p = min(cfg["block_p"], max(16, _next_pow2(p)))
+    block_p = _tile(p, cfg)
     nt = triton.cdiv(p, block_p)
     g = int(stats_groups)
     part = torch.empty(n, nt, 2, g, device=x.device, dtype=torch.float32) if g else y
@@ -406,23 +543,25 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     return (y, Stats(part, block_p, p, co)) if g else y
 
 
-def group_norm_coefficients(stats: Stats, weight=None, bias=None, eps: float = 1e-5):
+def group_norm_coefficients(stats: Stats, weight=None, bias=None, eps: float = 1e-5, return_stats: bool = False):
     """Per-(sample, channel) ``(a, s)`` float32 ``(N, C)`` with ``GroupNorm(x) = x * a + s``, from
-    :class:`Stats` (``nn.GroupNorm``'s biased variance; ``weight``/``bias`` its affine, or None)."""
+    :class:`Stats` (``nn.GroupNorm``'s biased variance; ``weight``/``bias`` its affine, or None);
+    with ``return_stats`` also the ``(N, G)`` mean and reciprocal standard deviation."""
     part = stats.part
     n, nt, _, g = part.shape
     c = stats.channels
     a = torch.empty(n, c, device=part.device, dtype=torch.float32)
     s = torch.empty_like(a)
+    mean, rstd = (torch.empty(n, g, device=part.device, dtype=torch.float32) for _ in range(2))
     affine = weight is not None
     if affine and bias is None:
         bias = torch.zeros_like(weight)
     _gn_coefficients_kernel[(n * g,)](
-        part, weight if affine else a, bias if affine else a, a, s, c, stats.pixels, nt, stats.tile,
+        part, weight if affine else a, bias if affine else a, a, s, mean, rstd, c, stats.pixels, nt, stats.tile,
         float(stats.pixels * (c // g)), float(eps),
         G=g, CGP=max(1, _next_pow2(c // g)), BLOCK_T=min(BLOCK_T, max(16, _next_pow2(nt))), AFFINE=affine,
         num_warps=4)
-    return a, s
+    return (a, s, mean, rstd) if return_stats else (a, s)
 
 
 def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, groups: int = 8, arch: int = 90,
@@ -455,12 +594,19 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, gr
                                       target=target, options=dict(num_warps=cfg["num_warps"],
                                                                   num_stages=cfg["num_stages"]))
     consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_T=BLOCK_T, AFFINE=True)
-    pointers = {"PART", "WEIGHT", "BIAS", "A", "S"}
+    pointers = {"PART", "WEIGHT", "BIAS", "A", "S", "MEAN", "RSTD"}
     signature = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a in ("eps", "total")
                  else "i32"
                  for a in _gn_coefficients_kernel.arg_names}
     out["coefficients"] = triton.compile(ASTSource(fn=_gn_coefficients_kernel, signature=signature, constexprs=consts),
                                          target=target, options=dict(num_warps=4))
+    consts = dict(G=groups, CP=pad, COP=pad, BLOCK_P=cfg["block_p"], PREC=base["PREC"])
+    signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("DY", "X", "W", "DZ") else
+                 "*fp32" if a in ("A", "S", "MEAN", "RSTD", "PART", "DWPART") else "i32"
+                 for a in _unit_bwd_kernel.arg_names}
+    out["unit_bwd"] = triton.compile(ASTSource(fn=_unit_bwd_kernel, signature=signature, constexprs=consts),
+                                     target=target, options=dict(num_warps=cfg["num_warps"],
+                                                                 num_stages=cfg["num_stages"]))
     gn_consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_P=GN_BLOCK_P)
     gn_pointers = {"X", "PART", "DY", "MEAN", "RSTD", "CA", "CB", "CC", "DX"}
     for variant, fn in (("gn_stats", _gn_tile_stats_kernel), ("gn_bwd_reduce", _gn_bwd_reduce_kernel),

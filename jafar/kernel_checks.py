@@ -238,9 +238,11 @@ ENCODER_CASES: List[EncoderCase] = [
 
 
 def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> Dict[str, float]:
-    """Errors of the queries, keys and output of ``JAFAR(encoders="triton")`` (float32, TF32, or
-    under bf16/fp16 autocast) against the PyTorch path in float64, and (keys ``torch:...``) those of
-    the PyTorch path in the same precision, for comparison."""
+    """Errors of ``JAFAR(encoders="triton")`` (float32, TF32, or under bf16/fp16 autocast)
+    against the PyTorch path in float64: at inference the queries, keys and output; in training
+    (a weighted sum of the output, backward) the output and the gradients of the image, the
+    features and every parameter (``d_params``: the largest); and (keys ``torch:...``) those of the
+    PyTorch path in the same precision, for comparison."""
     from .model import JAFAR
 
     torch.manual_seed(0)
@@ -251,8 +253,9 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
     g = torch.Generator().manual_seed(1)
     image = case.image_offset + case.image_std * torch.randn(case.batch, 3, *case.image, generator=g)
     feats = torch.randn(case.batch, case.v_dim, *case.features, generator=g)
+    weight = torch.randn(case.batch, case.v_dim, *case.output, generator=g)
 
-    def run(m, dtype, dev, encoders, amp=None):
+    def infer(m, dtype, dev, encoders, amp=None):
         m = m.to(dev, dtype)
         m.encoders = encoders
         img, ft = image.to(dev, dtype), feats.to(dev, dtype)
@@ -260,18 +263,36 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
             q, k = (m._encode_triton if encoders == "triton" else m.encode)(img, ft, case.output)
             return q, k, m(img, ft, case.output)
 
+    def train(m, dtype, dev, encoders, amp=None):
+        m = m.to(dev, dtype)
+        m.encoders = encoders
+        m.zero_grad(set_to_none=True)
+        img, ft = (t.to(dev, dtype).clone().requires_grad_() for t in (image, feats))
+        with torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
+            out = m(img, ft, case.output)
+        (out.to(dtype) * weight.to(dev, dtype)).sum().backward()
+        params = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad(set_to_none=True)
+        return out.detach(), img.grad, ft.grad, params
+
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype_name == "tf32"
     try:
         amp = None if dtype_name in ("fp32", "tf32") else DTYPES[dtype_name]
-        ours = run(model, torch.float32, device, "triton", amp)
-        theirs = run(model, torch.float32, device, "torch", amp)
-        ref = run(model, torch.float64, "cpu", "torch")
+        runs = {name: (infer(model, torch.float32, device, name, amp), train(model, torch.float32, device, name, amp))
+                for name in ("triton", "torch")}
+        ref = infer(model, torch.float64, "cpu", "torch"), train(model, torch.float64, "cpu", "torch")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-    names = ("queries", "keys", "out")
-    result = {name: error(a, r) for name, a, r in zip(names, ours, ref)}
-    result.update({f"torch:{name}": error(a, r) for name, a, r in zip(names, theirs, ref)})
+    result = {}
+    for name, prefix in (("triton", ""), ("torch", "torch:")):
+        (q, k, out), (tout, d_img, d_ft, params) = runs[name]
+        (rq, rk, rout), (rtout, rd_img, rd_ft, rparams) = ref
+        assert set(params) == set(rparams), "the same parameters get gradients"
+        result.update({f"{prefix}queries": error(q, rq), f"{prefix}keys": error(k, rk), f"{prefix}out": error(out, rout),
+                       f"{prefix}train_out": error(tout, rtout), f"{prefix}d_image": error(d_img, rd_img),
+                       f"{prefix}d_features": error(d_ft, rd_ft),
+                       f"{prefix}d_params": max(error(params[n], rparams[n]) for n in rparams)})
     return result
 
 
@@ -337,6 +358,8 @@ def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[
     if encoders:
         for case in ENCODER_CASES:
             for dt in dtypes:
+                if interpreter and dt == "fp16":  # fp16 on the GPU only (the interpreter's CPU time)
+                    continue
                 results[f"{case.name}/{dt}"] = encoder_case(case, device, dt)
         for case in GN_CASES:
             for dt in dtypes:
@@ -357,10 +380,11 @@ def run_all(device="cpu", dtypes=("fp32", "bf16", "fp16"), cases: Optional[List[
 def tolerance(key: str) -> float:
     """Tolerance of a result key ``"case/dtype"``: the module case runs the encoders in the autocast
     dtype too, as ``tests/test_model.py`` does (3e-2 there; 5e-2 for the gradients through them);
-    so do the fused-encoder cases (the PyTorch path's own bf16 error there is about 1e-2)."""
+    so do the fused-encoder cases (the PyTorch path's own bf16 errors there: about 1e-2 for the
+    output, up to 4e-2 for the parameters' gradients)."""
     name, dt = key.split("/")
     if name.startswith("enc_") and dt in ("bf16", "fp16"):
-        return 3e-2
+        return 5e-2
     if name.startswith("gn_"):
         return TOLERANCE[dt] if dt != "tf32" else 1e-5
     if name == "module" and dt in ("bf16", "fp16"):

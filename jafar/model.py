@@ -28,8 +28,7 @@ batch x groups thread blocks) and under autocast writes its output in the autoca
 the per-pixel 1x1 encoders run in bf16/fp16 end to end (:class:`GroupNorm`), and the attention
 never materialises the ``(heads, queries, keys)`` weights unless asked to
 (``attention="reference"``). ``compile=True`` compiles the encoders with ``torch.compile``;
-``encoders="triton"`` runs them, at inference, as fused Triton kernels
-(``jafar.encoder_kernels``).
+``encoders="triton"`` runs their ResBlocks as fused Triton kernels (``jafar.encoder_kernels``).
 """
 
 from __future__ import annotations
@@ -312,11 +311,12 @@ class JAFAR(nn.Module):
             :meth:`encode` (the per-pixel encoders, pooling, GroupNorms and SFT; the attention
             keeps its own kernels). The first call per output size pays the compilation.
             Changes no parameter, state-dict key or result beyond float rounding.
-        encoders: ``"torch"`` (default) or ``"triton"``: at inference (no gradient needed), run
-            the full-resolution 1x1 encoders as fused Triton kernels (``jafar.encoder_kernels``:
-            one pass over the pixels per convolution, GroupNorm statistics from the previous
-            kernel's epilogue, RoPE fused); with gradients the PyTorch path runs. Needs CUDA
-            (or Triton's interpreter). Same results up to float rounding; not with ``compile``.
+        encoders: ``"torch"`` (default) or ``"triton"``: run the full-resolution encoders'
+            ResBlocks as fused Triton kernels (``jafar.encoder_kernels``). At inference one
+            pass over the pixels per 1x1 convolution (GroupNorm statistics from the previous
+            kernel's epilogue, RoPE fused); in training each GroupNorm -> SiLU -> conv is one
+            forward kernel and two backward kernels that save only its input. Needs CUDA (or
+            Triton's interpreter). Same results up to float rounding; not with ``compile``.
 
     Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
     is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
@@ -389,7 +389,11 @@ class JAFAR(nn.Module):
         return queries, keys
 
     def _encode_triton(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int]):
-        """:meth:`encode` with the full-resolution encoders as fused Triton kernels (inference)."""
+        """:meth:`encode` with the full-resolution encoders' ResBlocks as fused Triton kernels. At
+        inference each 1x1 convolution is one kernel (the previous GroupNorm and SiLU in its
+        prologue; residual, RoPE and the next GroupNorm's statistics in its epilogue); with
+        gradients each GroupNorm -> SiLU -> conv is a :class:`jafar.encoder_kernels.FusedUnit`
+        (saving only its input) and the first convolution, RoPE and the query norm are PyTorch's."""
         from . import encoder_kernels as ek
 
         if not ek.available(image.device):
@@ -397,52 +401,60 @@ class JAFAR(nn.Module):
                                f"inputs are on {image.device}.")
         n, _, h, w = image.shape
         dtype = _autocast_dtype(image)
+        train = torch.is_grad_enabled() and (image.requires_grad or features.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
 
         def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
             conv0, blocks = encoder[0], list(encoder)[1:]
             groups = blocks[0].norm1.num_groups if blocks else 0
-            if conv0.kernel_size == (1, 1):
+            if conv0.kernel_size == (1, 1) and not train:
                 y = ek.pointwise_conv(x.reshape(n, x.shape[1], -1), conv0.weight.flatten(1), stats_groups=groups)
-            else:  # reflect-padded k x k convolution: cuDNN, then the statistics in one pass
+            else:  # cuDNN (a k x k reflect-padded conv, or training), then the statistics in one pass
                 y = conv0(x.view(n, -1, h, w)).to(dtype).flatten(2)
-                y = (y, ek.group_norm_stats(y, groups)) if groups else y
+                y = (y, ek.group_norm_stats(y.detach(), groups)) if groups else y
             y, stats = y if groups else (y, None)
             for i, block in enumerate(blocks):
-                last = i == len(blocks) - 1
+                out_groups = 0 if i == len(blocks) - 1 and not last_stats else groups
+                if train:
+                    t, t_stats = ek.fused_unit(y, block.conv1.weight, block.norm1, stats,
+                                               out_groups=block.norm2.num_groups)
+                    y, stats = ek.fused_unit(t, block.conv2.weight, block.norm2, t_stats, residual=y,
+                                             out_groups=out_groups)
+                    continue
                 coef = ek.group_norm_coefficients(stats, block.norm1.weight, block.norm1.bias, block.norm1.eps)
                 t, t_stats = ek.pointwise_conv(y, block.conv1.weight.flatten(1), coef,
                                                stats_groups=block.norm2.num_groups)
                 coef = ek.group_norm_coefficients(t_stats, block.norm2.weight, block.norm2.bias, block.norm2.eps)
                 out = ek.pointwise_conv(t, block.conv2.weight.flatten(1), coef, residual=y,
-                                        stats_groups=0 if last and not last_stats else groups,
-                                        rope=rope if last else None)
+                                        stats_groups=out_groups, rope=rope if i == len(blocks) - 1 else None)
                 y, stats = out if isinstance(out, tuple) else (out, None)
-            if rope is not None and not blocks:
+            if rope is not None and (train or not blocks):
                 y = self.rope(y.view(n, -1, h, w)).flatten(2)
             return y, stats
 
         encoded, _ = run(self.image_encoder, image.to(dtype), rope=(self.rope.freqs, h, w), last_stats=False)
         same_size = tuple(output_size) == (h, w)
-        queries, stats = run(self.query_encoder, encoded, last_stats=same_size)
+        queries, stats = run(self.query_encoder, encoded, last_stats=same_size and not train)
         queries = queries.view(n, -1, h, w)
         if not same_size:
             queries = F.adaptive_avg_pool2d(queries, output_size)
-            stats = ek.group_norm_stats(queries, self.norm.num_groups)
-        a, s = ek.group_norm_coefficients(stats, eps=self.norm.eps)
-        with torch.autocast(image.device.type, enabled=False):
-            queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
-                                    out=torch.empty_like(queries, memory_format=torch.contiguous_format))
+        if train:
+            queries = self.norm(queries)
+        else:
+            if not same_size:
+                stats = ek.group_norm_stats(queries, self.norm.num_groups)
+            a, s = ek.group_norm_coefficients(stats, eps=self.norm.eps)
+            with torch.autocast(image.device.type, enabled=False):
+                queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
+                                        out=torch.empty_like(queries, memory_format=torch.contiguous_format))
         keys, _ = run(self.key_encoder, encoded, last_stats=False)
         keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
         keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
         return queries, keys
 
-    def _encoder(self, image: torch.Tensor, features: torch.Tensor):
+    def _encoder(self):
         if self.encoders == "triton":
-            needs_grad = torch.is_grad_enabled() and (image.requires_grad or features.requires_grad or any(
-                p.requires_grad for p in self.parameters()))
-            if not needs_grad:
-                return self._encode_triton
+            return self._encode_triton
         if not self.compile:
             return self.encode
         if self._compiled_encode is None:
@@ -457,7 +469,7 @@ class JAFAR(nn.Module):
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         out_h, out_w = self.check_inputs(image, features, output_size)
         b, c = features.shape[:2]
-        queries, keys = self._encoder(image, features)(image, features, (out_h, out_w))
+        queries, keys = self._encoder()(image, features, (out_h, out_w))
         out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget)  # (B, Nq, C)
         return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
 

@@ -1,8 +1,8 @@
-"""The fused encoder kernels (``jafar.encoder_kernels``, ``JAFAR(encoders="triton")``): the
-seeded cases of ``jafar.kernel_checks.ENCODER_CASES`` against the PyTorch path in float64, under
-Triton's interpreter (a subprocess, as in ``test_kernels.py``) and on CUDA where there is one;
-their sm_90 compilation; and what happens around them (training falls back to PyTorch, bad
-input and bad options fail with one sentence)."""
+"""The fused encoder kernels (``jafar.encoder_kernels``, ``JAFAR(encoders="triton")``) and the
+Triton GroupNorm: the seeded cases of ``jafar.kernel_checks.ENCODER_CASES`` (inference outputs,
+and training outputs and gradients) and ``GN_CASES`` against PyTorch in float64, under Triton's
+interpreter (a subprocess, as in ``test_kernels.py``) and on CUDA where there is one; their
+sm_90 compilation; the tile-statistics merge; bad input and bad options (one sentence)."""
 
 import functools
 import json
@@ -20,8 +20,8 @@ from jafar.model import JAFAR
 triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
-KEYS = [f"{name}/{dt}" for name in [c.name for c in kc.ENCODER_CASES] + [c[0] for c in kc.GN_CASES]
-        for dt in ("fp32", "bf16", "fp16")]
+KEYS = ([f"{c.name}/{dt}" for c in kc.ENCODER_CASES for dt in ("fp32", "bf16")]
+        + [f"{c[0]}/{dt}" for c in kc.GN_CASES for dt in ("fp32", "bf16", "fp16")])
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,8 +89,8 @@ def test_encoder_kernels_compile_for_sm90():
     from jafar import encoder_kernels as ek
 
     compiled = ek.compile_for_gpu(torch.bfloat16, channels=128, groups=8, arch=90)
-    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "gn_stats", "gn_bwd_reduce",
-                             "gn_bwd_apply"}
+    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "unit_bwd", "gn_stats",
+                             "gn_bwd_reduce", "gn_bwd_apply"}
     for kernel in compiled.values():
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
 
@@ -100,29 +100,16 @@ def _model(**kw):
     return JAFAR(v_dim=16, qk_dim=32, **kw)
 
 
-def test_training_and_input_gradients_use_the_pytorch_encoders():
-    """With gradients needed the fused (inference-only) path is not taken: on a CPU without the
-    interpreter it would raise, so a plain backward pass here proves the fallback, and the result
-    is the PyTorch path's."""
+def test_without_cuda_the_fused_encoders_say_what_they_need():
+    # inference and training both run the kernels (no silent fallback), so both need CUDA here
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled")
-    fused, plain = _model(encoders="triton"), _model()
-    image, feats = torch.randn(1, 3, 12, 12), torch.randn(1, 16, 3, 3, requires_grad=True)
-    out = fused(image, feats, (12, 12))
-    out.sum().backward()
-    assert fused.image_encoder[0].weight.grad is not None
-    assert torch.equal(out, plain(image, feats, (12, 12)))
-    fused.requires_grad_(False)  # only the features need a gradient: still the PyTorch path
-    fused(image, feats, (12, 12)).sum().backward()
-    assert feats.grad is not None
-
-
-def test_inference_without_cuda_says_what_is_needed():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("interpreter enabled")
-    model = _model(encoders="triton").eval()
+    model = _model(encoders="triton")
+    image, feats = torch.randn(1, 3, 12, 12), torch.randn(1, 16, 3, 3)
     with torch.no_grad(), pytest.raises(RuntimeError, match="encoders='triton' needs a CUDA device"):
-        model(torch.randn(1, 3, 12, 12), torch.randn(1, 16, 3, 3), (12, 12))
+        model(image, feats, (12, 12))
+    with pytest.raises(RuntimeError, match="encoders='triton' needs a CUDA device"):
+        model(image, feats, (12, 12)).sum().backward()
 
 
 def test_bad_encoder_options_fail_in_one_sentence():
