@@ -1,4 +1,5 @@
-"""Fused Triton kernels for JAFAR's per-pixel encoders (inference).
+"""Fused Triton kernels for JAFAR's per-pixel encoders (inference and training), and a Triton
+GroupNorm.
 
 JAFAR's image, query and key encoders run at the full image resolution and are all 1x1:
 ``conv -> [GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv (+ identity)] x 2``
@@ -20,10 +21,21 @@ program per (sample, group)) into the per-channel ``a = w * rstd`` and ``s = b -
 A ResBlock is then two kernels and two tiny merges: the input and the output each cross memory
 once.
 
+Training (:class:`FusedUnit`, used by ``JAFAR(encoders="triton")`` whenever a gradient is
+needed): each "GroupNorm -> SiLU -> 1x1 conv (+ residual)" is that forward kernel (RoPE then
+runs in PyTorch) and saves only its input and the ``(N, C)`` coefficients; its backward is two
+passes: :func:`_unit_bwd_kernel` computes ``dz = (W^T dy) silu'(z)`` (``z`` recomputed from
+the saved input), the per-channel sums of ``dz`` and ``dz * xhat`` and, accumulated per
+persistent program, the weight gradient; then the GroupNorm backward's elementwise ``dx``.
+
+:func:`group_norm_stats` and :func:`group_norm_backward` are a standalone GroupNorm
+(``jafar.model.GroupNorm.impl = "triton"``): statistics in one pass, and the backward in two,
+reading half-precision inputs and gradients in their own dtype.
+
 Same numbers as the PyTorch path (``nn.GroupNorm`` statistics are the biased variance of the
-stored values, ``eps`` inside the square root), up to float rounding: checked against it in
-``tests/test_encoder_kernels.py`` under Triton's interpreter. Inference only: there is no
-backward, and ``JAFAR(encoders="triton")`` uses the PyTorch path whenever gradients are needed.
+stored values, ``eps`` inside the square root), up to float rounding: outputs and gradients are
+checked against it in float64 (``jafar.kernel_checks``: ``ENCODER_CASES``, ``GN_CASES``) in
+``tests/test_encoder_kernels.py`` under Triton's interpreter, and on CUDA.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Rows (``--modes``): ``reference`` is the official algorithm (``attention="refere
 half-precision encoders. A mode may carry options after ``+``: ``auto+compile`` (``JAFAR(compile=
 True)``), ``auto+gn=native`` or ``auto+gn=triton`` (another GroupNorm implementation,
 ``jafar.model.GroupNorm.impl``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
-``jafar.encoder_kernels``; inference only, so its fwd+bwd column is the PyTorch encoders').
+``jafar.encoder_kernels``, in the forward and the fwd+bwd columns).
 
 Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
 float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
