@@ -518,9 +518,10 @@ def main(argv=None):
         parts = [heading, "", protocol, ""]
         if rows:
             parts += [table(rows), ""]
-            tt = targets_table(rows)
-            if tt and cuda:
-                parts += [tt, ""]
+            for mode in dict.fromkeys(r["mode"] for r in rows if not r["mode"].startswith("reference")):
+                tt = targets_table(rows, mode)  # one table per row of ours (auto, auto+enc=triton, ...)
+                if tt and cuda:
+                    parts += [tt, ""]
         if check_md:
             parts += [check_md, ""]
         if tune_md:
