@@ -21,6 +21,9 @@ program per (sample, group)) into the per-channel ``a = w * rstd`` and ``s = b -
 A ResBlock is then two kernels and two tiny merges: the input and the output each cross memory
 once.
 
+At inference the queries' RMSNorm and projection (``cross_decode``) are one more kernel,
+:func:`rms_project`, reading the 3x3 convolution's NCHW output and writing the projected tokens.
+
 Training (:class:`FusedUnit`, used by ``JAFAR(encoders="triton")`` whenever a gradient is
 needed): each "GroupNorm -> SiLU -> 1x1 conv (+ residual)" is that forward kernel (RoPE then
 runs in PyTorch) and saves only its input and the ``(N, C)`` coefficients; its backward is two
@@ -304,6 +307,67 @@ if triton is not None:
             dw += tl.dot(dy, tl.trans(h), input_precision=PREC)  # (COP, CP)
         tl.store(DWPART + ((n * programs + pid) * CO + offs_o[:, None]) * C + offs_c[None, :], dw,
                  mask=mask_o[:, None] & mask_c[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_project_kernel(X, NW, WT, BIAS, OUT, C, D, P, NT, eps, CP: tl.constexpr, DP: tl.constexpr,
+                            BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+        """Per pixel of an NCHW map ``x`` (C channels): ``out = W (x rsqrt(mean_c x^2 + eps) nw) + b``,
+        written as tokens ``(N, P, D)``; persistent over pixel tiles."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        n = tl.program_id(1).to(tl.int64)
+        offs_c = tl.arange(0, CP)
+        mask_c = offs_c < C
+        offs_d = tl.arange(0, DP)
+        mask_d = offs_d < D
+        nw = tl.load(NW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        wt = tl.load(WT + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        for t in range(pid, NT, programs):
+            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            x = tl.load(X + n * C * P + offs_c[:, None].to(tl.int64) * P + offs_p[None, :],
+                        mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+            rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)  # (BLOCK_P,)
+            xn = (x * rms[None, :] * nw[:, None]).to(WT.dtype.element_ty)
+            out = tl.dot(tl.trans(xn), wt, input_precision=PREC) + bias[None, :]  # (BLOCK_P, DP)
+            tl.store(OUT + (n * P + offs_p[:, None].to(tl.int64)) * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                     mask=mask_p[:, None] & mask_d[None, :])
+
+
+def rms_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor, out_dtype: torch.dtype, config: dict = None) -> torch.Tensor:
+    """``F.linear(RMSNorm(tokens of x), weight, bias)`` for an NCHW map ``x`` ``(N, C, H, W)``, in
+    one pass: ``(N, H*W, D)`` in ``out_dtype`` (the normalisation in float32, the product in
+    ``out_dtype`` with float32 accumulation, as RMSNorm then ``F.linear`` under autocast)."""
+    if triton is None:
+        raise RuntimeError("the fused encoder kernels need the triton package (pip install triton).")
+    n, c = x.shape[:2]
+    d = weight.shape[0]
+    if weight.shape[1] != c or max(c, d) > MAX_CHANNELS:
+        raise ValueError(f"rms_project takes a (D, C) weight with C = {c} and C, D <= {MAX_CHANNELS}, got "
+                         f"{tuple(weight.shape)}.")
+    cfg = dict(CONFIGS["encoder"], **(config or {}))
+    x = x.contiguous()
+    p = x[0, 0].numel()
+    block_p = _tile(p, cfg)
+    nt = triton.cdiv(p, block_p)
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
+    else:
+        programs = min(nt, 2)
+    out = torch.empty(n, p, d, device=x.device, dtype=out_dtype)
+    wt = weight.to(out_dtype).t().contiguous()
+    prec = ("ieee" if out_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32")
+    _rms_project_kernel[(programs, n)](x, norm_weight.contiguous(), wt, bias.contiguous(), out, c, d, p, nt,
+                                       float(eps), CP=max(16, _next_pow2(c)), DP=max(16, _next_pow2(d)),
+                                       BLOCK_P=block_p, PREC=prec, num_warps=cfg["num_warps"],
+                                       num_stages=cfg["num_stages"])
+    return out
 
 
 #: pixels per program of the GroupNorm kernels (statistics, backward)
@@ -619,6 +683,13 @@ def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, gr
     out["unit_bwd"] = triton.compile(ASTSource(fn=_unit_bwd_kernel, signature=signature, constexprs=consts),
                                      target=target, options=dict(num_warps=cfg["num_warps"],
                                                                  num_stages=cfg["num_stages"]))
+    consts = dict(CP=pad, DP=pad, BLOCK_P=cfg["block_p"], PREC=base["PREC"])
+    signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("X", "WT", "OUT") else
+                 "*fp32" if a in ("NW", "BIAS") else "fp32" if a == "eps" else "i32"
+                 for a in _rms_project_kernel.arg_names}
+    out["rms_project"] = triton.compile(ASTSource(fn=_rms_project_kernel, signature=signature, constexprs=consts),
+                                        target=target, options=dict(num_warps=cfg["num_warps"],
+                                                                    num_stages=cfg["num_stages"]))
     gn_consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_P=GN_BLOCK_P)
     gn_pointers = {"X", "PART", "DY", "MEAN", "RSTD", "CA", "CB", "CC", "DX"}
     for variant, fn in (("gn_stats", _gn_tile_stats_kernel), ("gn_bwd_reduce", _gn_bwd_reduce_kernel),

@@ -247,9 +247,11 @@ class HeadAveragedAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                mode: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                mode: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                projected_query: torch.Tensor = None) -> torch.Tensor:
+        """``projected_query``: the query projection, computed elsewhere (``query`` then unused)."""
         e = self.embed_dim
-        q = F.linear(query, self.q_proj_weight, self.in_proj_bias[:e])
+        q = F.linear(query, self.q_proj_weight, self.in_proj_bias[:e]) if projected_query is None else projected_query
         k = F.linear(key, self.k_proj_weight, self.in_proj_bias[e:2 * e])
         return head_averaged_attention(q, k, value, self.num_heads, 1.0 / math.sqrt(e // self.num_heads),
                                        mode=mode, memory_budget=memory_budget)
@@ -264,9 +266,20 @@ class CrossAttention(nn.Module):
         self.norm_v.requires_grad_(False)
         self.attention = HeadAveragedAttention(query_dim, value_dim, num_heads)
 
-    def forward(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+    def forward(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET, fused: bool = False):
+        """``query``, ``key``: tokens ``(B, N, C)``; with ``fused`` (inference, Triton) ``query`` is
+        the NCHW map and its RMSNorm and projection run as one kernel
+        (``jafar.encoder_kernels.rms_project``)."""
         # RMSNorm in the weights' dtype (float32 under autocast, where the convs give bf16/fp16)
         dtype = self.norm_q.weight.dtype
+        if fused:
+            from . import encoder_kernels as ek
+
+            attn, e = self.attention, self.attention.embed_dim
+            eps = self.norm_q.eps if self.norm_q.eps is not None else torch.finfo(dtype).eps
+            q = ek.rms_project(query, self.norm_q.weight, eps, attn.q_proj_weight, attn.in_proj_bias[:e],
+                               _autocast_dtype(query.to(dtype)))
+            return attn(None, self.norm_k(key.to(dtype)), value, mode, memory_budget, projected_query=q)
         return self.attention(self.norm_q(query.to(dtype)), self.norm_k(key.to(dtype)), value, mode, memory_budget)
 
 
@@ -278,11 +291,14 @@ class CrossAttentionBlock(nn.Module):
         self.cross_attn = CrossAttention(query_dim, value_dim, num_heads)
         self.conv2d = nn.Conv2d(query_dim, query_dim, kernel_size=3, stride=1, padding=1, bias=False)
 
-    def forward(self, q, k, v, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
-        q = self.conv2d(q).flatten(2).transpose(1, 2)
+    def forward(self, q, k, v, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET, fused: bool = False) -> torch.Tensor:
+        """``fused``: the queries' RMSNorm and projection as one Triton kernel on the conv's NCHW
+        output (inference; ``JAFAR(encoders="triton")``)."""
+        q = self.conv2d(q)
+        q = q if fused else q.flatten(2).transpose(1, 2)
         k = k.flatten(2).transpose(1, 2)
         v = v.flatten(2).transpose(1, 2)
-        return self.cross_attn(q, k, v, mode, memory_budget)
+        return self.cross_attn(q, k, v, mode, memory_budget, fused=fused)
 
 
 def _check_output_size(output_size) -> Tuple[int, int]:
@@ -401,8 +417,7 @@ class JAFAR(nn.Module):
                                f"inputs are on {image.device}.")
         n, _, h, w = image.shape
         dtype = _autocast_dtype(image)
-        train = torch.is_grad_enabled() and (image.requires_grad or features.requires_grad or any(
-            p.requires_grad for p in self.parameters()))
+        train = self._needs_grad(image, features)
 
         def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
             conv0, blocks = encoder[0], list(encoder)[1:]
@@ -452,6 +467,10 @@ class JAFAR(nn.Module):
         keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
         return queries, keys
 
+    def _needs_grad(self, image: torch.Tensor, features: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (image.requires_grad or features.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
+
     def _encoder(self):
         if self.encoders == "triton":
             return self._encode_triton
@@ -470,7 +489,8 @@ class JAFAR(nn.Module):
         out_h, out_w = self.check_inputs(image, features, output_size)
         b, c = features.shape[:2]
         queries, keys = self._encoder()(image, features, (out_h, out_w))
-        out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget)  # (B, Nq, C)
+        fused = self.encoders == "triton" and not self._needs_grad(image, features)
+        out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget, fused)  # (B, Nq, C)
         return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:

@@ -89,8 +89,8 @@ def test_encoder_kernels_compile_for_sm90():
     from jafar import encoder_kernels as ek
 
     compiled = ek.compile_for_gpu(torch.bfloat16, channels=128, groups=8, arch=90)
-    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "unit_bwd", "gn_stats",
-                             "gn_bwd_reduce", "gn_bwd_apply"}
+    assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "unit_bwd", "rms_project",
+                             "gn_stats", "gn_bwd_reduce", "gn_bwd_apply"}
     for kernel in compiled.values():
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
 
@@ -98,6 +98,13 @@ def test_encoder_kernels_compile_for_sm90():
 def _model(**kw):
     torch.manual_seed(0)
     return JAFAR(v_dim=16, qk_dim=32, **kw)
+
+
+def test_rms_project_checks_its_weight():
+    from jafar import encoder_kernels as ek
+
+    with pytest.raises(ValueError, match=r"rms_project takes a \(D, C\) weight with C = 8"):
+        ek.rms_project(torch.randn(1, 8, 3, 3), torch.ones(8), 1e-6, torch.randn(4, 6), torch.zeros(4), torch.float32)
 
 
 def test_without_cuda_the_fused_encoders_say_what_they_need():
