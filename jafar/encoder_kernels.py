@@ -193,6 +193,17 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _group_tile(t, ng, C, P, G: tl.constexpr, CGP: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Tile ``t`` of sample ``ng // G``, group ``ng % G`` in the GroupNorm kernels: the group's
+        channels x the tile's pixels, as ``(mask, element offsets)``."""
+        cg = C // G
+        ch = tl.arange(0, CGP)
+        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
+        offs = ((ng // G).to(tl.int64) * C + (ng % G) * cg + ch[:, None]) * P + offs_p[None, :]
+        return mask, offs
+
+    @triton.jit
     def _gn_tile_stats_kernel(X, PART, C, P, NT, G: tl.constexpr, CGP: tl.constexpr, BLOCK_P: tl.constexpr):
         """Program (tile t, sample n * G + group g): the group's mean and sum of squared deviations
         over the tile's pixels, in float32 (the layout of :class:`Stats`)."""
@@ -201,11 +212,8 @@ if triton is not None:
         n = (ng // G).to(tl.int64)
         g = ng % G
         cg = C // G
-        ch = tl.arange(0, CGP)
-        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
-        x = tl.load(X + (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        mask, offs = _group_tile(t, ng, C, P, G, CGP, BLOCK_P)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(P - t * BLOCK_P, BLOCK_P) * cg
         mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
         d = tl.where(mask, x - mean, 0.0)
@@ -224,9 +232,7 @@ if triton is not None:
         g = ng % G
         cg = C // G
         ch = tl.arange(0, CGP)
-        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
-        offs = (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :]
+        mask, offs = _group_tile(t, ng, C, P, G, CGP, BLOCK_P)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + n * G + g)
@@ -247,9 +253,7 @@ if triton is not None:
         g = ng % G
         cg = C // G
         ch = tl.arange(0, CGP)
-        offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask = (ch < cg)[:, None] & (offs_p < P)[None, :]
-        offs = (n * C + g * cg + ch[:, None]).to(tl.int64) * P + offs_p[None, :]
+        mask, offs = _group_tile(t, ng, C, P, G, CGP, BLOCK_P)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(CA + n * C + g * cg + ch, mask=ch < cg, other=0.0)
@@ -355,11 +359,7 @@ def rms_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     p = x[0, 0].numel()
     block_p = _tile(p, cfg)
     nt = triton.cdiv(p, block_p)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
-    else:
-        programs = min(nt, 2)
+    programs = _programs(x, n, nt, cfg)
     out = torch.empty(n, p, d, device=x.device, dtype=out_dtype)
     wt = weight.to(out_dtype).t().contiguous()
     prec = ("ieee" if out_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32")
@@ -455,11 +455,7 @@ def unit_backward(dy, x, weight, a, s, mean, rstd, gn_weight, num_groups: int, c
     weight = weight.to(x.dtype).contiguous()
     block_p = _tile(p, cfg)
     nt = triton.cdiv(p, block_p)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
-    else:
-        programs = min(nt, 2)
+    programs = _programs(x, n, nt, cfg)
     dz = torch.empty_like(x)
     part = torch.empty(n, nt, 2, c, device=x.device, dtype=torch.float32)
     dwpart = torch.empty(n * programs, co, c, device=x.device, dtype=torch.float32)
@@ -530,6 +526,15 @@ class Stats:
         mean = (counts * means).sum(1) / total
         m2 = m2s.sum(1) + (counts * (means - mean[:, None]) ** 2).sum(1)
         return mean, torch.rsqrt(m2 / total + eps)
+
+
+def _programs(x: torch.Tensor, samples: int, tiles: int, cfg: dict) -> int:
+    """Persistent programs per sample: ``programs_per_sm`` per SM over the batch on CUDA; two under
+    the interpreter (so that the tile loop is exercised)."""
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return max(1, min(tiles, sms * cfg["programs_per_sm"] // samples))
+    return min(tiles, 2)
 
 
 def _tile(pixels: int, cfg: dict) -> int:
@@ -605,11 +610,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
         steps = (1.0 / (img_h - 1) if img_h > 1 else 0.0, 1.0 / (img_w - 1) if img_w > 1 else 0.0)
     else:
         freqs, img_w, steps = y, 1, (0.0, 0.0)
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(nt, sms * cfg["programs_per_sm"] // n))
-    else:  # the interpreter: two programs per sample, so that the tile loop is exercised
-        programs = min(nt, 2)
+    programs = _programs(x, n, nt, cfg)
     LAST_LAUNCH["encoder"] = _pointwise_conv_kernel[(programs, n)](
         x, weight, a, s, residual if residual is not None else y, y, part, freqs, c, co, p, nt, img_w, *steps,
         NORM=coefficients is not None, RES=residual is not None, ROPE=rope is not None, G=g,
