@@ -281,9 +281,9 @@ def run_checks(device: str, cases=None) -> tuple:
     what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
     lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
              "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets; "
-             "the `enc_` rows: queries, keys and output of the fused encoders, and the `gn_` rows: output and "
-             "gradients of the Triton GroupNorm, which also must be within 1.5x of PyTorch's own error in that "
-             "precision).",
+             "the `enc_` rows: the fused encoders' queries, keys and output at inference and output and every "
+             "gradient in training, and the `gn_` rows: output and gradients of the Triton GroupNorm, which also "
+             "must be within 1.5x of PyTorch's own error in that precision).",
              "", "| case | " + " | ".join(dtypes) + " | what |", "|---|" + "---|" * (len(dtypes) + 1)]
     for name in names:
         cells = []
