@@ -515,8 +515,9 @@ class Stats:
         return self.part.shape[-1]
 
     def mean_rstd(self, eps: float = 1e-5):
-        """``(mean, rstd)`` float32 ``(N, G)``: the tiles merged with Chan's formula (in PyTorch; the
-        fused encoders use :func:`group_norm_coefficients` instead)."""
+        """``(mean, rstd)`` float32 ``(N, G)``: the tiles merged with Chan's formula, in PyTorch on any
+        device: the reference of the merge that :func:`group_norm_coefficients` does in one kernel
+        (which the model uses), testable without Triton."""
         n, nt, _, g = self.part.shape
         cg = self.channels // g
         starts = torch.arange(nt, device=self.part.device) * self.tile

@@ -109,7 +109,8 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype, use_triton=
     if use_triton:
         from . import encoder_kernels
 
-        mean, rstd = encoder_kernels.group_norm_stats(x, num_groups).mean_rstd(eps)
+        stats = encoder_kernels.group_norm_stats(x, num_groups)
+        mean, rstd = encoder_kernels.group_norm_coefficients(stats, eps=eps, return_stats=True)[2:]  # one merge kernel
         mean, rstd = mean.view(n, num_groups, 1), rstd.view(n, num_groups, 1)
     else:
         var, mean = torch.var_mean(xg.to(acc), dim=-1, correction=0, keepdim=True)  # (N, G, 1)
@@ -404,12 +405,14 @@ class JAFAR(nn.Module):
         keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
         return queries, keys
 
-    def _encode_triton(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int]):
+    def _encode_triton(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int],
+                       train: bool = None):
         """:meth:`encode` with the full-resolution encoders' ResBlocks as fused Triton kernels. At
         inference each 1x1 convolution is one kernel (the previous GroupNorm and SiLU in its
         prologue; residual, RoPE and the next GroupNorm's statistics in its epilogue); with
         gradients each GroupNorm -> SiLU -> conv is a :class:`jafar.encoder_kernels.FusedUnit`
-        (saving only its input) and the first convolution, RoPE and the query norm are PyTorch's."""
+        (saving only its input) and the first convolution, RoPE and the query norm are PyTorch's.
+        ``train``: whether gradients are needed (found from the inputs and parameters if None)."""
         from . import encoder_kernels as ek
 
         if not ek.available(image.device):
@@ -417,7 +420,7 @@ class JAFAR(nn.Module):
                                f"inputs are on {image.device}.")
         n, _, h, w = image.shape
         dtype = _autocast_dtype(image)
-        train = self._needs_grad(image, features)
+        train = self._needs_grad(image, features) if train is None else train
 
         def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
             conv0, blocks = encoder[0], list(encoder)[1:]
@@ -472,8 +475,6 @@ class JAFAR(nn.Module):
             p.requires_grad for p in self.parameters()))
 
     def _encoder(self):
-        if self.encoders == "triton":
-            return self._encode_triton
         if not self.compile:
             return self.encode
         if self._compiled_encode is None:
@@ -488,8 +489,12 @@ class JAFAR(nn.Module):
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         out_h, out_w = self.check_inputs(image, features, output_size)
         b, c = features.shape[:2]
-        queries, keys = self._encoder()(image, features, (out_h, out_w))
-        fused = self.encoders == "triton" and not self._needs_grad(image, features)
+        if self.encoders == "triton":  # whether gradients are needed, found once per call
+            fused = not self._needs_grad(image, features)
+            queries, keys = self._encode_triton(image, features, (out_h, out_w), train=not fused)
+        else:
+            fused = False
+            queries, keys = self._encoder()(image, features, (out_h, out_w))
         out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget, fused)  # (B, Nq, C)
         return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
 
