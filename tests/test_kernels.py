@@ -240,3 +240,32 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     assert set(compiled) == {"fwd", "fwd_stats", "fwd_from_lse", "bwd_dq", "bwd_dkdf"}
     for kernel in compiled.values():
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
+
+
+_CAST_SCRIPT = r"""
+import json, torch, triton, triton.language as tl
+import jafar.kernels  # applies the interpreter fixes
+
+@triton.jit
+def cast(X, Y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
+
+g = torch.Generator().manual_seed(0)
+x = torch.cat([torch.randn(1020, generator=g) * 10, torch.tensor([0.0, -0.0, 1e-40, 3.0e38])])
+x[5] = 1.0 + 2.0 ** -8  # a tie: rounds to even (1.0), where truncation also gives 1.0
+x[6] = 1.0 + 3 * 2.0 ** -9  # above half an ulp: rounds up, truncation goes down
+y = torch.empty(1024, dtype=torch.bfloat16)
+cast[(1,)](x, y, N=1024)
+print(json.dumps(int((y.view(torch.int16) != x.to(torch.bfloat16).view(torch.int16)).sum())))
+"""
+
+
+def test_interpreter_casts_to_bfloat16_as_the_gpu_does():
+    # Triton's interpreter truncates float32 -> bfloat16; jafar.kernels makes it round to nearest
+    # even, as the GPU and torch do, so that the bf16 checks under the interpreter mean something
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", _CAST_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == 0  # bit for bit
