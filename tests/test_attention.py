@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import rel_err
-from jafar import kernel_checks
-from jafar.attention import chunk_rows, head_averaged_attention, reference_attention
+from tests.kernels import cases as kernel_checks
+from jafar.layers.attention import chunk_rows, head_averaged_attention, reference_attention
 
 
 def _inputs(b=2, nq=37, nk=11, heads=4, d=8, c=24, dtype=torch.float64, scale_logits=1.0, seed=0):

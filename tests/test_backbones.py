@@ -173,7 +173,7 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
-    for var in bb._PROXY_VARS:
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     return calls
 
@@ -186,31 +186,20 @@ def _check_offline_message(excinfo, timm_name):
     assert f"timm/{timm_name}" in msg  # the HF hub repo to fetch by hand
 
 
-def test_pretrained_offline_fails_fast(no_network):
-    import huggingface_hub.constants as hf_constants
-
-    start = time.perf_counter()
-    with pytest.raises(RuntimeError) as excinfo:
-        build_backbone("dino_vits16", pretrained=True, **TINY)
-    assert time.perf_counter() - start < 5
-    _check_offline_message(excinfo, "vit_small_patch16_224.dino")
-    assert len(no_network) == 1  # only the reachability probe, no hub retries
-    assert hf_constants.HF_HUB_OFFLINE is False  # restored
-
-
 def test_pretrained_download_error_is_wrapped(no_network, monkeypatch):
-    """Host reachable but the download fails: timm's hub call raises, we wrap it."""
+    """The download fails (no network, a server error): timm's hub call raises, we wrap it in one
+    sentence. No socket is probed beforehand: offline machines set HF_HUB_OFFLINE=1."""
     hub_calls = []
 
     def fail_download(*args, **kwargs):
         hub_calls.append(kwargs.get("filename", args[1:2]))
         raise ConnectionError("download failed")
 
-    monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", fail_download)
     with pytest.raises(RuntimeError) as excinfo:
         build_backbone("dinov2_vits14_reg4", pretrained=True, **TINY)
     _check_offline_message(excinfo, "vit_small_patch14_reg4_dinov2.lvd142m")
+    assert "HF_HUB_OFFLINE=1" in str(excinfo.value)  # offline machines: the standard switch, no probe of ours
     assert isinstance(excinfo.value.__cause__, ConnectionError)
     assert hub_calls  # this is the function timm downloads with
     assert no_network == []
@@ -225,7 +214,7 @@ def test_pretrained_respects_hf_hub_offline(no_network, monkeypatch):
         build_backbone("dinov3_vits16", pretrained=True, **TINY)
     assert time.perf_counter() - start < 5
     _check_offline_message(excinfo, "vit_small_patch16_dinov3.lvd1689m")
-    assert no_network == []  # not even the probe
+    assert no_network == []  # not a single connection
 
 
 def test_weights_bypass_download(no_network, tmp_path):

@@ -34,7 +34,7 @@ def test_registry():
 
 
 def test_featup_uncounted_flops_by_hand():
-    from jafar.baselines import FeatUpJBU
+    from jafar.upsamplers import FeatUpJBU
 
     up = FeatUpJBU(4).eval()
     assert up.uncounted_flops() == 0  # before any forward

@@ -6,7 +6,7 @@ import torch
 
 from conftest import rel_err
 from jafar import JAFAR, build_upsampler, load_checkpoint, save_checkpoint
-from jafar import checkpoint as ckpt
+from jafar.upsamplers import jafar as ckpt
 
 
 def _official_layout(tmp_path, model, extra_keys=True, name="official.pth"):

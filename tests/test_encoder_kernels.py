@@ -1,4 +1,4 @@
-"""The fused encoder kernels (``jafar.encoder_kernels``, ``JAFAR(encoders="triton")``) and the
+"""The fused encoder kernels (``jafar.kernels.encoders``, ``JAFAR(encoders="triton")``) and the
 Triton GroupNorm: the seeded cases of ``jafar.kernel_checks.ENCODER_CASES`` (inference outputs,
 and training outputs and gradients) and ``GN_CASES`` against PyTorch in float64, under Triton's
 interpreter (a subprocess, as in ``test_kernels.py``) and on CUDA where there is one; their
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jafar import kernel_checks as kc
-from jafar.model import JAFAR
+from tests.kernels import cases as kc
+from jafar.upsamplers.jafar import JAFAR
 
 triton = pytest.importorskip("triton")
 
@@ -26,7 +26,7 @@ KEYS = ([f"{c.name}/{dt}" for c in kc.ENCODER_CASES for dt in ("fp32", "bf16")]
 
 @functools.lru_cache(maxsize=None)
 def _interpreted() -> dict:
-    cmd = [sys.executable, "-m", "jafar.kernel_checks", "--device", "cpu", "--dtypes", "fp32", "bf16", "fp16",
+    cmd = [sys.executable, "-m", "tests.kernels.cases", "--device", "cpu", "--dtypes", "fp32", "bf16", "fp16",
            "--cases", "--no-module", "--encoders"]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -67,7 +67,7 @@ def test_triton_group_norm_matches_pytorch_on_cuda(case, dtype):
 def test_triton_group_norm_without_cuda_says_what_is_needed():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled")
-    from jafar.model import GroupNorm
+    from jafar.layers.norm import GroupNorm
 
     norm = GroupNorm(2, 4)
     norm.impl = "triton"
@@ -86,9 +86,11 @@ def test_failures_flag_a_fused_path_less_accurate_than_pytorch():
 def test_encoder_kernels_compile_for_sm90():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
-    from jafar import encoder_kernels as ek
+    from jafar.kernels import encoders as ek
 
-    compiled = ek.compile_for_gpu(torch.bfloat16, channels=128, groups=8, arch=90)
+    from tests.kernels.compile import compile_encoders
+
+    compiled = compile_encoders(torch.bfloat16, channels=128, groups=8, arch=90)
     assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "unit_bwd", "rms_project",
                              "gn_stats", "gn_bwd_reduce", "gn_bwd_apply"}
     for kernel in compiled.values():
@@ -101,7 +103,7 @@ def _model(**kw):
 
 
 def test_rms_project_checks_its_weight():
-    from jafar import encoder_kernels as ek
+    from jafar.kernels import encoders as ek
 
     with pytest.raises(ValueError, match=r"rms_project takes a \(D, C\) weight with C = 8"):
         ek.rms_project(torch.randn(1, 8, 3, 3), torch.ones(8), 1e-6, torch.randn(4, 6), torch.zeros(4), torch.float32)
@@ -130,7 +132,7 @@ def test_bad_encoder_options_fail_in_one_sentence():
 
 
 def test_pointwise_conv_checks_its_inputs_before_launching():
-    from jafar import encoder_kernels as ek
+    from jafar.kernels import encoders as ek
 
     x = torch.randn(1, 8, 10)
     with pytest.raises(ValueError, match=r"x \(N, C, P\) and weight \(C_out, C\)"):
@@ -151,7 +153,7 @@ def test_tile_statistics_merge_into_group_norm_statistics():
     """``Stats.mean_rstd`` merges per-tile (mean, sum of squared deviations) with Chan's formula,
     the last tile shorter, into ``nn.GroupNorm``'s mean and biased variance: built here by hand
     from tiles of 16 pixels, as the kernels write them."""
-    from jafar import encoder_kernels as ek
+    from jafar.kernels import encoders as ek
 
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64) * 3 + 40  # 35 pixels: tiles of 16, 16, 3
     g = x.reshape(2, 4, 2, 35)

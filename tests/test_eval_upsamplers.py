@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from jafar import build_backbone, build_upsampler
-from jafar.baselines import FeatUpJBU, JBULearnedRange, LargeImage, LiFT, Strided
+from jafar.upsamplers import FeatUpJBU, LargeImage, LiFT, Strided
+from jafar.upsamplers.featup import JBULearnedRange
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Triton attention kernels: the seeded cases of ``jafar.kernel_checks`` (outputs and the
+"""The Triton attention kernels: the seeded cases of ``tests/kernels/cases.py`` (outputs and the
 gradients of q, k, f, and through the module those of the image and the features) against the
 reference path, on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in a
 subprocess: the interpreter is chosen when the kernels are defined) and on CUDA where there is
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jafar import kernel_checks as kc
-from jafar.attention import head_averaged_attention, reference_attention, resolve_mode
+from tests.kernels import cases as kc
+from jafar.layers.attention import head_averaged_attention, reference_attention, resolve_mode
 
 triton = pytest.importorskip("triton")
 
@@ -38,7 +38,7 @@ INTERPRETED.update({f"module/{dt}": "module" for dt in GROUPS["module"]["dtypes"
 @functools.lru_cache(maxsize=None)
 def _interpreted(group: str) -> dict:
     spec = GROUPS[group]
-    cmd = [sys.executable, "-m", "jafar.kernel_checks", "--device", "cpu", "--dtypes", *spec["dtypes"],
+    cmd = [sys.executable, "-m", "tests.kernels.cases", "--device", "cpu", "--dtypes", *spec["dtypes"],
            "--cases", *spec["cases"]] + ([] if spec.get("module") else ["--no-module"])
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -212,7 +212,7 @@ def test_benchmark_tunes_launch_configurations_in_the_interpreter(tmp_path):
 
 
 def test_kernel_configuration_from_the_environment(monkeypatch):
-    from jafar import kernels
+    from jafar.kernels import attention as kernels
 
     saved = {k: dict(v) for k, v in kernels.CONFIGS.items()}
     try:
@@ -234,9 +234,11 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     # to the cubin (types, layouts, shared memory), as the GPU will at its first call
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
-    from jafar import kernels
+    from jafar.kernels import attention as kernels
 
-    compiled = kernels.compile_for_gpu(torch.bfloat16, num_heads=4, head_dim=32, arch=90)
+    from tests.kernels.compile import compile_attention
+
+    compiled = compile_attention(torch.bfloat16, num_heads=4, head_dim=32, arch=90)
     assert set(compiled) == {"fwd", "fwd_stats", "fwd_from_lse", "bwd_dq", "bwd_dkdf"}
     for kernel in compiled.values():
         assert kernel.asm["cubin"] and kernel.metadata.shared <= 232448  # an H100 block's shared memory
@@ -244,7 +246,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
 
 _CAST_SCRIPT = r"""
 import json, torch, triton, triton.language as tl
-import jafar.kernels  # applies the interpreter fixes
+from tests.kernels import interpreter; interpreter.apply()  # the interpreter fixes
 
 @triton.jit
 def cast(X, Y, N: tl.constexpr):
@@ -262,7 +264,7 @@ print(json.dumps(int((y.view(torch.int16) != x.to(torch.bfloat16).view(torch.int
 
 
 def test_interpreter_casts_to_bfloat16_as_the_gpu_does():
-    # Triton's interpreter truncates float32 -> bfloat16; jafar.kernels makes it round to nearest
+    # Triton's interpreter truncates float32 -> bfloat16; tests/kernels/interpreter.py makes it round to nearest
     # even, as the GPU and torch do, so that the bf16 checks under the interpreter mean something
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", _CAST_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,

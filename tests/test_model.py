@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICES, ROOT, rel_err
 from jafar import JAFAR
-from jafar.model import GroupNorm
+from jafar.layers.norm import GroupNorm
 
 MODES = ["reference", "chunked", "sdpa"] + (["triton"] if torch.cuda.is_available() else [])
 
@@ -240,7 +240,7 @@ def test_group_norm_equals_nn_group_norm_with_gradients(affine, train, dtype, im
 
 
 def test_group_norm_gradcheck_in_float64():
-    from jafar.model import group_norm
+    from jafar.layers.norm import group_norm
 
     x = torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
@@ -309,9 +309,9 @@ def test_no_padding_copy_for_1x1_convolutions(kernel_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["auto", "var_mean"])  # var_mean: CUDA's default, also on the CPU here
-def test_per_pixel_encoders_run_in_half_precision_under_autocast(impl, device, monkeypatch):
-    monkeypatch.setattr(GroupNorm, "impl", impl)
-    model = _random_model(v_dim=16, qk_dim=32).eval().to(device)
+def test_per_pixel_encoders_run_in_half_precision_under_autocast(impl, device):
+    model = _random_model(v_dim=16, qk_dim=32).set_group_norm(impl).eval().to(device)
+    assert all(m.impl == impl for m in model.modules() if isinstance(m, GroupNorm))
     encoders = [model.image_encoder, model.query_encoder, model.key_encoder, model.key_features_encoder]
     dtypes = {}
 

@@ -49,12 +49,8 @@ def _create_clip(name: str, pretrained: Optional[str], weights: Optional[str], m
         return open_clip.create_model(name, pretrained=str(weights))
     if not pretrained:
         return open_clip.create_model(name, pretrained=None)
-    from ..backbones import _hf_offline, _hf_offline_flag, _hub_reachable
-
-    offline = not _hf_offline_flag() and not _hub_reachable()
-    try:
-        with _hf_offline(offline):
-            return open_clip.create_model(name, pretrained=pretrained)
+    try:  # open_clip downloads through huggingface_hub: HF_HUB_OFFLINE=1 makes it fail at once
+        return open_clip.create_model(name, pretrained=pretrained)
     except Exception as exc:
         raise RuntimeError(
             f"CLIP weights {name!r} / {pretrained!r} could not be downloaded or loaded (offline? {type(exc).__name__}): "
@@ -87,7 +83,7 @@ class MaskCLIPBackbone(Backbone):
         self.clip = clip
         self.width = int(width)
         self.pretrained = bool(pretrained)
-        object.__setattr__(self, "tokenizer", tokenizer)
+        self.tokenizer = tokenizer  # open_clip's tokenizer (a plain object)
         self._freeze()
 
     # ------------------------------------------------------------------ image

@@ -358,36 +358,15 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
     target = ucfg.pop("_target_", "jafar.build_upsampler")
     if "feature_dim" in ucfg:  # the shared jafar.yaml carries ViT-S's width; the backbone decides
         ucfg["feature_dim"] = int(backbone.embed_dim)
-    ckpt = shown = ucfg.get("checkpoint")
+    ckpt = ucfg.get("checkpoint")
     if isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt):
         ucfg["checkpoint"] = ckpt = _abs(ckpt)
         if not Path(ckpt).is_file() and extra["pretrain_if_missing"] == "demo":
             _run_pretraining_demo(Path(ckpt))
     module = get_method(target)(backbone=backbone, **ucfg)
     label = str(cfg.get("labels", {}).get(row, row))
-    info = {"label": label, "name": ucfg.get("name", row), "note": describe(row, module, {**ucfg, "checkpoint": shown}, cfg)}
+    info = {"label": label, "name": ucfg.get("name", row), "note": module.describe()}
     return module, info
-
-
-def describe(row: str, module, ucfg: dict, cfg: DictConfig) -> str:
-    """A one-line note on how a row's upsampler was made (weights, options)."""
-    from ..baselines import FeatUpJBU, LargeImage, LiFT, Strided
-    from ..model import JAFAR
-
-    if isinstance(module, FeatUpJBU):
-        return (f"FeatUp JBU stack (x16 then bilinear), weights: {module.weights_source}. The paper retrained "
-                f"FeatUp on ImageNet (50k steps): FeatUp's released weights (COCO-Stuff) do not reproduce its row.")
-    if isinstance(module, LiFT):
-        return (f"LiFT (x2 then bilinear), weights: {module.weights_source}. LiFT's released modules are for "
-                f"DINO (v1) ViTs only.")
-    if isinstance(module, LargeImage):
-        return f"the encoder on the image enlarged x{module.scale:g}, then bilinear."
-    if isinstance(module, Strided):
-        return f"the ViT's patch stride reduced to {module.stride}, then bilinear."
-    if isinstance(module, JAFAR):
-        ckpt = ucfg.get("checkpoint")
-        return f"JAFAR, weights: {ckpt if ckpt else 'random init'}."
-    return f"{ucfg.get('name', row)} interpolation (training-free)."
 
 
 # ---------------------------------------------------------------------------------------------

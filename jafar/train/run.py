@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import save_checkpoint
+from ..upsamplers.jafar import save_checkpoint
 from ..upsamplers import build_upsampler
 from ..utils import atomic_path
 from .data import ImageFiles, StepBatchSampler, find_images, make_loader, split_holdout, write_demo_photos

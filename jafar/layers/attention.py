@@ -27,7 +27,7 @@ Four interchangeable implementations, selected by ``mode``:
     averaged over heads.
 
 ``"triton"``
-    Triton kernels (``jafar.kernels``): the forward is the same two-pass algorithm fused,
+    Triton kernels (``jafar.kernels.attention``): the forward is the same two-pass algorithm fused,
     never materialising more than one ``(BLOCK_M x BLOCK_N)`` tile, and saves each head's
     log-sum-exp; the backward recomputes the probabilities tile by tile (one kernel per query
     tile for ``dQ``, one per key tile for ``dK`` and ``dF``).
@@ -73,11 +73,11 @@ def resolve_mode(mode: str, device: torch.device, head_dim: int = 32, num_heads:
         exact_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         if device.type != "cuda" or exact_fp32 or dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "chunked"
-        from . import kernels
+        from ..kernels import attention as kernels
 
         return "triton" if kernels.available(device) else "chunked"
     if mode == "triton":
-        from . import kernels
+        from ..kernels import attention as kernels
 
         if not kernels.available(device):
             raise RuntimeError(f"attention='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the "
@@ -121,7 +121,7 @@ def _chunk_probs(q_chunk: torch.Tensor, kt: torch.Tensor, scale: float) -> torch
     return torch.softmax(logits.mul_(scale), dim=-1)
 
 
-class _HeadAveragedAttention(torch.autograd.Function):
+class _ChunkedAttention(torch.autograd.Function):
     """Chunked forward (averaged softmax or per-head SDPA) with a recomputing backward."""
 
     @staticmethod
@@ -133,7 +133,7 @@ class _HeadAveragedAttention(torch.autograd.Function):
         with torch.autocast(device_type=q.device.type, enabled=False):
             lse = None
             if impl == "triton":
-                from .kernels import head_averaged_attention_fwd
+                from ..kernels.attention import head_averaged_attention_fwd
 
                 out, lse = head_averaged_attention_fwd(q, k, f, num_heads, scale, return_lse=True)
             elif impl == "sdpa":
@@ -158,7 +158,7 @@ class _HeadAveragedAttention(torch.autograd.Function):
         q, k, f, lse = ctx.saved_tensors
         h, scale, rows = ctx.num_heads, ctx.scale, ctx.rows
         if lse is not None:  # the Triton forward ran: fused backward kernels
-            from .kernels import head_averaged_attention_bwd
+            from ..kernels.attention import head_averaged_attention_bwd
 
             dq, dk, df = head_averaged_attention_bwd(q, k, f, lse, grad_out, h, scale)
             need = ctx.needs_input_grad
@@ -236,4 +236,4 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, n
 
     q, k, f = q.to(dtype), k.to(dtype), f.to(dtype).contiguous()
     rows = chunk_rows(q.shape[0], k.shape[1], f.shape[2], num_heads, memory_budget)
-    return _HeadAveragedAttention.apply(q, k, f, num_heads, scale, rows, mode)
+    return _ChunkedAttention.apply(q, k, f, num_heads, scale, rows, mode)

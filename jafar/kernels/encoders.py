@@ -3,7 +3,7 @@ GroupNorm.
 
 JAFAR's image, query and key encoders run at the full image resolution and are all 1x1:
 ``conv -> [GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv (+ identity)] x 2``
-(``jafar.model.make_encoder``). Eagerly, each GroupNorm reads its input twice (statistics, then
+(``jafar.upsamplers.jafar.make_encoder``). Eagerly, each GroupNorm reads its input twice (statistics, then
 ``x * a + b``), SiLU reads and writes, the convolution reads and writes, the residual add reads
 two tensors: at 448x448 and 128 channels in bf16, each pass is 51 MB of memory traffic. The
 matmuls themselves are tiny (128x128 weights). So the encoders are bound by memory traffic and
@@ -13,7 +13,7 @@ kernel launches, not by arithmetic (issue #5).
 step in one pass over the pixels: each program loads a tile of ``BLOCK_P`` pixels and all input
 channels, applies the per-(sample, channel) normalisation ``x * a + s`` and SiLU in float32,
 multiplies by the weight with ``tl.dot`` (float32 accumulation), adds the residual, optionally
-applies the 2-D RoPE (``jafar.rope``) and writes the tile once. Its epilogue writes, per tile,
+applies the 2-D RoPE (``jafar.layers.rope``) and writes the tile once. Its epilogue writes, per tile,
 the group means and the sums of squared deviations from them (of the values as stored, i.e.
 after rounding to the output dtype) so that the next GroupNorm needs no pass of its own:
 :func:`group_norm_coefficients` merges the tiles (Chan's parallel formula, in float32, one
@@ -32,12 +32,12 @@ the saved input), the per-channel sums of ``dz`` and ``dz * xhat`` and, accumula
 persistent program, the weight gradient; then the GroupNorm backward's elementwise ``dx``.
 
 :func:`group_norm_stats` and :func:`group_norm_backward` are a standalone GroupNorm
-(``jafar.model.GroupNorm.impl = "triton"``): statistics in one pass, and the backward in two,
+(``jafar.layers.norm.GroupNorm(impl="triton")``): statistics in one pass, and the backward in two,
 reading half-precision inputs and gradients in their own dtype.
 
 Same numbers as the PyTorch path (``nn.GroupNorm`` statistics are the biased variance of the
 stored values, ``eps`` inside the square root), up to float rounding: outputs and gradients are
-checked against it in float64 (``jafar.kernel_checks``: ``ENCODER_CASES``, ``GN_CASES``) in
+checked against it in float64 (``tests/kernels/cases.py``: ``ENCODER_CASES``, ``GN_CASES``) in
 ``tests/test_encoder_kernels.py`` under Triton's interpreter, and on CUDA.
 """
 
@@ -45,19 +45,17 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import CONFIGS, _next_pow2, available, interpreting, triton  # noqa: F401 (re-exported helpers)
+from .attention import CONFIGS, available, next_pow2 as _next_pow2, triton
 
 if triton is not None:
     import triton.language as tl
 
-# The launch configuration of pointwise_conv is jafar.kernels.CONFIGS["encoder"] (pixels per tile,
+# The launch configuration of pointwise_conv is jafar.kernels.attention.CONFIGS["encoder"] (pixels per tile,
 # warps, software-pipeline stages, persistent programs per SM; on the CPU under the interpreter,
 # two programs per sample), overridable with JAFAR_TRITON_CONFIG or per call.
 
 #: widest input or output the kernel takes (the whole weight is one tile; JAFAR's qk_dim is 128)
 MAX_CHANNELS = 128
-#: the compiled kernel of the last launch (``n_regs``, ``n_spills`` on a GPU)
-LAST_LAUNCH = {}
 #: tiles merged per loop step in :func:`group_norm_coefficients`
 BLOCK_T = 512
 
@@ -612,7 +610,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, coefficients=None, res
     else:
         freqs, img_w, steps = y, 1, (0.0, 0.0)
     programs = _programs(x, n, nt, cfg)
-    LAST_LAUNCH["encoder"] = _pointwise_conv_kernel[(programs, n)](
+    _pointwise_conv_kernel[(programs, n)](
         x, weight, a, s, residual if residual is not None else y, y, part, freqs, c, co, p, nt, img_w, *steps,
         NORM=coefficients is not None, RES=residual is not None, ROPE=rope is not None, G=g,
         GP=max(1, _next_pow2(g)) if g else 1, CP=max(16, _next_pow2(c)),
@@ -642,63 +640,75 @@ def group_norm_coefficients(stats: Stats, weight=None, bias=None, eps: float = 1
     return (a, s, mean, rstd) if return_stats else (a, s)
 
 
-def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, channels: int = 128, groups: int = 8, arch: int = 90,
-                    tf32: bool = True) -> dict:
-    """Compile the kernels for a CUDA architecture without a GPU (Triton's ahead-of-time path, as
-    ``jafar.kernels.compile_for_gpu``), in the variants JAFAR launches: ``{name: compiled}`` with
-    ``conv`` (no prologue), ``block`` (GroupNorm-apply, SiLU, statistics), ``residual`` (and the
-    residual), ``rope`` (and RoPE, no statistics) and ``coefficients``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# ---------------------------------------------------------------------------------------------
+# the execution plan of JAFAR(encoders="triton")
+# ---------------------------------------------------------------------------------------------
 
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    cfg = CONFIGS["encoder"]
-    pad = max(16, _next_pow2(channels))
-    base = dict(G=groups, GP=_next_pow2(groups), CP=pad, COP=pad, BLOCK_P=cfg["block_p"],
-                PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
-    variants = {
-        "conv": dict(base, NORM=False, RES=False, ROPE=False),
-        "block": dict(base, NORM=True, RES=False, ROPE=False),
-        "residual": dict(base, NORM=True, RES=True, ROPE=False),
-        "rope": dict(base, NORM=True, RES=True, ROPE=True, G=0, GP=1),
-    }
-    target = GPUTarget("cuda", arch, 32)
-    out = {}
-    for variant, consts in variants.items():
-        signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("X", "W", "R", "Y") else
-                     "*fp32" if a in ("A", "S", "PART", "FREQS") else "fp32" if a.endswith("_step") else "i32"
-                     for a in _pointwise_conv_kernel.arg_names}
-        out[variant] = triton.compile(ASTSource(fn=_pointwise_conv_kernel, signature=signature, constexprs=consts),
-                                      target=target, options=dict(num_warps=cfg["num_warps"],
-                                                                  num_stages=cfg["num_stages"]))
-    consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_T=BLOCK_T, AFFINE=True)
-    pointers = {"PART", "WEIGHT", "BIAS", "A", "S", "MEAN", "RSTD"}
-    signature = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a in ("eps", "total")
-                 else "i32"
-                 for a in _gn_coefficients_kernel.arg_names}
-    out["coefficients"] = triton.compile(ASTSource(fn=_gn_coefficients_kernel, signature=signature, constexprs=consts),
-                                         target=target, options=dict(num_warps=4))
-    consts = dict(G=groups, CP=pad, COP=pad, BLOCK_P=cfg["block_p"], PREC=base["PREC"])
-    signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("DY", "X", "W", "DZ") else
-                 "*fp32" if a in ("A", "S", "MEAN", "RSTD", "PART", "DWPART") else "i32"
-                 for a in _unit_bwd_kernel.arg_names}
-    out["unit_bwd"] = triton.compile(ASTSource(fn=_unit_bwd_kernel, signature=signature, constexprs=consts),
-                                     target=target, options=dict(num_warps=cfg["num_warps"],
-                                                                 num_stages=cfg["num_stages"]))
-    consts = dict(CP=pad, DP=pad, BLOCK_P=cfg["block_p"], PREC=base["PREC"])
-    signature = {a: "constexpr" if a in consts else f"*{name}" if a in ("X", "WT", "OUT") else
-                 "*fp32" if a in ("NW", "BIAS") else "fp32" if a == "eps" else "i32"
-                 for a in _rms_project_kernel.arg_names}
-    out["rms_project"] = triton.compile(ASTSource(fn=_rms_project_kernel, signature=signature, constexprs=consts),
-                                        target=target, options=dict(num_warps=cfg["num_warps"],
-                                                                    num_stages=cfg["num_stages"]))
-    gn_consts = dict(G=groups, CGP=_next_pow2(channels // groups), BLOCK_P=GN_BLOCK_P)
-    gn_pointers = {"X", "PART", "DY", "MEAN", "RSTD", "CA", "CB", "CC", "DX"}
-    for variant, fn in (("gn_stats", _gn_tile_stats_kernel), ("gn_bwd_reduce", _gn_bwd_reduce_kernel),
-                        ("gn_bwd_apply", _gn_bwd_apply_kernel)):
-        signature = {a: "constexpr" if a in gn_consts else
-                     (f"*{name}" if a in ("X", "DY", "DX") else "*fp32") if a in gn_pointers else "i32"
-                     for a in fn.arg_names}
-        out[variant] = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=dict(gn_consts)), target=target,
-                                      options=dict(num_warps=4))
-    return out
+
+def encode_fused(model, image: torch.Tensor, features: torch.Tensor, output_size, train: bool = None):
+    """``model.encode`` (``model``: a ``jafar.upsamplers.jafar.JAFAR``) with the full-resolution
+    encoders' ResBlocks as fused Triton kernels. At inference each 1x1 convolution is one kernel
+    (the previous GroupNorm and SiLU in its prologue; residual, RoPE and the next GroupNorm's
+    statistics in its epilogue); with gradients each GroupNorm -> SiLU -> conv is a
+    :class:`FusedUnit` (saving only its input) and the first convolution, RoPE and the query norm
+    are PyTorch's.
+    ``train``: whether gradients are needed (found from the inputs and parameters if None)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from ..layers.norm import autocast_dtype
+
+    if not available(image.device):
+        raise RuntimeError(f"encoders='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); the "
+                           f"inputs are on {image.device}.")
+    n, _, h, w = image.shape
+    dtype = autocast_dtype(image)
+    train = model.needs_grad(image, features) if train is None else train
+
+    def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
+        conv0, blocks = encoder[0], list(encoder)[1:]
+        groups = blocks[0].norm1.num_groups if blocks else 0
+        if conv0.kernel_size == (1, 1) and not train:
+            y = pointwise_conv(x.reshape(n, x.shape[1], -1), conv0.weight.flatten(1), stats_groups=groups)
+        else:  # cuDNN (a k x k reflect-padded conv, or training), then the statistics in one pass
+            y = conv0(x.view(n, -1, h, w)).to(dtype).flatten(2)
+            y = (y, group_norm_stats(y.detach(), groups)) if groups else y
+        y, stats = y if groups else (y, None)
+        for i, block in enumerate(blocks):
+            out_groups = 0 if i == len(blocks) - 1 and not last_stats else groups
+            if train:
+                t, t_stats = fused_unit(y, block.conv1.weight, block.norm1, stats,
+                                           out_groups=block.norm2.num_groups)
+                y, stats = fused_unit(t, block.conv2.weight, block.norm2, t_stats, residual=y,
+                                         out_groups=out_groups)
+                continue
+            coef = group_norm_coefficients(stats, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+            t, t_stats = pointwise_conv(y, block.conv1.weight.flatten(1), coef,
+                                           stats_groups=block.norm2.num_groups)
+            coef = group_norm_coefficients(t_stats, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+            out = pointwise_conv(t, block.conv2.weight.flatten(1), coef, residual=y,
+                                    stats_groups=out_groups, rope=rope if i == len(blocks) - 1 else None)
+            y, stats = out if isinstance(out, tuple) else (out, None)
+        if rope is not None and (train or not blocks):
+            y = model.rope(y.view(n, -1, h, w)).flatten(2)
+        return y, stats
+
+    encoded, _ = run(model.image_encoder, image.to(dtype), rope=(model.rope.freqs, h, w), last_stats=False)
+    same_size = tuple(output_size) == (h, w)
+    queries, stats = run(model.query_encoder, encoded, last_stats=same_size and not train)
+    queries = queries.view(n, -1, h, w)
+    if not same_size:
+        queries = F.adaptive_avg_pool2d(queries, output_size)
+    if train:
+        queries = model.norm(queries)
+    else:
+        if not same_size:
+            stats = group_norm_stats(queries, model.norm.num_groups)
+        a, s = group_norm_coefficients(stats, eps=model.norm.eps)
+        with torch.autocast(image.device.type, enabled=False):
+            queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
+                                    out=torch.empty_like(queries, memory_format=torch.contiguous_format))
+    keys, _ = run(model.key_encoder, encoded, last_stats=False)
+    keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
+    keys = model.sft_key(keys, model.key_features_encoder(F.normalize(features, dim=1)))
+    return queries, keys

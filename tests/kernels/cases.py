@@ -3,7 +3,7 @@
 Each case builds ``q, k, f`` and an output gradient from a fixed seed (on the CPU, so every
 device sees the same numbers), runs the kernels (forward and backward) in the requested dtype
 and compares the output and the gradients of ``q``, ``k`` and ``f`` with the reference path
-(``jafar.attention.reference_attention``, the official materialising algorithm) evaluated in
+(``jafar.layers.attention.reference_attention``, the official materialising algorithm) evaluated in
 float64 on the same inputs rounded to that dtype. The cases are the ones uniform random inputs
 would not catch: peaked and very large logits (beyond float16's 65504 before and after
 scaling), key and query counts that are not a multiple of any tile size, a single key, heads
@@ -14,7 +14,7 @@ Error of one tensor: ``||x - ref|| / ||ref||``; where the reference is zero or b
 normal number of the tested dtype (the query and key gradients of a single key, or of a
 saturated softmax: about 1e-47 in the ``huge_logits`` case), ``||x||`` instead.
 
-:data:`ENCODER_CASES` check the fused encoder kernels (``jafar.encoder_kernels``) the same way:
+:data:`ENCODER_CASES` check the fused encoder kernels (``jafar.kernels.encoders``) the same way:
 queries, keys and output of ``JAFAR(encoders="triton")`` against the PyTorch path in float64.
 
 Used by ``tests/test_kernels.py`` (on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``,
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .attention import head_averaged_attention, reference_attention
+from jafar.layers.attention import head_averaged_attention, reference_attention
 
 #: input dtypes of the checks; "tf32" is float32 with TF32 matmuls allowed (CUDA only)
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,7 +148,7 @@ def run_case(case: Case, dtype_name: str, device="cpu", blocks: Optional[dict] =
     ``dq``, ``dk``, ``df``. ``blocks`` overrides the tile sizes (then the kernels are called
     directly, otherwise through ``head_averaged_attention(mode=mode)``: another ``mode`` checks
     another path on the same cases)."""
-    from . import kernels
+    from jafar.kernels import attention as kernels
 
     dtype = DTYPES[dtype_name]
     q, k, f, go = make_inputs(case, dtype, device, tf32=dtype_name == "tf32")
@@ -178,7 +178,7 @@ def module_case(device="cpu", dtype_name: str = "fp32", mode: str = "triton") ->
     """A random JAFAR (4 heads of width 8, 48 channels, batch 2, 13x11 output from a 20x26 image and
     4x5 features): output and gradients of the image and the features with ``attention=mode``
     (float32, or bf16/fp16 autocast) against the module in float64 with ``attention="reference"``."""
-    from .model import JAFAR
+    from jafar.upsamplers.jafar import JAFAR
 
     torch.manual_seed(0)
     model = JAFAR(v_dim=48, qk_dim=32, num_heads=4)
@@ -243,7 +243,7 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
     (a weighted sum of the output, backward) the output and the gradients of the image, the
     features and every parameter (``d_params``: the largest); and (keys ``torch:...``) those of the
     PyTorch path in the same precision, for comparison."""
-    from .model import JAFAR
+    from jafar.upsamplers.jafar import JAFAR
 
     torch.manual_seed(0)
     model = JAFAR(v_dim=case.v_dim, qk_dim=case.qk_dim, kernel_size=case.kernel_size, attention="chunked").eval()
@@ -296,7 +296,7 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
     return result
 
 
-#: the Triton GroupNorm (``GroupNorm.impl = "triton"``): (name, shape, groups, input offset, affine)
+#: the Triton GroupNorm (``GroupNorm(impl="triton")``): (name, shape, groups, input offset, affine)
 GN_CASES = [
     ("gn_plain", (2, 16, 7, 9), 8, 0.0, True, "batch 2, 63 pixels (one partial tile), affine"),
     ("gn_offset", (1, 48, 23, 31), 8, 30.0, True, "input 30 +- 0.5 over 713 pixels (3 tiles), groups of 6"),
@@ -308,7 +308,7 @@ def group_norm_case(case, device="cpu", dtype_name: str = "fp32") -> Dict[str, f
     """Errors of the Triton GroupNorm's output and gradients (input, weight, bias) against
     ``nn.GroupNorm`` in float64 on the same rounded input, and (``torch:...``) those of
     ``nn.GroupNorm`` itself in that dtype (weights in float32, as under autocast)."""
-    from .model import GroupNorm
+    from jafar.layers.norm import GroupNorm
 
     name, shape, groups, offset, affine, _ = case
     torch.manual_seed(0)
@@ -331,9 +331,8 @@ def group_norm_case(case, device="cpu", dtype_name: str = "fp32") -> Dict[str, f
         module.zero_grad(set_to_none=True)
         return out
 
-    ours = GroupNorm(groups, shape[1], affine=affine)
+    ours = GroupNorm(groups, shape[1], affine=affine, impl="triton")
     ours.load_state_dict(ref.state_dict())
-    ours.impl = "triton"
     mine = run(ours, device, dtype)
     native = torch.nn.GroupNorm(groups, shape[1], affine=affine)
     native.load_state_dict(ref.state_dict())
@@ -405,11 +404,13 @@ def failures(results: dict) -> List[str]:
 
 
 def main(argv=None) -> None:
-    """``python -m jafar.kernel_checks [--device D] [--dtypes ...] [--cases ...] [--no-module]``: the
+    """``python -m tests.kernels.cases [--device D] [--dtypes ...] [--cases ...] [--no-module]``: the
     errors as JSON on the last line (under ``TRITON_INTERPRET=1``: the interpreter's tile sizes)."""
     import argparse
 
-    from . import kernels
+    from . import interpreter
+
+    interpreter.apply()
 
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -419,7 +420,7 @@ def main(argv=None) -> None:
     p.add_argument("--encoders", action="store_true",
                    help="also the fused-encoder and Triton GroupNorm cases (ENCODER_CASES, GN_CASES)")
     args = p.parse_args(argv)
-    print(json.dumps(run_all(args.device, args.dtypes, args.cases, not args.no_module, kernels.interpreting(),
+    print(json.dumps(run_all(args.device, args.dtypes, args.cases, not args.no_module, interpreter.interpreting(),
                              args.encoders)))
 
 

@@ -24,10 +24,9 @@ channels); any feature width (channel tiles are masked); any head width and head
 and head channels are padded to powers of two inside the kernel, ``tl.dot`` needing tiles of
 at least 16).
 
-Used by ``jafar.attention`` (``mode="triton"``, and ``"auto"`` on CUDA). Runs on the CPU under
-Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use; importing this module with
-the interpreter on also corrects the interpreter's ``tl.dot`` of bfloat16 tiles (see
-:func:`_fix_interpreter_bf16`).
+Used by ``jafar.layers.attention`` (``mode="triton"``, and ``"auto"`` on CUDA). Runs on the CPU
+under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use (``tests/kernels/``:
+seeded cases, the interpreter's bfloat16 fix, ahead-of-time compilation for sm_90).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ except Exception:  # pragma: no cover - triton missing or broken
 #: (docs/benchmarks.md). Compiled for sm_90 offline (Triton 3.8, bf16, 4 heads of 32), they
 #: spill registers: the forward 24 bytes a thread, the backward kernels 2.0 and 2.6 KB;
 #: ``tools/benchmark.py --tune`` times candidates on the GPU. ``"encoder"``: the fused encoder
-#: kernel of ``jafar.encoder_kernels`` (pixels per tile, warps, stages, persistent programs per
+#: kernel of ``jafar.kernels.encoders`` (pixels per tile, warps, stages, persistent programs per
 #: SM). Override per process with ``JAFAR_TRITON_CONFIG='{"bwd_dq": {"num_warps": 8}}'`` (JSON,
 #: merged into these) or per call.
 CONFIGS = {
@@ -93,56 +92,6 @@ def available(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and interpreting()
-
-
-def _fix_interpreter_bf16() -> None:
-    """Make Triton's interpreter (3.x) treat bfloat16 as the GPU does. It stores bfloat16 tiles
-    as their raw uint16 bits, and
-
-    * its ``create_dot`` multiplies those integers (``tl.dot`` of two bf16 tiles returns ~1e10):
-      bf16 operands are widened to float32 first (bf16 x bf16 products are exact in float32, so
-      this is what the GPU's bf16 MMA with float32 accumulation computes);
-    * its float32 -> bfloat16 cast truncates (twice the GPU's rounding error, biased towards
-      zero): it rounds to nearest even here, as ``.to(tl.bfloat16)`` does on the GPU and
-      ``tensor.to(torch.bfloat16)`` in PyTorch.
-
-    Interpreter only."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_jafar_bf16", False):
-        return
-    original_dot, original_cast = builder.create_dot, builder.cast_impl
-
-    def widen(x):
-        if x.dtype == tl.bfloat16:
-            return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return x
-
-    def create_dot(self, a, b, *args, **kwargs):
-        return original_dot(self, widen(a), widen(b), *args, **kwargs)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = np.array(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            nan = np.isnan(src.data)
-            rounded[nan] = 0x7FC0
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return original_cast(self, src, dst_type)
-
-    create_dot._jafar_bf16 = True
-    builder.create_dot = create_dot
-    builder.cast_impl = cast_impl
-    # the lambdas bound at class creation call self.cast_impl, so they pick the new one up
-
-
-if triton is not None and interpreting():
-    try:
-        _fix_interpreter_bf16()
-    except Exception:  # pragma: no cover - interpreter internals changed; the bf16 tests will say so
-        pass
 
 
 if triton is not None:
@@ -349,7 +298,7 @@ if triton is not None:
                      mask=mask_n[:, None] & valid_hd[None, :])
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
@@ -371,10 +320,10 @@ def _meta(q, f, num_heads, cfg):
     nq, dim = q.shape[1], q.shape[2]
     nk, c = f.shape[1], f.shape[2]
     d = dim // num_heads
-    return dict(H=num_heads, D=d, HP=_next_pow2(num_heads), DP=max(16, _next_pow2(d)),
-                BLOCK_M=min(cfg["block_m"], max(16, _next_pow2(nq))),
-                BLOCK_N=min(cfg["block_n"], max(16, _next_pow2(nk))),
-                BLOCK_C=min(cfg["block_c"], max(16, _next_pow2(c))),
+    return dict(H=num_heads, D=d, HP=next_pow2(num_heads), DP=max(16, next_pow2(d)),
+                BLOCK_M=min(cfg["block_m"], max(16, next_pow2(nq))),
+                BLOCK_N=min(cfg["block_n"], max(16, next_pow2(nk))),
+                BLOCK_C=min(cfg["block_c"], max(16, next_pow2(c))),
                 # exact float32 products unless TF32 matmuls are allowed; Triton's default otherwise
                 PREC="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -385,10 +334,6 @@ def _config(name, override=None, **blocks):
     cfg.update(override or {})
     cfg.update({k: v for k, v in blocks.items() if v is not None})
     return cfg
-
-
-#: the compiled kernel of the last launch of each kernel (``n_regs``, ``n_spills`` on a GPU)
-LAST_LAUNCH = {}
 
 
 def head_averaged_attention_fwd(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, num_heads: int,
@@ -408,10 +353,10 @@ def head_averaged_attention_fwd(q: torch.Tensor, k: torch.Tensor, f: torch.Tenso
     args = (q, k, f, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1),
             out.stride(0), out.stride(1), nq, nk, c, float(scale) * math.log2(math.e))
     if c_tiles == 1:
-        LAST_LAUNCH["fwd"] = _fwd_kernel[(m_tiles, b, 1)](*args, **meta)
+        _fwd_kernel[(m_tiles, b, 1)](*args, **meta)
     else:  # pass 1 once per query tile, then pass 2 per channel tile from its log-sum-exp
         _fwd_kernel[(m_tiles, b, 1)](*args, PHASE=1, **meta)
-        LAST_LAUNCH["fwd"] = _fwd_kernel[(m_tiles, b, c_tiles)](*args, PHASE=2, **meta)
+        _fwd_kernel[(m_tiles, b, c_tiles)](*args, PHASE=2, **meta)
     return (out, lse) if return_lse else out
 
 
@@ -432,39 +377,9 @@ def head_averaged_attention_bwd(q, k, f, lse, grad_out, num_heads: int, scale: f
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), f.stride(0), f.stride(1), grad_out.stride(0),
               grad_out.stride(1), nq, nk, c, float(scale) * math.log2(math.e), float(scale))
     meta = _meta(q, f, num_heads, _config("bwd_dq", dq_config, **blocks))
-    LAST_LAUNCH["bwd_dq"] = _bwd_dq_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b)](
+    _bwd_dq_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b)](
         q, k, f, grad_out, lse, delta, dq, *common, **meta)
     meta = _meta(q, f, num_heads, _config("bwd_dkdf", dkdf_config, **blocks))
-    LAST_LAUNCH["bwd_dkdf"] = _bwd_dkdf_kernel[(triton.cdiv(nk, meta["BLOCK_N"]), b, triton.cdiv(c, meta["BLOCK_C"]))](
+    _bwd_dkdf_kernel[(triton.cdiv(nk, meta["BLOCK_N"]), b, triton.cdiv(c, meta["BLOCK_C"]))](
         q, k, f, grad_out, lse, delta, dk, df, *common, **meta)
     return dq, dk, df
-
-
-def compile_for_gpu(dtype: torch.dtype = torch.bfloat16, num_heads: int = 4, head_dim: int = 32,
-                    arch: int = 90, tf32: bool = True) -> dict:
-    """Compile the kernels (the forward in its three phases) for a CUDA architecture without a GPU (Triton's ahead-of-time
-    path, down to the cubin with the ``ptxas`` shipped in the triton wheel), with the launch
-    configurations of :data:`CONFIGS`: ``{kernel: compiled kernel}`` (``.metadata.shared``: bytes of
-    shared memory per program). Catches what the interpreter does not check: types, layouts,
-    shared memory. Used by the tests; ``tools/benchmark.py --tune`` measures on the GPU."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    pointers = {"Q", "K", "F", "O", "DO", "DQ", "DK", "DF"}
-    out = {}
-    for kernel, fn, phase in (("fwd", _fwd_kernel, 0), ("fwd_stats", _fwd_kernel, 1), ("fwd_from_lse", _fwd_kernel, 2),
-                              ("bwd_dq", _bwd_dq_kernel, None), ("bwd_dkdf", _bwd_dkdf_kernel, None)):
-        cfg = CONFIGS[kernel.split("_")[0] if phase is not None else kernel]
-        consts = dict(H=num_heads, D=head_dim, HP=_next_pow2(num_heads), DP=max(16, _next_pow2(head_dim)),
-                      BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"],
-                      PREC="ieee" if dtype == torch.float32 and not tf32 else "tf32")
-        if phase is not None:
-            consts["PHASE"] = phase
-        signature = {a: "constexpr" if a in consts else f"*{name}" if a in pointers else
-                     "*fp32" if a in ("LSE", "DELTA") else "fp32" if a in ("qk_scale", "scale") else "i32"
-                     for a in fn.arg_names}
-        out[kernel] = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                     target=GPUTarget("cuda", arch, 32),
-                                     options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    return out

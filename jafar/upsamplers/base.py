@@ -1,0 +1,115 @@
+"""The one upsampler interface and its registry.
+
+Every upsampler is an :class:`Upsampler`: ``upsampler(image, features, output_size) -> (B, C,
+H_out, W_out)``, where ``image`` is the normalised guidance image ``(B, 3, H, W)`` (the image the
+backbone was given), ``features`` the backbone's ``(B, C, h, w)`` patch grid and
+``output_size`` any pair of positive ints; :meth:`Upsampler.describe` is its one-line note for
+result tables.
+
+Upsamplers register a factory under a name (:func:`register_upsampler`), as timm registers
+models; :func:`create_upsampler` builds one by name and :func:`list_upsamplers` lists them.
+Adding an upsampler is one file in this package (a class, a factory, its release table and
+checkpoint adapter if it has weights) and one yaml in ``configs/upsampler/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class Upsampler(nn.Module):
+    """Base class: ``forward(image, features, output_size)`` and a one-line :meth:`describe`."""
+
+    #: where the weights came from (``"random init"``, a path, a release); learned upsamplers set it
+    weights_source: str = "training-free"
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for result tables: what this upsampler is and where its weights come from."""
+        return f"{type(self).__name__} ({self.weights_source})."
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsamplerEntry:
+    name: str
+    factory: Callable[..., Upsampler]
+    #: the upsampler encodes the image again, so it needs ``backbone=``
+    needs_backbone: bool = False
+    summary: str = ""
+
+
+_REGISTRY: Dict[str, UpsamplerEntry] = {}
+
+
+def register_upsampler(name: str, needs_backbone: bool = False, summary: str = ""):
+    """Decorator: register ``factory(feature_dim=None, checkpoint=None, backbone=None, **options)``
+    under ``name``. The factory refuses options it does not take, in one sentence."""
+
+    def wrap(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"an upsampler named {name!r} is already registered.")
+        _REGISTRY[name] = UpsamplerEntry(name, factory, needs_backbone, summary)
+        return factory
+
+    return wrap
+
+
+def list_upsamplers() -> List[str]:
+    """Registered upsampler names, in registration order."""
+    return list(_REGISTRY)
+
+
+def upsampler_entry(name: str) -> UpsamplerEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown upsampler {name!r}; expected one of {tuple(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def create_upsampler(name: str, **kwargs) -> Upsampler:
+    """Build the upsampler registered as ``name`` with its factory's arguments
+    (``feature_dim``, ``checkpoint``, ``backbone`` and the upsampler's own options)."""
+    entry = upsampler_entry(name)
+    if entry.needs_backbone and kwargs.get("backbone") is None:
+        raise ValueError(f"the {name!r} upsampler encodes the image again: pass backbone=<the frozen backbone>.")
+    return entry.factory(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks shared by the upsamplers: one sentence before any work
+# ---------------------------------------------------------------------------------------------
+
+
+def check_output_size(output_size) -> Tuple[int, int]:
+    ok = isinstance(output_size, (Sequence, torch.Size)) and len(output_size) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in output_size)
+    if not ok:
+        raise ValueError(f"output_size must be a pair of positive ints (H_out, W_out), got {output_size!r}.")
+    return int(output_size[0]), int(output_size[1])
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_features(features) -> None:
+    if not isinstance(features, torch.Tensor) or features.dim() != 4:
+        raise ValueError(f"features must be a (B, C, h, w) tensor, got {_shape(features)}.")
+
+
+def check_image(image, features) -> None:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != features.shape[0]:
+        raise ValueError(f"image must be a (B, 3, H, W) tensor with the batch of the features "
+                         f"{tuple(features.shape)}, got {_shape(image)}.")
+
+
+def no_options(name: str, checkpoint, options: dict) -> None:
+    """Refuse a checkpoint or options given to an upsampler that takes none."""
+    if checkpoint is not None or options:
+        given = dict(options, **({"checkpoint": checkpoint} if checkpoint is not None else {}))
+        raise ValueError(f"the {name!r} upsampler takes no checkpoint or options, got {given}.")

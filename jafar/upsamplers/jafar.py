@@ -1,0 +1,542 @@
+"""JAFAR: an attention-based feature upsampler (Couairon, Chambon et al., 2025).
+
+Architecture and parameter names follow the official release (github PaulCouairon/JAFAR @
+94d4d54, ``src/upsampler/jafar.py`` and ``src/layers/``), so an official state dict loads as
+it is:
+
+* ``image_encoder``: conv(``input_dim`` -> ``qk_dim``, ``kernel_size``, reflect padding) and
+  two residual blocks (GroupNorm(8) -> SiLU -> 1x1 conv, twice, plus identity), then 2-D RoPE;
+* ``query_encoder`` / ``key_encoder``: the same stack (1x1) on the encoded image; queries are
+  adaptive-average-pooled to the output size and GroupNorm'ed (``norm``, no affine), keys to
+  the feature grid;
+* ``key_features_encoder``: the same stack on the L2-normalised low-resolution features; it
+  modulates the keys through ``sft_key`` (``gamma(f) * GroupNorm(keys) + beta(f)``);
+* ``cross_decode``: a 3x3 conv on the queries, RMSNorm on queries and keys, the query and key
+  projections of a 4-head attention, and the head-averaged softmax weights applied to the
+  raw features (``jafar.attention``).
+
+The value and output projections (``attention.v_proj_weight``, ``attention.out_proj.*``) and
+``norm_v`` exist in the official model but never reach its output. They are kept, so that the
+state dict and the parameter count (628,480 at ``v_dim=384``) match, and frozen
+(``requires_grad=False``), so that optimisers skip them and DDP does not wait for their
+gradients. The ``v`` third of ``in_proj_bias`` is likewise unused.
+
+Departures that do not change the numbers: 1x1 convolutions use zero padding mode (reflect
+padding of width 0 only costs a copy; no pad op is launched), RoPE works on NCHW with float32
+angles, GroupNorm takes its statistics from ``torch.var_mean`` on CUDA (PyTorch's kernel runs
+batch x groups thread blocks) and under autocast writes its output in the autocast dtype, so
+the per-pixel 1x1 encoders run in bf16/fp16 end to end (:class:`GroupNorm`), and the attention
+never materialises the ``(heads, queries, keys)`` weights unless asked to
+(``attention="reference"``). ``compile=True`` compiles the encoders with ``torch.compile``;
+``encoders="triton"`` runs their ResBlocks as fused Triton kernels (``jafar.kernels.encoders``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import DEFAULT_MEMORY_BUDGET, MODES, head_averaged_attention
+from ..layers.norm import GROUP_NORM_IMPLS, GroupNorm, autocast_dtype, set_group_norm
+from ..layers.rope import RoPE
+from .. import hub
+from ..utils import atomic_path
+from .base import Upsampler, check_output_size, register_upsampler
+
+PathLike = Union[str, os.PathLike]
+
+#: implementations of the encoders (``JAFAR(encoders=...)``)
+ENCODERS = ("torch", "triton")
+
+
+def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
+    # Reflect padding of width 0 (kernel 1) is the identity but still launches a copy.
+    return nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2,
+                     padding_mode=pad_mode if kernel_size > 1 else "zeros", bias=False)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, plus the identity (official ``ResBlock`` with
+    ``in_channels == out_channels``, so it has no shortcut convolution)."""
+
+    def __init__(self, channels: int, kernel_size: int = 1, num_groups: int = 8, group_norm: str = "auto"):
+        super().__init__()
+        self.norm1 = GroupNorm(num_groups, channels, impl=group_norm)
+        self.conv1 = _conv(channels, channels, kernel_size)
+        self.norm2 = GroupNorm(num_groups, channels, impl=group_norm)
+        self.conv2 = _conv(channels, channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.silu(self.norm1(x)))
+        y = self.conv2(F.silu(self.norm2(y)))
+        return x + y
+
+
+def make_encoder(in_dim: int, out_dim: int, kernel_size: int = 1, num_layers: int = 2,
+                 group_norm: str = "auto") -> nn.Sequential:
+    """Official ``make_encoder``: a (reflect-padded) conv then ``num_layers`` 1x1 ResBlocks."""
+    return nn.Sequential(_conv(in_dim, out_dim, kernel_size),
+                         *[ResBlock(out_dim, group_norm=group_norm) for _ in range(num_layers)])
+
+
+class SFTModulation(nn.Module):
+    """Spatial feature transform: ``gamma(features) * GroupNorm(image) + beta(features)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, group_norm: str = "auto"):
+        super().__init__()
+        self.gamma = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.beta = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm = GroupNorm(8, in_channels, affine=False, impl=group_norm)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.gamma(features) * self.norm(image) + self.beta(features)
+
+
+class HeadAveragedAttention(nn.Module):
+    """The parameters of the official ``nn.MultiheadAttention(embed_dim, num_heads,
+    vdim=v_dim)``, under the same names, and the part of its forward that JAFAR uses: the
+    query/key projections and the head-averaged softmax weights times the values."""
+
+    def __init__(self, embed_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"qk_dim={embed_dim} is not divisible by num_heads={num_heads}.")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, value_dim), requires_grad=False)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj.requires_grad_(False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention._reset_parameters
+        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(w)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mode: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                projected_query: torch.Tensor = None) -> torch.Tensor:
+        """``projected_query``: the query projection, computed elsewhere (``query`` then unused)."""
+        e = self.embed_dim
+        q = F.linear(query, self.q_proj_weight, self.in_proj_bias[:e]) if projected_query is None else projected_query
+        k = F.linear(key, self.k_proj_weight, self.in_proj_bias[e:2 * e])
+        return head_averaged_attention(q, k, value, self.num_heads, 1.0 / math.sqrt(e // self.num_heads),
+                                       mode=mode, memory_budget=memory_budget)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        self.norm_q = nn.RMSNorm(query_dim)
+        self.norm_k = nn.RMSNorm(query_dim)
+        self.norm_v = nn.RMSNorm(value_dim)  # official, never reaches the output
+        self.norm_v.requires_grad_(False)
+        self.attention = HeadAveragedAttention(query_dim, value_dim, num_heads)
+
+    def forward(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+        """``query``, ``key``: tokens ``(B, N, C)``; ``value``: ``(B, Nk, v_dim)``."""
+        # RMSNorm in the weights' dtype (float32 under autocast, where the convs give bf16/fp16)
+        dtype = self.norm_q.weight.dtype
+        return self.attention(self.norm_q(query.to(dtype)), self.norm_k(key.to(dtype)), value, mode, memory_budget)
+
+    def forward_fused(self, query, key, value, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+        """:meth:`forward` with ``query`` the NCHW map, its RMSNorm and projection one Triton kernel
+        (``jafar.kernels.encoders.rms_project``; inference, ``JAFAR(encoders="triton")``)."""
+        from ..kernels import encoders as ek
+
+        dtype = self.norm_q.weight.dtype
+        attn, e = self.attention, self.attention.embed_dim
+        eps = self.norm_q.eps if self.norm_q.eps is not None else torch.finfo(dtype).eps
+        q = ek.rms_project(query, self.norm_q.weight, eps, attn.q_proj_weight, attn.in_proj_bias[:e],
+                           autocast_dtype(query.to(dtype)))
+        return attn(None, self.norm_k(key.to(dtype)), value, mode, memory_budget, projected_query=q)
+
+
+class CrossAttentionBlock(nn.Module):
+    """3x3 conv on the queries, then head-averaged cross-attention on flattened tokens."""
+
+    def __init__(self, query_dim: int, value_dim: int, num_heads: int):
+        super().__init__()
+        self.cross_attn = CrossAttention(query_dim, value_dim, num_heads)
+        self.conv2d = nn.Conv2d(query_dim, query_dim, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def forward(self, q, k, v, mode="auto", memory_budget=DEFAULT_MEMORY_BUDGET, fused: bool = False) -> torch.Tensor:
+        """``fused``: the queries' RMSNorm and projection as one Triton kernel on the conv's NCHW
+        output (:meth:`CrossAttention.forward_fused`)."""
+        q = self.conv2d(q)
+        k = k.flatten(2).transpose(1, 2)
+        v = v.flatten(2).transpose(1, 2)
+        if fused:
+            return self.cross_attn.forward_fused(q, k, v, mode, memory_budget)
+        return self.cross_attn(q.flatten(2).transpose(1, 2), k, v, mode, memory_budget)
+
+
+class JAFAR(Upsampler):
+    """Upsample ``features`` (B, v_dim, h, w) to ``output_size`` under the guidance of ``image``.
+
+    Args:
+        input_dim: channels of the guidance image.
+        qk_dim: width of the query/key encoders and the attention.
+        v_dim: channel count of the backbone features to upsample.
+        num_heads: attention heads whose softmax weights are averaged.
+        kernel_size: kernel of the first image-encoder convolution.
+        attention: ``"auto"`` (the Triton kernels on CUDA in bf16/fp16, and in float32 when TF32
+            matmuls are allowed; ``"chunked"`` otherwise), ``"chunked"``, ``"triton"``,
+            ``"sdpa"`` or ``"reference"`` (the official algorithm, materialising the attention
+            weights); see ``jafar.layers.attention``.
+        memory_budget_mb: extra memory one attention chunk may take, in MiB.
+        compile: ``False`` (default), ``True`` or a dict of ``torch.compile`` arguments: compile
+            :meth:`encode` (the per-pixel encoders, pooling, GroupNorms and SFT; the attention
+            keeps its own kernels). The first call per output size pays the compilation.
+            Changes no parameter, state-dict key or result beyond float rounding.
+        encoders: ``"torch"`` (default) or ``"triton"``: run the full-resolution encoders'
+            ResBlocks as fused Triton kernels (``jafar.kernels.encoders``). At inference one
+            pass over the pixels per 1x1 convolution (GroupNorm statistics from the previous
+            kernel's epilogue, RoPE fused); in training each GroupNorm -> SiLU -> conv is one
+            forward kernel and two backward kernels that save only its input. Needs CUDA (or
+            Triton's interpreter). Same results up to float rounding; not with ``compile``.
+        group_norm: the GroupNorms' implementation (``jafar.layers.norm.GroupNorm``: ``"auto"``,
+            ``"var_mean"``, ``"native"``, ``"official"``, ``"triton"``); same parameters and
+            numbers up to float rounding. :meth:`set_group_norm` changes it later.
+
+    Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
+    is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
+    grid and ``output_size`` any pair of positive ints.
+    """
+
+    def __init__(self, input_dim: int = 3, qk_dim: int = 128, v_dim: int = 384, num_heads: int = 4,
+                 kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256,
+                 compile=False, encoders: str = "torch", group_norm: str = "auto"):
+        super().__init__()
+        if encoders not in ENCODERS:
+            raise ValueError(f"encoders must be one of {ENCODERS}, got {encoders!r}.")
+        if encoders == "triton" and compile:
+            raise ValueError("encoders='triton' and compile cannot be combined: the fused kernels replace what "
+                             "torch.compile would fuse.")
+        if encoders == "triton" and qk_dim > 128:
+            raise ValueError(f"encoders='triton' takes qk_dim up to 128 (the kernel holds the whole weight), got "
+                             f"{qk_dim}; use encoders='torch'.")
+        if qk_dim % 8:
+            raise ValueError(f"qk_dim must be divisible by 8 (GroupNorm groups) and 4 (RoPE), got {qk_dim}.")
+        if attention not in MODES:
+            raise ValueError(f"attention must be one of {MODES}, got {attention!r}.")
+        if group_norm not in GROUP_NORM_IMPLS:
+            raise ValueError(f"group_norm must be one of {GROUP_NORM_IMPLS}, got {group_norm!r}.")
+        self.config = dict(input_dim=input_dim, qk_dim=qk_dim, v_dim=v_dim, num_heads=num_heads,
+                           kernel_size=kernel_size)
+        self.input_dim, self.qk_dim, self.v_dim = input_dim, qk_dim, v_dim
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}.")
+        self.attention = attention
+        self.memory_budget = int(memory_budget_mb * 2**20)
+        self.compile = compile
+        self.encoders = encoders
+        self._compiled_encode = None  # built on first use; not state, not copied
+        self.weights_source = "random init"
+
+        gn = group_norm
+        self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size, group_norm=gn)
+        self.key_encoder = make_encoder(qk_dim, qk_dim, group_norm=gn)
+        self.query_encoder = make_encoder(qk_dim, qk_dim, group_norm=gn)
+        self.norm = GroupNorm(8, qk_dim, affine=False, impl=gn)
+        self.key_features_encoder = make_encoder(v_dim, qk_dim, group_norm=gn)
+        self.cross_decode = CrossAttentionBlock(qk_dim, v_dim, num_heads)
+        self.sft_key = SFTModulation(qk_dim, qk_dim, group_norm=gn)
+        self.rope = RoPE(qk_dim)
+
+    @property
+    def group_norm(self) -> str:
+        """The GroupNorms' implementation (:meth:`set_group_norm` changes it)."""
+        return self.norm.impl
+
+    def set_group_norm(self, impl: str) -> "JAFAR":
+        """Switch every GroupNorm to ``impl`` (same parameters; see ``jafar.layers.norm``)."""
+        set_group_norm(self, impl)
+        return self
+
+    def check_inputs(self, image: torch.Tensor, features: torch.Tensor, output_size) -> Tuple[int, int]:
+        """One clear sentence for a wrong input, before any work starts."""
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != self.input_dim:
+            raise ValueError(f"image must be a (B, {self.input_dim}, H, W) tensor, got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}.")
+        if not isinstance(features, torch.Tensor) or features.dim() != 4 or features.shape[1] != self.v_dim:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a (B, {self.v_dim}, h, w) tensor (this JAFAR has v_dim="
+                             f"{self.v_dim}), got {got}.")
+        if image.shape[0] != features.shape[0]:
+            raise ValueError(f"image and features must have the same batch size, got {image.shape[0]} "
+                             f"and {features.shape[0]}.")
+        if image.device != features.device:
+            raise ValueError(f"image is on {image.device} but features are on {features.device}.")
+        return check_output_size(output_size)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.rope(self.image_encoder(image))
+
+    def encode(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int]):
+        """Everything before the cross-attention block: queries ``(B, qk_dim, H_out, W_out)`` and
+        keys ``(B, qk_dim, h, w)``."""
+        encoded = self.encode_image(image)
+        queries = F.adaptive_avg_pool2d(self.query_encoder(encoded), output_size)
+        queries = self.norm(queries)
+        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), features.shape[-2:])
+        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
+        return queries, keys
+
+    def needs_grad(self, image: torch.Tensor, features: torch.Tensor) -> bool:
+        """Whether this call builds a graph (grad mode on and an input or parameter requires it)."""
+        return torch.is_grad_enabled() and (image.requires_grad or features.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
+
+    def _encoder(self):
+        if not self.compile:
+            return self.encode
+        if self._compiled_encode is None:
+            self._compiled_encode = torch.compile(self.encode, **(self.compile if isinstance(self.compile, dict) else {}))
+        return self._compiled_encode
+
+    def __getstate__(self):  # deepcopy / pickle: the compiled function is bound to this instance
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_compiled_encode"] = None
+        return state
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
+        out_h, out_w = self.check_inputs(image, features, output_size)
+        b, c = features.shape[:2]
+        if self.encoders == "triton":  # whether gradients are needed, found once per call
+            from ..kernels.encoders import encode_fused
+
+            fused = not self.needs_grad(image, features)
+            queries, keys = encode_fused(self, image, features, (out_h, out_w), train=not fused)
+        else:
+            fused = False
+            queries, keys = self._encoder()(image, features, (out_h, out_w))
+        out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget, fused)  # (B, Nq, C)
+        return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
+
+    def describe(self) -> str:
+        return f"JAFAR, weights: {self.weights_source}."
+
+    def extra_repr(self) -> str:
+        extra = f", attention={self.attention!r}" + (f", compile={self.compile!r}" if self.compile else "")
+        extra += f", encoders={self.encoders!r}" if self.encoders != "torch" else ""
+        extra += f", group_norm={self.group_norm!r}" if self.group_norm != "auto" else ""
+        return ", ".join(f"{k}={v}" for k, v in self.config.items()) + extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Releases and checkpoints. Two formats:
+#
+# * official ``.pth`` files of github PaulCouairon/JAFAR (release ``Weights``): ``{"jafar":
+#   state_dict, "optimizer_jafar": ..., "epoch": ..., "cfg": <pickled OmegaConf>}``, read without
+#   running pickled code (``jafar.hub.safe_torch_load``). They carry a few stray
+#   ``query_features_encoder.*`` keys from an older version of the model, dropped with a warning.
+# * ours: one ``.safetensors`` file whose metadata holds the constructor config
+#   (``{"format": "jafar", "config": "<json>"}``); no pickle at all. Our pretraining's Lightning
+#   ``.ckpt`` files (``state_dict`` with an ``upsampler.`` prefix) load too.
+# ---------------------------------------------------------------------------------------------
+
+_RELEASE_URL = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}"
+
+@dataclass(frozen=True)
+class Release:
+    """An official JAFAR checkpoint and the frozen timm backbone it was trained for."""
+
+    filename: str
+    backbone: str  #: exact timm model name
+    feature_dim: int  #: the backbone's width, i.e. the checkpoint's ``v_dim``
+    label: str  #: the official README's label
+
+    @property
+    def url(self) -> str:
+        return _RELEASE_URL.format(self.filename)
+
+
+#: The official releases (README of github PaulCouairon/JAFAR @ 94d4d54, "Available Models").
+#: The README labels ``vit_base_patch16_224.dino.pth`` "ViT-B-16" and ``vit_base_patch16_224.pth``
+#: "ViT-B-16-DINO"; the file names are timm model names (the official training config takes
+#: ``backbone.name`` from timm), so the first is DINO ViT-B/16 and the second the supervised
+#: ViT-B/16: the labels are swapped and we key the table by the files' backbones.
+OFFICIAL_RELEASES: Dict[str, Release] = {
+    r.backbone: r
+    for r in (
+        Release("vit_small_patch14_dinov2.lvd142m.pth", "vit_small_patch14_dinov2.lvd142m", 384, "ViT-S-14-DINOv2"),
+        Release("vit_base_patch14_dinov2.lvd142m.pth", "vit_base_patch14_dinov2.lvd142m", 768, "ViT-B-14-DINOv2"),
+        Release("vit_small_patch14_reg4_dinov2.pth", "vit_small_patch14_reg4_dinov2.lvd142m", 384,
+                "ViT-S-Reg4-14-DINOv2"),
+        Release("vit_base_patch16_224.dino.pth", "vit_base_patch16_224.dino", 768, "ViT-B-16 (DINO; label swapped)"),
+        Release("vit_base_patch16_224.pth", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 768,
+                "ViT-B-16-DINO (supervised; label swapped)"),
+        Release("vit_base_patch16_clip_384.pth", "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k", 768,
+                "ViT-B-16-CLIP"),
+        Release("vit_base_patch16_siglip_512.v2_webli.pth", "vit_base_patch16_siglip_512.v2_webli", 768,
+                "ViT-B-16-SigLIP2"),
+    )
+}
+
+
+_STRAY_PREFIXES = ("query_features_encoder.",)
+
+
+def infer_config(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """JAFAR constructor arguments implied by the shapes of a state dict."""
+    try:
+        first = state_dict["image_encoder.0.weight"]
+        feats = state_dict["key_features_encoder.0.weight"]
+    except KeyError as exc:
+        raise ValueError(f"not a JAFAR state dict: key {exc.args[0]!r} is missing.") from None
+    # The number of heads does not show in any shape; every official release uses 4.
+    return dict(input_dim=first.shape[1], qk_dim=first.shape[0], v_dim=feats.shape[1], num_heads=4,
+                kernel_size=first.shape[-1])
+
+
+def _clean_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    if all(k.startswith("module.") for k in state_dict):  # saved from DDP
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    stray = [k for k in state_dict if k.startswith(_STRAY_PREFIXES)]
+    if stray:
+        warnings.warn(f"{source}: ignoring {len(stray)} stray keys of an older JAFAR version "
+                      f"({', '.join(sorted(stray)[:3])}{', ...' if len(stray) > 3 else ''}).", stacklevel=3)
+        state_dict = {k: v for k, v in state_dict.items() if k not in stray}
+    return state_dict
+
+
+def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """A JAFAR state dict and its constructor config from any of the formats above (the checkpoint
+    adapter of this upsampler)."""
+    content, meta = hub.read_weights(path)
+    if Path(path).suffix == ".safetensors":
+        if meta.get("format") != "jafar" or "config" not in meta:
+            raise ValueError(f"{str(path)!r} is a safetensors file without JAFAR metadata "
+                             "(expected one written by jafar.save_checkpoint).")
+        return content, json.loads(meta["config"])
+    try:
+        state_dict = hub.unwrap_state_dict(content, str(path), nested=("jafar", "state_dict"))
+    except ValueError:
+        keys = list(content)[:5] if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"{str(path)!r} holds no JAFAR state dict (expected a 'jafar' entry or a flat "
+                         f"state dict, found {keys}).") from None
+    if state_dict and all(k.startswith("upsampler.") for k in state_dict if not k.startswith("backbone.")):
+        # our pretraining's Lightning checkpoint (jafar.train.module.JafarPretraining)
+        state_dict = {k[len("upsampler."):]: v for k, v in state_dict.items() if k.startswith("upsampler.")}
+    state_dict = _clean_state_dict(state_dict, str(path))
+    return state_dict, infer_config(state_dict)
+
+
+def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_location="cpu",
+                    **model_kwargs) -> JAFAR:
+    """Build a :class:`JAFAR` from an official ``.pth`` or one of our ``.safetensors`` files.
+
+    Args:
+        path: the checkpoint.
+        feature_dim: the backbone's channel count; a checkpoint for another width is refused.
+        map_location: device for the returned model.
+        model_kwargs: runtime options of :class:`JAFAR` (``attention``, ``memory_budget_mb``,
+            ``compile``, ``encoders``).
+    """
+    state_dict, config = read_state_dict(path)
+    if feature_dim is not None and int(feature_dim) != config["v_dim"]:
+        raise ValueError(f"checkpoint {str(path)!r} upsamples {config['v_dim']}-channel features but the "
+                         f"backbone gives {feature_dim} channels: use the checkpoint trained for this backbone.")
+    for key in set(model_kwargs) & set(config):
+        if model_kwargs[key] != config[key]:
+            raise ValueError(f"checkpoint {str(path)!r} has {key}={config[key]} but {key}={model_kwargs[key]} "
+                             "was asked for.")
+        del model_kwargs[key]
+    model = JAFAR(**config, **model_kwargs)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit JAFAR({config}): missing keys "
+                         f"{missing[:4]}, unexpected keys {unexpected[:4]}.")
+    model.weights_source = str(path)
+    return model.to(map_location)
+
+
+def save_checkpoint(model: JAFAR, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``model`` as one ``.safetensors`` file with its constructor config, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_checkpoint writes .safetensors files, got {str(path)!r}.")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format="jafar", config=json.dumps(model.config))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def find_release(name: str) -> Optional[Release]:
+    """The release for ``name``: a backbone's timm name or short alias (``jafar.backbones``'s
+    table, e.g. ``dinov2_vits14``) or the release file's name without ``.pth``; None if none."""
+    from ..backbones import resolve_name
+
+    key = resolve_name(name)
+    if key in OFFICIAL_RELEASES:
+        return OFFICIAL_RELEASES[key]
+    return next((r for r in OFFICIAL_RELEASES.values() if r.filename in (name, f"{name}.pth")), None)
+
+
+def resolve_release(name: str) -> Release:
+    release = find_release(name)
+    if release is None:
+        raise ValueError(f"no official JAFAR release named {name!r}; known: {', '.join(sorted(OFFICIAL_RELEASES))} "
+                         f"(or their backbones' short names, e.g. dinov2_vits14, or the file names).")
+    return release
+
+
+def release_path(name: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Where :func:`from_pretrained` keeps (or looks for) a release's file."""
+    return hub.cache_path(resolve_release(name).filename, cache_dir=cache_dir)
+
+
+def from_pretrained(name: str, feature_dim: Optional[int] = None, cache_dir: Optional[PathLike] = None,
+                    map_location="cpu", **model_kwargs) -> JAFAR:
+    """Load a named official release, downloading it into the hub cache if needed.
+
+    ``name`` is the backbone's timm name (``vit_small_patch14_dinov2.lvd142m``) or an alias
+    (``dinov2_vits14``) or the file's name; see :data:`OFFICIAL_RELEASES`.
+    """
+    release = resolve_release(name)
+    path = hub.download(release.url, release.filename, cache_dir=cache_dir,
+                        what=f"the JAFAR release {release.filename!r}",
+                        local_hint=f"load it with jafar.load_checkpoint('/path/to/{release.filename}')")
+    model = load_checkpoint(path, feature_dim=feature_dim, map_location=map_location, **model_kwargs)
+    model.weights_source = f"official release {release.filename}"
+    if model.v_dim != release.feature_dim:
+        warnings.warn(f"{release.filename} upsamples {model.v_dim}-channel features, not the "
+                      f"{release.feature_dim} channels of {release.backbone} listed for it.", stacklevel=2)
+    return model
+
+
+@register_upsampler("jafar", summary="JAFAR (attention, any ratio)")
+def jafar(feature_dim=None, checkpoint=None, backbone=None, **options) -> JAFAR:
+    """``checkpoint``: an official release name (downloaded when online; :data:`OFFICIAL_RELEASES`)
+    or a file (``.pth`` official, ``.safetensors`` ours, ``.ckpt`` our pretraining's); random
+    initialisation when omitted. ``options``: constructor arguments of :class:`JAFAR` (with a
+    checkpoint, its runtime options: ``attention``, ``memory_budget_mb``, ``compile``,
+    ``encoders``, ``group_norm``). ``feature_dim`` is the backbone's width (``v_dim``)."""
+    if checkpoint is None:
+        if feature_dim is not None:
+            options.setdefault("v_dim", feature_dim)
+            if options["v_dim"] != feature_dim:
+                raise ValueError(f"v_dim={options['v_dim']} does not match feature_dim={feature_dim}.")
+        return JAFAR(**options)
+    if find_release(str(checkpoint)) is not None and not Path(str(checkpoint)).is_file():
+        return from_pretrained(str(checkpoint), feature_dim=feature_dim, **options)
+    return load_checkpoint(checkpoint, feature_dim=feature_dim, **options)
