@@ -1,13 +1,13 @@
 """torch.hub entry points: ``torch.hub.load("<owner>/<repo>", "jafar", backbone=...)``."""
 
-dependencies = ["torch", "timm", "safetensors"]
+dependencies = ["torch", "torchvision", "timm", "safetensors", "huggingface_hub"]
 
 
 def jafar(backbone: str = "vit_small_patch14_dinov2.lvd142m", pretrained: bool = True, **kwargs):
     """A JAFAR upsampler and its frozen backbone: ``(upsampler, backbone)``.
 
     With ``pretrained=True`` the official release trained for ``backbone`` and the backbone's
-    timm weights are downloaded (``jafar.checkpoint.OFFICIAL_RELEASES`` lists the backbones);
+    timm weights are downloaded (``jafar.OFFICIAL_RELEASES`` lists the backbones);
     with ``pretrained=False`` both are randomly initialised. ``kwargs`` go to ``JAFAR``
     (e.g. ``attention="reference"``).
     """

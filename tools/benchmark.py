@@ -15,18 +15,18 @@ Rows (``--modes``): ``reference`` is the official algorithm (``attention="refere
 ``chunked``, ``triton``, ``sdpa``) is ours: that attention path, the var_mean GroupNorm and the
 half-precision encoders. A mode may carry options after ``+``: ``auto+compile`` (``JAFAR(compile=
 True)``), ``auto+gn=native`` or ``auto+gn=triton`` (another GroupNorm implementation,
-``jafar.model.GroupNorm.impl``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
-``jafar.encoder_kernels``, in the forward and the fwd+bwd columns).
+``JAFAR(group_norm=...)``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
+``jafar.kernels.encoders``, in the forward and the fwd+bwd columns).
 
 Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
 float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
 ``bf16``/``fp16`` autocast on float32 inputs and weights.
 
-``--check`` first runs the seeded correctness cases of ``jafar.kernel_checks`` (the cases of
+``--check`` first runs the seeded correctness cases of ``tests/kernels/cases.py`` (the cases of
 ``tests/test_kernels.py``) on the device and prints the largest relative error per case and
 dtype: on CUDA the Triton kernels in fp32, tf32, bf16 and fp16, and the module's gradients; on
 the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``); where Triton runs,
-also the fused encoder kernels and the Triton GroupNorm (``kernel_checks.ENCODER_CASES``,
+also the fused encoder kernels and the Triton GroupNorm (``cases.ENCODER_CASES``,
 ``GN_CASES``).
 
 ``--out FILE`` writes the tables to ``FILE`` as one section headed with the device's name,
@@ -64,7 +64,55 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jafar import JAFAR  # noqa: E402
-from jafar.model import ENCODERS, GroupNorm  # noqa: E402
+from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
+from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
+from tests.kernels import interpreter  # noqa: E402
+
+interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (tests/kernels/interpreter.py)
+
+
+class LaunchRecorder:
+    """Records the compiled kernel of each launch of the Triton kernels (``n_regs``, ``n_spills`` on
+    a GPU) while active, by wrapping the kernel objects of ``jafar.kernels``: the package keeps no
+    launch bookkeeping of its own."""
+
+    KERNELS = {"fwd": ("attention", "_fwd_kernel"), "bwd_dq": ("attention", "_bwd_dq_kernel"),
+               "bwd_dkdf": ("attention", "_bwd_dkdf_kernel"), "encoder": ("encoders", "_pointwise_conv_kernel")}
+
+    def __init__(self):
+        self.last = {}
+        self._saved = []
+
+    def __enter__(self):
+        import importlib
+
+        recorder = self
+
+        class Proxy:
+            def __init__(self, name, fn):
+                self.name, self.fn = name, fn
+
+            def __getitem__(self, grid):
+                launch = self.fn[grid]
+
+                def run(*args, **kwargs):
+                    recorder.last[self.name] = launch(*args, **kwargs)
+                    return recorder.last[self.name]
+                return run
+
+            def __getattr__(self, attr):
+                return getattr(self.fn, attr)
+
+        for name, (module, attr) in self.KERNELS.items():
+            mod = importlib.import_module(f"jafar.kernels.{module}")
+            self._saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, Proxy(name, getattr(mod, attr)))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, attr, fn in self._saved:
+            setattr(mod, attr, fn)
+        self._saved.clear()
 
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,13 +157,13 @@ def parse_mode(mode: str) -> dict:
     for opt in options:
         if opt == "compile":
             spec["compile"] = True
-        elif opt.startswith("gn=") and opt[3:] in GroupNorm.IMPLS:
+        elif opt.startswith("gn=") and opt[3:] in GROUP_NORM_IMPLS:
             spec["gn"] = opt[3:]
         elif opt.startswith("enc=") and opt[4:] in ENCODERS:
             spec["encoders"] = opt[4:]
         else:
             raise ValueError(f"unknown option {opt!r} in mode {mode!r}: expected 'compile', 'gn=' one of "
-                             f"{GroupNorm.IMPLS} or 'enc=' one of {ENCODERS}.")
+                             f"{GROUP_NORM_IMPLS} or 'enc=' one of {ENCODERS}.")
     if spec["compile"] and spec["encoders"] == "triton":
         raise ValueError(f"mode {mode!r}: 'compile' and 'enc=triton' cannot be combined.")
     return spec
@@ -141,10 +189,8 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
     device = torch.device(device)
     spec = parse_mode(mode)
     torch.manual_seed(0)
-    old_impl = GroupNorm.impl
-    GroupNorm.impl = spec["gn"]
     model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"],
-                  encoders=spec["encoders"]).to(device)
+                  encoders=spec["encoders"], group_norm=spec["gn"]).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     feats = torch.randn(1, dim, size // patch, size // patch, device=device)
     head = torch.nn.Conv2d(dim, 1, 1).to(device)
@@ -164,27 +210,24 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
             loss = head(model(img, f, (size, size))).float().sum()
         loss.backward()
 
-    try:
-        with _Precision(dtype):
-            for name, fn in (("fwd", forward), ("fwdbwd", forward_backward if backward else None)):
-                if fn is None or name not in parts:
-                    continue
-                try:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats(device)
-                    result[f"{name}_ms"] = _timed(fn, device, warmup, repeats)
-                    if device.type == "cuda":
-                        result[f"{name}_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    else:
-                        result[f"{name}_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                except torch.OutOfMemoryError:
-                    result[f"{name}_ms"] = result[f"{name}_gb"] = "OOM"
-                    model.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-    finally:
-        GroupNorm.impl = old_impl
+    with _Precision(dtype):
+        for name, fn in (("fwd", forward), ("fwdbwd", forward_backward if backward else None)):
+            if fn is None or name not in parts:
+                continue
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                result[f"{name}_ms"] = _timed(fn, device, warmup, repeats)
+                if device.type == "cuda":
+                    result[f"{name}_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                else:
+                    result[f"{name}_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            except torch.OutOfMemoryError:
+                result[f"{name}_ms"] = result[f"{name}_gb"] = "OOM"
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return result
 
 
@@ -242,9 +285,9 @@ def targets_table(rows, mode: str = "auto") -> str:
 # --- correctness on the device ---------------------------------------------------------------
 
 def run_checks(device: str, cases=None) -> tuple:
-    """``(results, markdown)``: the errors of ``jafar.kernel_checks`` on ``device``."""
-    from jafar import kernel_checks as kc
-    from jafar import kernels
+    """``(results, markdown)``: the errors of ``tests/kernels/cases.py`` on ``device``."""
+    from jafar.kernels import attention as kernels
+    from tests.kernels import cases as kc
 
     dev = torch.device(device)
     interpreter = dev.type == "cpu" and kernels.available(dev)
@@ -280,7 +323,7 @@ def run_checks(device: str, cases=None) -> tuple:
     what.update({c[0]: f"Triton GroupNorm: {c[-1]}" for c in kc.GN_CASES})
     what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
     lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
-             "gradient against the reference path in float64 (`jafar/kernel_checks.py`; tolerance in brackets; "
+             "gradient against the reference path in float64 (`tests/kernels/cases.py`; tolerance in brackets; "
              "the `enc_` rows: the fused encoders' queries, keys and output at inference and output and every "
              "gradient in training, and the `gn_` rows: output and gradients of the Triton GroupNorm, which also "
              "must be within 1.5x of PyTorch's own error in that precision).",
@@ -303,7 +346,7 @@ def _cfg(bm, bn, bc, warps, stages=2):
     return dict(block_m=bm, block_n=bn, block_c=bc, num_warps=warps, num_stages=stages)
 
 
-#: candidates per kernel (the current default, ``jafar.kernels.CONFIGS``, is timed first); chosen
+#: candidates per kernel (the current default, ``jafar.kernels.attention.CONFIGS``, is timed first); chosen
 #: from offline sm_90 compilations (register spills, shared memory), to be timed with ``--tune``
 TUNE_CANDIDATES = {
     "fwd": [_cfg(64, 64, 128, 4), _cfg(64, 64, 128, 8), _cfg(64, 64, 256, 8), _cfg(128, 64, 128, 8),
@@ -312,7 +355,7 @@ TUNE_CANDIDATES = {
                _cfg(128, 32, 64, 8), _cfg(32, 64, 64, 4)],
     "bwd_dkdf": [_cfg(64, 64, 64, 4), _cfg(64, 64, 64, 8), _cfg(32, 64, 64, 8), _cfg(32, 64, 32, 8),
                  _cfg(64, 32, 64, 8), _cfg(64, 64, 128, 8), _cfg(64, 128, 128, 8)],
-    # the fused encoder kernel (jafar.encoder_kernels): pixels per tile, warps, stages, programs per SM
+    # the fused encoder kernel (jafar.kernels.encoders): pixels per tile, warps, stages, programs per SM
     "encoder": [dict(block_p=bp, num_warps=w, num_stages=st, programs_per_sm=pps)
                 for bp, w, st, pps in ((32, 8, 2, 2), (32, 8, 2, 1), (32, 8, 2, 4), (32, 4, 2, 2), (64, 8, 2, 1),
                                        (64, 8, 3, 2), (32, 8, 3, 2), (16, 4, 2, 4))],
@@ -335,7 +378,8 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
     """Time each candidate launch configuration of each kernel alone on the benchmark's attention
     shapes (queries = S*S, keys = (S/14)^2, ``dim`` channels): ``(rows, markdown)``. The backward
     rows time both backward kernels, the other one at its default."""
-    from jafar import kernels
+    from jafar.kernels import attention as kernels
+    from jafar.kernels import encoders as ek
 
     dev = torch.device(device)
     if not kernels.available(dev):
@@ -351,7 +395,6 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
                            for n, w in ((nq, qk_dim), (nk, qk_dim), (nk, dim), (nq, dim)))
             with _Precision(dtype):
                 _, lse = kernels.head_averaged_attention_fwd(q, k, f, heads, scale, return_lse=True)
-                from jafar import encoder_kernels as ek
 
                 # the encoder kernel: a ResBlock's second convolution (GroupNorm-apply, SiLU, residual,
                 # statistics) on S*S pixels of qk_dim channels
@@ -375,8 +418,9 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
                                 kernels.head_averaged_attention_bwd(q, k, f, lse, go, heads, scale, **{arg: cfg})
                         row = dict(size=size, dtype=dtype, kernel=kernel, config=cfg, default=i == 0)
                         try:
-                            row["ms"] = _timed(fn, dev, warmup, repeats)
-                            handle = (ek.LAST_LAUNCH if kernel == "encoder" else kernels.LAST_LAUNCH).get(kernel)
+                            with LaunchRecorder() as launches:
+                                row["ms"] = _timed(fn, dev, warmup, repeats)
+                            handle = launches.last.get(kernel)
                             row["regs"] = getattr(handle, "n_regs", None)
                             row["spills"] = getattr(handle, "n_spills", None)
                         except Exception as e:  # out of resources (shared memory, registers)
@@ -407,7 +451,7 @@ def run_tuning(device: str, sizes, dtypes, warmup: int, repeats: int, dim: int =
     for dtype in dict.fromkeys(d for d, _ in largest):
         choice = {kernel: cfg for (d, kernel), (_, cfg) in largest.items() if d == dtype}
         lines += ["", f"Fastest at the largest output, {dtype}: `JAFAR_TRITON_CONFIG='{json.dumps(choice)}'` "
-                  "(or make it the default in `CONFIGS` of `jafar/kernels.py`)."]
+                  "(or make it the default in `CONFIGS` of `jafar/kernels/attention.py`)."]
     return rows, "\n".join(lines)
 
 
@@ -475,7 +519,7 @@ def main(argv=None):
                         "outputs --sizes); '--modes' with no value then skips the model rows")
     p.add_argument("--tune-candidates", type=int, default=None, help=argparse.SUPPRESS)  # first N (tests)
     p.add_argument("--check-cases", nargs="+", default=None,
-                   help="only these cases (names in jafar.kernel_checks.CASES, and 'module')")
+                   help="only these cases (names in tests/kernels/cases.py CASES, and 'module')")
     p.add_argument("--out", type=Path, help="write the tables into this Markdown file (a section per device)")
     p.add_argument("--label", default="", help="a section of its own for this run (e.g. 'options'): the section "
                    "key and heading get this label, so the run does not replace the device's main section")
@@ -533,7 +577,7 @@ def main(argv=None):
         heading += f" ({args.label})"
     if args.check:
         results, check_md = run_checks(args.device, args.check_cases)
-        from jafar.kernel_checks import failures
+        from tests.kernels.cases import failures
 
         failed = failures(results)
         print(check_md + "\n", flush=True)

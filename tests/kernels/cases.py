@@ -260,7 +260,12 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
         m.encoders = encoders
         img, ft = image.to(dev, dtype), feats.to(dev, dtype)
         with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
-            q, k = (m._encode_triton if encoders == "triton" else m.encode)(img, ft, case.output)
+            if encoders == "triton":
+                from jafar.kernels.encoders import encode_fused
+
+                q, k = encode_fused(m, img, ft, case.output)
+            else:
+                q, k = m.encode(img, ft, case.output)
             return q, k, m(img, ft, case.output)
 
     def train(m, dtype, dev, encoders, amp=None):
