@@ -1,0 +1,85 @@
+"""The upsampler interface and registry (``jafar.upsamplers``): every registered upsampler shares the
+call and describes itself in one line, and a new upsampler is one file that registers a factory."""
+
+import importlib.util
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import jafar
+from jafar.upsamplers import Upsampler, build_upsampler, create_upsampler, list_upsamplers, upsampler_entry
+
+
+class _TinyViTBackbone(torch.nn.Module):
+    """Stand-in with the attributes the re-encoding upsamplers read (no timm download)."""
+
+    embed_dim, patch_size = 8, 4
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8]
+
+
+def test_the_registry_lists_every_upsampler_of_the_paper_tables():
+    assert list_upsamplers()[:8] == ["nearest", "bilinear", "bicubic", "large_image", "strided", "featup", "lift",
+                                     "jafar"]
+    assert jafar.list_upsamplers() == list_upsamplers()
+    assert upsampler_entry("large_image").needs_backbone and not upsampler_entry("jafar").needs_backbone
+
+
+@pytest.mark.parametrize("name", ["nearest", "bilinear", "bicubic", "large_image", "featup", "lift", "jafar"])
+def test_every_upsampler_shares_the_call_and_describes_itself(name):
+    backbone = _TinyViTBackbone()
+    up = build_upsampler(name, backbone=backbone, **({"qk_dim": 16} if name == "jafar" else {})).eval()
+    assert isinstance(up, Upsampler)
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = up(image, backbone(image), (12, 20))
+    assert out.shape == (2, 8, 12, 20)
+    line = up.describe()
+    assert isinstance(line, str) and line.endswith(".") and "\n" not in line
+
+
+def test_reencoding_upsamplers_refuse_to_start_without_the_backbone():
+    with pytest.raises(ValueError, match="encodes the image again: pass backbone="):
+        create_upsampler("large_image")
+
+
+def test_adding_an_upsampler_is_one_file(tmp_path):
+    # a new file registers its factory; build_upsampler (and every tool through it) finds it by name
+    (tmp_path / "jafar_test_nearest_twice.py").write_text(textwrap.dedent('''
+        import torch.nn.functional as F
+        from jafar.upsamplers.base import Upsampler, check_output_size, register_upsampler
+
+        class NearestTwice(Upsampler):
+            def forward(self, image, features, output_size):
+                h, w = check_output_size(output_size)
+                up = F.interpolate(features, scale_factor=2, mode="nearest")
+                return F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
+
+            def describe(self):
+                return "nearest x2 then bilinear (a test upsampler)."
+
+        @register_upsampler("test_nearest_twice", summary="nearest x2, then bilinear")
+        def build(feature_dim=None, checkpoint=None, backbone=None, **options):
+            return NearestTwice()
+    '''))
+    spec = importlib.util.spec_from_file_location("jafar_test_nearest_twice", tmp_path / "jafar_test_nearest_twice.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert "test_nearest_twice" in list_upsamplers()
+        up = build_upsampler("test_nearest_twice", feature_dim=5)
+        feats = torch.arange(4.0).view(1, 1, 2, 2).expand(1, 5, 2, 2)
+        out = up(None, feats, (4, 4))
+        torch.testing.assert_close(out, feats.repeat_interleave(2, -1).repeat_interleave(2, -2))
+        assert up.describe().startswith("nearest x2")
+        with pytest.raises(ValueError, match="already registered"):
+            spec.loader.exec_module(module)
+    finally:
+        from jafar.upsamplers import base
+
+        base._REGISTRY.pop("test_nearest_twice", None)
+        sys.modules.pop(spec.name, None)
