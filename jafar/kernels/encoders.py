@@ -79,7 +79,7 @@ if triton is not None:
             a = tl.load(A + n * C + offs_c, mask=mask_c, other=0.0)
             s = tl.load(S + n * C + offs_c, mask=mask_c, other=0.0)
         if ROPE:
-            # jafar.rope: y * cos + rotate_half(y) * sin with rotate_half(y1, y2) = (-y2, y1) over the
+            # jafar.layers.rope: y * cos + rotate_half(y) * sin with rotate_half(y1, y2) = (-y2, y1) over the
             # two channel halves: the weight is used as its two halves, so each product gives one half
             HALF: tl.constexpr = COP // 2
             half = CO // 2

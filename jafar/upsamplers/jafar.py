@@ -13,7 +13,7 @@ it is:
   modulates the keys through ``sft_key`` (``gamma(f) * GroupNorm(keys) + beta(f)``);
 * ``cross_decode``: a 3x3 conv on the queries, RMSNorm on queries and keys, the query and key
   projections of a 4-head attention, and the head-averaged softmax weights applied to the
-  raw features (``jafar.attention``).
+  raw features (``jafar.layers.attention``).
 
 The value and output projections (``attention.v_proj_weight``, ``attention.out_proj.*``) and
 ``norm_v`` exist in the official model but never reach its output. They are kept, so that the
