@@ -61,11 +61,9 @@ MODES = ("auto", "reference", "chunked", "sdpa", "triton")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def resolve_mode(mode: str, device: torch.device, head_dim: int = 32, num_heads: int = 4,
-                 dtype: torch.dtype = torch.bfloat16) -> str:
+def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The implementation ``mode`` stands for on ``device`` for inputs of ``dtype`` (``"auto"``:
-    see the module docstring). ``head_dim`` and ``num_heads`` are accepted for compatibility: the
-    kernels take any head width and count."""
+    see the module docstring; the kernels take any head width and count)."""
     if mode not in MODES:
         raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}.")
     if mode == "auto":
@@ -230,7 +228,7 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, n
         dtype = torch.get_autocast_dtype(q.device.type)
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), f.dtype)
-    mode = resolve_mode(mode, q.device, q.shape[2] // num_heads, num_heads, dtype)
+    mode = resolve_mode(mode, q.device, dtype)
     if mode == "reference":
         return reference_attention(q, k, f, num_heads, scale)
 
