@@ -15,6 +15,7 @@ checkpoint adapter if it has weights) and one yaml in ``configs/upsampler/``.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -85,12 +86,25 @@ def create_upsampler(name: str, **kwargs) -> Upsampler:
 # ---------------------------------------------------------------------------------------------
 
 
+def _as_int(x):
+    """``x`` as a Python int if it is an integer (Python, numpy or a 0-d integer tensor), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def check_output_size(output_size) -> Tuple[int, int]:
-    ok = isinstance(output_size, (Sequence, torch.Size)) and len(output_size) == 2 and all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in output_size)
-    if not ok:
-        raise ValueError(f"output_size must be a pair of positive ints (H_out, W_out), got {output_size!r}.")
-    return int(output_size[0]), int(output_size[1])
+    """``(H_out, W_out)`` as Python ints; numpy integers are accepted. One sentence otherwise."""
+    ok = isinstance(output_size, (Sequence, torch.Size)) and not isinstance(output_size, str) and len(output_size) == 2
+    values = [_as_int(s) for s in output_size] if ok else []
+    if not ok or any(v is None or v <= 0 for v in values):
+        shown = (f"{output_size!r} ({', '.join(type(s).__name__ for s in output_size)})"
+                 if ok else f"{output_size!r} ({type(output_size).__name__})")
+        raise ValueError(f"output_size must be a pair of positive ints (H_out, W_out), got {shown}.")
+    return values[0], values[1]
 
 
 def _shape(x) -> str:

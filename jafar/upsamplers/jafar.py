@@ -185,6 +185,35 @@ class CrossAttentionBlock(nn.Module):
         return self.cross_attn(q.flatten(2).transpose(1, 2), k, v, mode, memory_budget)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation on this machine (Linux ``MemAvailable``), or
+    None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_cpu_memory(batch: int, v_dim: int, qk_dim: int, size: Tuple[int, int]) -> None:
+    """Refuse, before allocating, an output whose tensors cannot fit in the available memory: the
+    output (``v_dim`` channels) and the full-resolution query maps (``qk_dim`` channels, about
+    three alive at once), in float32."""
+    need = 4 * batch * size[0] * size[1] * (v_dim + 3 * qk_dim)
+    free = _available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"an output of {batch} x {v_dim} x {size[0]} x {size[1]} needs about {need / 2**30:.1f} GiB "
+                          f"on the CPU, more than the {free / 2**30:.1f} GiB available: ask for a smaller output_size "
+                          f"or a smaller batch.")
+
+
 class JAFAR(Upsampler):
     """Upsample ``features`` (B, v_dim, h, w) to ``output_size`` under the guidance of ``image``.
 
@@ -212,6 +241,10 @@ class JAFAR(Upsampler):
         group_norm: the GroupNorms' implementation (``jafar.layers.norm.GroupNorm``: ``"auto"``,
             ``"var_mean"``, ``"native"``, ``"official"``, ``"triton"``); same parameters and
             numbers up to float rounding. :meth:`set_group_norm` changes it later.
+        check_finite: refuse NaN or infinite values in the image or the features, in one sentence
+            naming the input (a reduction over both per call, so off by default: the hot path of
+            a BeV network pays nothing). ``None`` (default): on when the environment variable
+            ``JAFAR_CHECK_FINITE=1`` is set.
 
     Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
     is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
@@ -220,8 +253,18 @@ class JAFAR(Upsampler):
 
     def __init__(self, input_dim: int = 3, qk_dim: int = 128, v_dim: int = 384, num_heads: int = 4,
                  kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256,
-                 compile=False, encoders: str = "torch", group_norm: str = "auto"):
+                 compile=False, encoders: str = "torch", group_norm: str = "auto", check_finite: Optional[bool] = None):
         super().__init__()
+        for key, value in (("input_dim", input_dim), ("qk_dim", qk_dim), ("v_dim", v_dim), ("num_heads", num_heads),
+                           ("kernel_size", kernel_size)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}.")
+        if qk_dim % num_heads:
+            raise ValueError(f"qk_dim={qk_dim} is not divisible by num_heads={num_heads}.")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the official encoder pads by kernel_size // 2), got {kernel_size}.")
+        if not isinstance(memory_budget_mb, (int, float)) or isinstance(memory_budget_mb, bool) or not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}.")
         if encoders not in ENCODERS:
             raise ValueError(f"encoders must be one of {ENCODERS}, got {encoders!r}.")
         if encoders == "triton" and compile:
@@ -242,11 +285,14 @@ class JAFAR(Upsampler):
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}.")
         self.attention = attention
-        self.memory_budget = int(memory_budget_mb * 2**20)
+        self.memory_budget = max(1, int(memory_budget_mb * 2**20))
         self.compile = compile
         self.encoders = encoders
         self._compiled_encode = None  # built on first use; not state, not copied
         self.weights_source = "random init"
+        if check_finite is None:
+            check_finite = os.environ.get("JAFAR_CHECK_FINITE", "").strip().lower() in ("1", "true", "yes", "on")
+        self.check_finite = bool(check_finite)
 
         gn = group_norm
         self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size, group_norm=gn)
@@ -280,9 +326,31 @@ class JAFAR(Upsampler):
         if image.shape[0] != features.shape[0]:
             raise ValueError(f"image and features must have the same batch size, got {image.shape[0]} "
                              f"and {features.shape[0]}.")
+        if image.shape[0] == 0:
+            raise ValueError("image and features hold no sample (batch size 0).")
+        if min(image.shape[-2:]) < 1 or min(features.shape[-2:]) < 1:
+            raise ValueError(f"image and features must have a non-empty grid, got image "
+                             f"{tuple(image.shape[-2:])} and features {tuple(features.shape[-2:])}.")
         if image.device != features.device:
             raise ValueError(f"image is on {image.device} but features are on {features.device}.")
-        return check_output_size(output_size)
+        param = self.key_features_encoder[0].weight
+        for name, x in (("image", image), ("features", features)):
+            if not x.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got "
+                                 f"{x.dtype}; e.g. image.float() / 255 for uint8 pixels.")
+            if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise ValueError(f"{name} is {x.dtype} but JAFAR's parameters are {param.dtype}: convert one to the "
+                                 f"other (model.to({x.dtype}) or {name}.to({param.dtype})), or run under torch.autocast.")
+        if self.check_finite:
+            for name, x in (("image", image), ("features", features)):
+                if not bool(torch.isfinite(x).all()):
+                    bad = int((~torch.isfinite(x)).sum())
+                    raise ValueError(f"{name} holds {bad} NaN or infinite values (of {x.numel()}); JAFAR's output "
+                                     f"would be NaN.")
+        size = check_output_size(output_size)
+        if image.device.type == "cpu":
+            _check_cpu_memory(image.shape[0], self.v_dim, self.qk_dim, size)
+        return size
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.rope(self.image_encoder(image))
