@@ -197,6 +197,40 @@ def test_segmentation_probe_learns_a_separable_task(tmp_path):
     assert len(probe.pictures) == 1 and probe.pictures[0]["prediction"].shape == (32, 32)
 
 
+def test_frozen_parts_move_with_the_probe_but_are_neither_trained_nor_saved():
+    from jafar import build_upsampler
+    from jafar.eval.probes import DepthProbe
+
+    torch.manual_seed(0)
+    up = build_upsampler("jafar", feature_dim=3, qk_dim=16)
+    probe = SegmentationProbe(PooledPixels(), up, num_classes=2, target_size=32)
+    children = list(probe.children())
+    assert any(m is probe.backbone for m in children) and any(m is up for m in children)
+    probe.to(torch.float64)  # one call moves the frozen parts too
+    assert probe.backbone.dummy.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in up.parameters())
+    hr, _ = probe.upsampled(torch.rand(1, 3, 32, 32, dtype=torch.float64))
+    assert hr.shape == (1, 3, 32, 32)
+    probe.train()
+    assert probe.training and not up.training and not probe.backbone.training
+    assert not any(p.requires_grad for p in up.parameters())
+    trained = {id(p) for g in probe.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert trained == {id(p) for p in probe.classifier.parameters()}
+    # the state dict (and so the checkpoints) holds the classifier only; such a state dict loads strictly
+    state = probe.state_dict()
+    assert set(state) == {"classifier.weight", "classifier.bias"}
+    fresh = SegmentationProbe(PooledPixels(), build_upsampler("jafar", feature_dim=3, qk_dim=16), num_classes=2,
+                              target_size=32).to(torch.float64)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.classifier.weight, probe.classifier.weight)
+    # the depth probe's pseudo-labeller is frozen the same way
+    labeler = torch.nn.Conv2d(3, 1, 1)
+    depth = DepthProbe(PooledPixels(), build_upsampler("bilinear"), target_size=32, pseudo_labeler=labeler).to(
+        torch.float64)
+    assert labeler.weight.dtype == torch.float64 and not labeler.weight.requires_grad
+    assert not any(k.startswith("pseudo_labeler") for k in depth.state_dict())
+
+
 def test_schedules_per_epoch_and_per_step():
     from jafar import build_upsampler
 

@@ -129,6 +129,39 @@ def test_training_step_trains_only_the_upsampler():
     assert not any(k.startswith("backbone") for k in module.state_dict())  # not in the checkpoints
 
 
+def test_the_frozen_backbone_is_a_child_that_moves_but_is_neither_trained_nor_saved():
+    module = _tiny_module()
+    assert any(m is module.backbone for m in module.children())  # registered: .to() reaches it
+    module.to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in module.backbone.state_dict().values() if t.is_floating_point())
+    assert all(p.dtype == torch.float64 for p in module.upsampler.parameters())
+    module.train()
+    assert module.upsampler.training and not module.backbone.training
+    optimizer = module.configure_optimizers()
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in module.upsampler.parameters() if p.requires_grad}
+    assert not trained & {id(p) for p in module.backbone.parameters()}
+    # checkpoints: no backbone entries, also when the module sits inside another one
+    state = module.state_dict()
+    assert state and all(k.startswith("upsampler.") for k in state)
+    nested = torch.nn.ModuleDict({"pre": module})
+    assert set(nested.state_dict()) == {f"pre.{k}" for k in state}
+    # a checkpoint without the backbone (every checkpoint) loads strictly; backbone entries in a
+    # state dict are not applied: the frozen backbone keeps its weights
+    backbone_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    other = _tiny_module().to(torch.float64)
+    with torch.no_grad():
+        for p in other.upsampler.parameters():
+            p.add_(1.0)
+    module.load_state_dict(other.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(module.upsampler.parameters(), other.upsampler.parameters()))
+    poisoned = {**other.state_dict(), **{f"backbone.{k}": torch.zeros_like(v) for k, v in backbone_before.items()}}
+    nested.load_state_dict({f"pre.{k}": v for k, v in poisoned.items()})
+    assert all(torch.equal(module.backbone.state_dict()[k], v) for k, v in backbone_before.items())
+    with pytest.raises(RuntimeError, match="Missing key"):  # the upsampler's entries are still required
+        module.load_state_dict({})
+
+
 def test_round_to_multiple_is_the_official_rounding():
     assert [round_to_multiple(v, 14) for v in (112.0, 119.0, 126.0, 3.0)] == [112, 112, 126, 14]
 

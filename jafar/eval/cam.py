@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..frozen import FrozenChildren
 from .report import Column
 from .run import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task
 
@@ -154,7 +155,7 @@ class CamMeter:
 # ---------------------------------------------------------------------------------------------
 
 
-class CamClassifier(nn.Module):
+class CamClassifier(FrozenChildren):
     """A frozen classifier split at the Grad-CAM target layer: :meth:`split` maps a normalised
     image to ``(A, state)`` (``A``: ``(B, C, h, w)``), :meth:`head` maps ``(A, state)`` to the
     logits. ``target`` describes the layer (one line, for the table)."""
@@ -185,7 +186,7 @@ class MobileNetV2Classifier(CamClassifier):
 
         n_blocks, _ = _MOBILENET_CUTS[int(backbone.patch_size)]
         net = load_mobilenet_v2(pretrained=pretrained, weights=weights)
-        object.__setattr__(self, "backbone", backbone)  # shared with the run, not owned
+        self.add_frozen("backbone", backbone)  # shared with the run: moves with .to(), not in the state dict
         self.tail = net.features[n_blocks:]
         self.classifier = net.classifier
         for p in self.parameters():

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
+from ..frozen import FrozenChildren
 from ..train.data import step_seed
 from .metrics import IGNORE_INDEX, DepthMetrics, segmentation_metrics
 
@@ -83,7 +84,7 @@ def encode(backbone, normalized: torch.Tensor, global_token: str = "none"):
     return feats, F.normalize(feats.mean(dim=(2, 3)), dim=1)
 
 
-class LinearProbe(L.LightningModule):
+class LinearProbe(FrozenChildren, L.LightningModule):
     """Frozen ``backbone`` + frozen ``upsampler`` + a trainable ``classifier`` (1x1 conv).
 
     Subclasses set ``self.classifier`` and implement :meth:`loss`, :meth:`update_metrics`,
@@ -97,12 +98,10 @@ class LinearProbe(L.LightningModule):
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
-        # frozen and shared between runs: kept out of the module tree and of the checkpoints
-        object.__setattr__(self, "backbone", backbone)
-        object.__setattr__(self, "upsampler", upsampler)
-        for p in upsampler.parameters():
-            p.requires_grad_(False)
-        upsampler.eval()
+        # frozen and shared between runs: moved with the probe, kept out of its checkpoints; the
+        # upsampler's dropout / batch norm (FeatUp, LiFT) stay in inference mode
+        self.add_frozen("backbone", backbone)
+        self.add_frozen("upsampler", upsampler)
         self.target_size = int(target_size)
         self.lr, self.betas, self.weight_decay = float(lr), tuple(float(b) for b in betas), float(weight_decay)
         self.epochs, self.scheduler_interval = int(epochs), scheduler_interval
@@ -117,25 +116,13 @@ class LinearProbe(L.LightningModule):
         self.val_results: Dict[str, float] = {}
         self.strict_loading = False  # checkpoints hold the probe only
 
-    # ------------------------------------------------------------------ frozen parts
-    def _move_frozen(self, device) -> None:
-        for module in (self.backbone, self.upsampler):
-            p = next(module.parameters(), None)
-            if p is not None and p.device != device:
-                module.to(device)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.upsampler.eval()  # dropout / batch norm of FeatUp and LiFT stay in inference mode
-        return self
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("classifier.")}
 
     def upsampled(self, image: torch.Tensor):
         """Image in [0, 1] -> upsampled features ``(B, C, T, T)`` and the global token ``(B, C)``
         (None unless the probe uses one)."""
-        self._move_frozen(image.device)
         x = self.backbone.normalize(image)
         feats, token = encode(self.backbone, x, getattr(self, "global_token", "none"))
         with torch.no_grad():
@@ -305,7 +292,7 @@ class DepthProbe(LinearProbe):
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.register_buffer("bins", torch.linspace(self.min_depth, self.max_depth, int(bins)), persistent=False)
         self.gradient_weight, self.warm_up_steps = float(gradient_weight), int(warm_up_steps)
-        object.__setattr__(self, "pseudo_labeler", pseudo_labeler)
+        self.add_frozen("pseudo_labeler", pseudo_labeler)
         self.metrics = DepthMetrics(self.min_depth, self.max_depth)
 
     def logits(self, image, size, key=None):
@@ -320,9 +307,6 @@ class DepthProbe(LinearProbe):
             if label.numel() == 0:
                 raise ValueError("this depth data set has no depth maps: set task.pseudo_labels (e.g. depth_anything).")
             return label.float().unsqueeze(1)
-        p = next(self.pseudo_labeler.parameters(), None)
-        if p is not None and p.device != image.device:
-            self.pseudo_labeler.to(image.device)
         with torch.no_grad():
             depth = self.pseudo_labeler(image)
         return F.interpolate(depth.unsqueeze(1).float(), size=(self.target_size, self.target_size), mode="bilinear",

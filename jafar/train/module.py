@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from ..backbones import Backbone
+from ..frozen import FrozenChildren
 from ..viz import pca_rgb, save_panels
 from .data import step_seed
 from .losses import CosineMSELoss
@@ -49,7 +50,7 @@ def round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, multiple * round(value / multiple))
 
 
-class JafarPretraining(L.LightningModule):
+class JafarPretraining(FrozenChildren, L.LightningModule):
     def __init__(self, backbone: Backbone, upsampler: torch.nn.Module, loss: Optional[CosineMSELoss] = None,
                  lr: float = 2e-4, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5,
                  guidance_scale: float = 0.5, lr_scale: Sequence[float] = (0.25, 0.5),
@@ -58,7 +59,7 @@ class JafarPretraining(L.LightningModule):
                  seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8), picture_dir: Optional[str] = None):
         super().__init__()
         self.upsampler = upsampler
-        object.__setattr__(self, "backbone", backbone)  # frozen, not part of the checkpoints
+        self.add_frozen("backbone", backbone)  # moves with .to(), not part of the checkpoints
         self.loss = loss if loss is not None else CosineMSELoss()
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
         self.guidance_scale, self.lr_scale = float(guidance_scale), tuple(lr_scale)
@@ -75,11 +76,6 @@ class JafarPretraining(L.LightningModule):
         self.register_buffer("_std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
 
     # ---------------------------------------------------------------------------- features
-    def _features(self, normalized: torch.Tensor) -> torch.Tensor:
-        if next(self.backbone.parameters()).device != normalized.device:
-            self.backbone.to(normalized.device)
-        return self.backbone(normalized)
-
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self._mean) / self._std
 
@@ -89,7 +85,7 @@ class JafarPretraining(L.LightningModule):
         rounded to a multiple of the patch size."""
         p = self.backbone.patch_size
         size = (round_to_multiple(x.shape[-2] * scale, p), round_to_multiple(x.shape[-1] * scale, p))
-        return self._features(F.interpolate(x, size=size, mode="bilinear"))
+        return self.backbone(F.interpolate(x, size=size, mode="bilinear"))
 
     def _guidance(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=self.guidance_scale, mode="bilinear")
@@ -117,7 +113,7 @@ class JafarPretraining(L.LightningModule):
         scale = lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64).item()
         x = self.normalize(pixels)
         with torch.no_grad():
-            hr = self._features(x)
+            hr = self.backbone(x)
         lr = self._lowres_features(x, scale)
         guidance = self._guidance(x)
         pred = self.upsampler(guidance, lr, tuple(hr.shape[-2:]))
@@ -161,7 +157,7 @@ class JafarPretraining(L.LightningModule):
         if pixels is None:
             return
         x = self.normalize(pixels)
-        hr = self._features(x)
+        hr = self.backbone(x)
         size = tuple(hr.shape[-2:])
         guidance = self._guidance(x)
         for ratio in self.val_ratios:
