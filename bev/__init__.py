@@ -1,6 +1,8 @@
 """Bird's-eye-view perception with a frozen multi-camera encoder and a feature upsampler.
 
-``bev.geometry`` holds every camera / ego / BeV transform. The nuScenes data, encoder and heads
-land with the BeV issues (see DESIGN.md in the shared folder). ``bev`` may import ``jafar``;
-``jafar`` never imports it.
+``bev.data`` (nuScenes through its devkit, the BeV labels, a synthetic nuScenes), ``bev.geometry``
+(every camera / ego / BeV transform), ``bev.encoder`` (frozen backbone + upsampler on every
+camera), ``bev.heads`` (SimpleBeV, PointBeV, BEVFormer), ``bev.module`` (the LightningModule:
+losses, IoU under the visibility mask, pictures) and ``bev.run`` (``tools/train_bev.py``).
+``bev`` may import ``jafar``; ``jafar`` never imports it.
 """

@@ -12,9 +12,8 @@ Facts taken from SimpleBEV (github aharley/simple_bev, ``train_nuscenes.py`` and
   ``10 * bce * exp(-w_ce) + 0.5 * w_ce + center / (2 exp(w_c)) + 0.5 * w_c
   + offset / (2 exp(w_o)) + 0.5 * w_o``.
 
-The visibility mask (PointBeV ``valid_binimg = visibility >= min_visibility``; SimpleBEV's
-``valid_bev``): cells of vehicle boxes whose nuScenes visibility level is below
-``min_visibility`` are ignored by every term (``visibility_mask``).
+Cells of vehicle boxes whose nuScenes visibility level is below ``min_visibility`` are ignored
+by every term (:func:`bev.data.targets.visibility_mask`).
 """
 
 from __future__ import annotations
@@ -25,11 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def visibility_mask(seg: torch.Tensor, visibility: torch.Tensor, min_visibility: int) -> torch.Tensor:
-    """``True`` where a cell counts: background, or covered by a box at least ``min_visibility``
-    visible (levels 1..4; ``min_visibility=1`` keeps every cell)."""
-    return ~((seg > 0) & (visibility.to(torch.int64) < int(min_visibility)))
+from .data.targets import visibility_mask
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

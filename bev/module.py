@@ -7,9 +7,10 @@ decay 1e-7; OneCycle with ``div_factor=3``, ``final_div_factor=20``, ``pct_start
 annealing, no momentum cycling, stepped every batch; gradients clipped at norm 5 (the
 trainer's ``gradient_clip_val``).
 
-IoU (PointBeV's metric): intersection and union accumulated over the whole validation set at
-threshold 0.5, on the cells the visibility mask keeps (``bev.losses.visibility_mask``), for
-``min_visibility`` 1 (every box) and 2 (boxes 0-40 % visible ignored).
+IoU (PointBeV's metric, :class:`VisibleIoU`): intersection and union accumulated over the whole
+validation set at threshold 0.5, on the cells the visibility mask keeps
+(:func:`bev.data.targets.visibility_mask`), for ``min_visibility`` 1 (every box) and 2 (boxes
+0-40 % visible ignored). The prior-map baseline (:func:`prior_baseline`) is scored with it too.
 """
 
 from __future__ import annotations
@@ -25,11 +26,39 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryJaccardIndex
 
-from .losses import SimpleBevLoss, visibility_mask
+from .data.targets import visibility_mask
+from .losses import SimpleBevLoss
 
 log = logging.getLogger(__name__)
 
 IGNORE = 255
+
+
+class VisibleIoU(BinaryJaccardIndex):
+    """IoU of the vehicle class: intersection over union of ``prob > 0.5`` and the labels,
+    accumulated over every cell that :func:`visibility_mask` keeps at ``min_visibility`` (summed
+    over all updates and, under DDP, all ranks), computed in float64 from the integer counts.
+
+    ``update(prob, seg, visibility)``: probabilities (or 0/1 predictions), labels and visibility
+    levels of one shape. An empty union gives 0.
+    """
+
+    def __init__(self, min_visibility: int, **kwargs):
+        super().__init__(threshold=0.5, ignore_index=IGNORE, **kwargs)
+        if int(min_visibility) not in (1, 2, 3, 4):
+            raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {min_visibility}.")
+        self.min_visibility = int(min_visibility)
+
+    def update(self, prob: torch.Tensor, seg: torch.Tensor, visibility: torch.Tensor) -> None:
+        target = seg.to(torch.int64)
+        target = torch.where(visibility_mask(seg, visibility, self.min_visibility), target,
+                             torch.full_like(target, IGNORE))
+        super().update(prob, target)
+
+    def compute(self) -> torch.Tensor:
+        (_, fp), (fn, tp) = self.confmat.to(torch.float64)
+        union = tp + fp + fn
+        return tp / union if union > 0 else torch.zeros_like(union)
 
 
 class BevSegmentation(L.LightningModule):
@@ -45,8 +74,7 @@ class BevSegmentation(L.LightningModule):
         self.scheduler_cfg = dict(scheduler) if scheduler else None
         self.total_steps = total_steps
         self.iou_visibilities = tuple(int(v) for v in iou_visibilities)
-        self.ious = nn.ModuleDict({f"vis{v}": BinaryJaccardIndex(threshold=0.5, ignore_index=IGNORE)
-                                   for v in self.iou_visibilities})
+        self.ious = nn.ModuleDict({f"vis{v}": VisibleIoU(v) for v in self.iou_visibilities})
         self.picture_dir = Path(picture_dir) if picture_dir else None
         self.num_pictures = int(pictures)
         self.val_results: Dict[str, float] = {}
@@ -110,11 +138,8 @@ class BevSegmentation(L.LightningModule):
         losses = self._step_loss(batch, out)
         self.log("val/loss", losses["loss"], batch_size=batch["images"].shape[0], sync_dist=True)
         prob = torch.sigmoid(out["seg"].float())
-        for v in self.iou_visibilities:
-            target = batch["seg"].to(torch.int64)
-            target = torch.where(visibility_mask(batch["seg"], batch["visibility"], v), target,
-                                 torch.full_like(target, IGNORE))
-            self.ious[f"vis{v}"].update(prob, target)
+        for iou in self.ious.values():
+            iou.update(prob, batch["seg"], batch["visibility"])
         if len(self._picture_batches) < self.num_pictures:
             self._picture_batches.append({"images": batch["images"][0].detach().cpu(),
                                           "seg": batch["seg"][0].detach().cpu(),
@@ -156,30 +181,34 @@ def prior_map(seg_maps: np.ndarray) -> np.ndarray:
     return np.asarray(seg_maps, dtype=np.float64).mean(0)
 
 
-def iou_of(pred: np.ndarray, seg: np.ndarray, valid: np.ndarray) -> float:
-    """Global IoU of binary maps over the valid cells (summed over the stack)."""
-    pred, seg, valid = pred.astype(bool), seg.astype(bool), valid.astype(bool)
-    inter = (pred & seg & valid).sum()
-    union = ((pred | seg) & valid).sum()
-    return float(inter / union) if union else 0.0
-
-
 def prior_baseline(train_seg: np.ndarray, train_vis: np.ndarray, val_seg: np.ndarray, val_vis: np.ndarray,
                    visibilities: Sequence[int] = (1, 2), min_visibility: int = 2) -> dict:
     """A model that knows only where vehicles usually are: the training labels' per-cell
     frequency, thresholded where it gives the best IoU on the *training* labels (so the
-    validation set is not used to tune it), scored on the validation labels."""
+    validation set is not used to tune it), scored on the validation labels (:class:`VisibleIoU`)."""
     freq = prior_map(train_seg)
-    train_valid = ~((train_seg > 0) & (train_vis < min_visibility))
+
+    def scorer(seg: np.ndarray, vis: np.ndarray, level: int):
+        """``threshold -> IoU`` of the map ``freq >= threshold`` against every label map of ``seg``."""
+        seg, vis = torch.from_numpy(np.asarray(seg)), torch.from_numpy(np.asarray(vis))
+        kept = visibility_mask(seg, vis, level)  # the cells the IoU counts, found once for all thresholds
+        seg, vis = seg[kept], vis[kept]
+
+        def score(threshold: float) -> float:
+            metric = VisibleIoU(level, validate_args=False)
+            metric.update(torch.from_numpy(freq >= threshold).expand(kept.shape)[kept], seg, vis)  # 0/1: no threshold
+            return float(metric.compute())
+        return score
+
+    train_iou = scorer(train_seg, train_vis, min_visibility)
     best_t, best = 0.5, -1.0
     for t in np.unique(np.concatenate([freq.ravel(), [0.5]])):
         if t <= 0:
             continue
-        score = iou_of(np.broadcast_to(freq >= t, train_seg.shape), train_seg, train_valid)
+        score = train_iou(t)
         if score > best:
             best_t, best = float(t), score
-    pred = np.broadcast_to(freq >= best_t, val_seg.shape)
     out = {"threshold": best_t, "train_iou": best}
     for v in visibilities:
-        out[f"iou_vis{v}"] = iou_of(pred, val_seg, ~((val_seg > 0) & (val_vis < v)))
+        out[f"iou_vis{v}"] = scorer(val_seg, val_vis, v)(best_t)
     return out

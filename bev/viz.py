@@ -9,8 +9,8 @@ import torch
 
 from jafar.utils import atomic_path
 
-from .data.from_mmdet3d import CAMERAS
-from .data.targets import rasterize_footprints
+from .data.tables import CAMERAS
+from .data.targets import rasterize_footprints, visibility_mask
 from .geometry import BevGrid, project_points, rotation_yaw, transform_matrix
 
 # the 12 edges of a box, as pairs of indices into the devkit's corner order
@@ -62,9 +62,8 @@ def draw_sample(nusc, sample_token: str, path, grid: BevGrid = BevGrid(), width:
     d.polygon([(c, c - 10), (c - 6, c + 6), (c + 6, c + 6)], fill=(0, 160, 255))
     d.text((6, 4), "BeV vehicles (forward up)", fill=(0, 160, 255))
     canvas = Image.new("RGB", (3 * width + 2 * h, 2 * h), "black")
-    order = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"]
-    for k, channel in enumerate(order):
-        canvas.paste(panels[CAMERAS.index(channel)], ((k % 3) * width, (k // 3) * h))
+    for k, panel in enumerate(panels):  # CAMERAS: the front row left to right, then the back row
+        canvas.paste(panel, ((k % 3) * width, (k // 3) * h))
     canvas.paste(bev, (3 * width, 0))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
@@ -98,7 +97,7 @@ def save_prediction_panels(samples, path, min_visibility: int = 2, camera_width:
             cams.paste(Image.fromarray(arr).resize((camera_width, ch)), ((k % 3) * camera_width, (k // 3) * ch))
         side = 2 * ch
         seg = s["seg"][0].numpy() > 0
-        ignored = seg & (s["visibility"][0].numpy() < min_visibility)
+        ignored = ~visibility_mask(s["seg"][0].numpy(), s["visibility"][0].numpy(), min_visibility)
         gt = np.where(seg, 255, 0).astype(np.uint8)
         gt[ignored] = 110
         prob = (s["prob"][0].float().numpy() * 255).astype(np.uint8)

@@ -12,7 +12,8 @@ import torch
 
 from bev import geometry as G
 from bev.data.from_mmdet3d import write_tables
-from bev.data.targets import bev_targets, rasterize_footprints
+from bev.data.tables import CAMERAS
+from bev.data.targets import bev_targets, rasterize_footprints, visibility_mask
 from conftest import FIXTURES
 
 nuscenes = pytest.importorskip("nuscenes")
@@ -20,7 +21,7 @@ from nuscenes.nuscenes import NuScenes  # noqa: E402
 from nuscenes.utils.geometry_utils import transform_matrix as devkit_transform, view_points  # noqa: E402
 from pyquaternion import Quaternion  # noqa: E402
 
-from bev.data.nuscenes import CAMERAS, NuScenesBev  # noqa: E402
+from bev.data.nuscenes import NuScenesBev  # noqa: E402
 
 INFO = FIXTURES / "nuscenes_frame" / "n015-2018-07-24-11-22-45+0800.pkl"
 ORDER = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"]
@@ -183,10 +184,9 @@ def test_targets_visibility_levels_and_mask_rule():
     assert seg.sum() == 32 + 8
     assert (vis[116:122, 88:92] == 1).all() and (vis[122:126, 88:92] == 3).all()
     assert (vis[seg == 0] == 0).all()
-    valid2 = ~((seg > 0) & (vis < 2))  # min_visibility = 2: the 0-40 % visible box is ignored
+    valid2 = visibility_mask(seg, vis, 2)  # min_visibility = 2: the 0-40 % visible box is ignored
     assert not valid2[116:122, 88:92].any() and valid2[122:126, 88:92].all() and valid2[seg == 0].all()
-    valid1 = ~((seg > 0) & (vis < 1))
-    assert valid1.all()
+    assert visibility_mask(seg, vis, 1).all()
     # centerness by hand: A's centre (10, -5) m is at cell (120, 90); cell (116, 88) has centre (116.5, 88.5)
     assert cent[116, 88] == pytest.approx(math.exp(-(3.5 ** 2 + 1.5 ** 2) / 18), rel=1e-6)
     assert cent[119, 89] == pytest.approx(math.exp(-(0.5 ** 2 + 0.5 ** 2) / 18), rel=1e-6)

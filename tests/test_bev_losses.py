@@ -4,11 +4,12 @@ hand-computed values."""
 import math
 
 import numpy as np
+import pytest
 import torch
-from torchmetrics.classification import BinaryJaccardIndex
 
-from bev.losses import SimpleBevLoss, balanced_mse, visibility_mask
-from bev.module import IGNORE, iou_of, prior_baseline
+from bev.data.targets import visibility_mask
+from bev.losses import SimpleBevLoss, balanced_mse
+from bev.module import VisibleIoU, prior_baseline
 from bev.run import shuffle_extrinsics
 
 
@@ -18,6 +19,10 @@ def test_visibility_mask_ignores_only_poorly_visible_vehicle_cells():
     assert visibility_mask(seg, vis, 1).tolist() == [[True] * 5]
     assert visibility_mask(seg, vis, 2).tolist() == [[True, False, True, True, True]]
     assert visibility_mask(seg, vis, 4).tolist() == [[True, False, False, False, True]]
+    # the same rule on numpy arrays (the pictures, the prior baseline); levels outside 1..4 refused
+    assert visibility_mask(seg.numpy(), vis.numpy().astype(np.uint8), 2).tolist() == [[True, False, True, True, True]]
+    with pytest.raises(ValueError, match="1..4"):
+        visibility_mask(seg, vis, 0)
 
 
 def test_loss_terms_by_hand():
@@ -52,13 +57,22 @@ def test_balanced_mse_weights_positives_and_negatives_equally():
 
 
 def test_iou_metric_ignores_masked_cells():
-    prob = torch.tensor([0.9, 0.8, 0.2, 0.7, 0.1])
-    target = torch.tensor([1, IGNORE, 1, 0, 0])
-    metric = BinaryJaccardIndex(threshold=0.5, ignore_index=IGNORE)
-    metric.update(prob, target)
-    # kept: cells 0, 2, 3, 4 -> intersection 1 (cell 0), union 3 (cells 0, 2, 3)
-    assert abs(metric.compute().item() - 1 / 3) < 1e-6
-    assert abs(iou_of(prob.numpy() > 0.5, target.numpy() == 1, target.numpy() != IGNORE) - 1 / 3) < 1e-9
+    prob = torch.tensor([0.9, 0.8, 0.2, 0.7, 0.1, 0.6])
+    seg = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    vis = torch.tensor([4, 1, 2, 0, 0, 3], dtype=torch.uint8)
+    metric = VisibleIoU(min_visibility=2)
+    metric.update(prob[:3], seg[:3], vis[:3])  # accumulated over updates
+    metric.update(prob[3:], seg[3:], vis[3:])
+    # kept: every cell but 1 (a vehicle 0-40 % visible) -> intersection 2 (cells 0, 5), union 4 (0, 2, 3, 5)
+    assert metric.compute().dtype == torch.float64 and metric.compute().item() == 2 / 4
+    every = VisibleIoU(min_visibility=1)
+    every.update(prob, seg, vis)
+    assert every.compute().item() == 3 / 5
+    empty = VisibleIoU(min_visibility=1)
+    empty.update(torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.uint8))
+    assert empty.compute().item() == 0.0  # no vehicle predicted or present
+    with pytest.raises(ValueError, match="1..4"):
+        VisibleIoU(min_visibility=5)
 
 
 def test_prior_baseline_learns_where_vehicles_usually_are():
@@ -72,6 +86,29 @@ def test_prior_baseline_learns_where_vehicles_usually_are():
     out = prior_baseline(train, vis, val, np.full_like(val, 4))
     assert out["threshold"] > 0.25          # the one-off cell is not predicted
     assert abs(out["iou_vis1"] - 2 / 3) < 1e-9  # predicts the corner: 2 hits, 1 miss
+
+
+def test_prior_baseline_equals_the_counts_in_float64():
+    """The baseline's IoUs are float64 quotients of the integer counts, as a direct numpy count
+    gives them (the threshold search would otherwise pick among float32 ties)."""
+    rng = np.random.default_rng(0)
+    often = rng.random((12, 12)) ** 2
+    train = (rng.random((40, 12, 12)) < often).astype(np.float32)
+    train_vis = (train * rng.integers(1, 5, train.shape)).astype(np.uint8)
+    val = (rng.random((9, 12, 12)) < often).astype(np.float32)
+    val_vis = (val * rng.integers(1, 5, val.shape)).astype(np.uint8)
+
+    def numpy_iou(pred, seg, vis, level):
+        valid, pred, seg = ~((seg > 0) & (vis < level)), np.broadcast_to(pred, seg.shape), seg > 0
+        return float((pred & seg & valid).sum() / ((pred | seg) & valid).sum())
+
+    freq = train.mean(0, dtype=np.float64)
+    scores = {float(t): numpy_iou(freq >= t, train, train_vis, 2) for t in np.unique(np.append(freq, 0.5)) if t > 0}
+    best_t = max(scores, key=lambda t: (scores[t], -t))  # the first best, as the search keeps it
+    out = prior_baseline(train, train_vis, val, val_vis)
+    assert out["threshold"] == best_t and out["train_iou"] == scores[best_t]
+    assert out["iou_vis1"] == numpy_iou(freq >= best_t, val, val_vis, 1)
+    assert out["iou_vis2"] == numpy_iou(freq >= best_t, val, val_vis, 2)
 
 
 def test_shuffle_extrinsics_is_a_derangement():

@@ -12,6 +12,7 @@ import torch
 
 from bev import geometry as G
 from bev.data import synthetic as S
+from bev.data.tables import CAMERAS
 
 nuscenes = pytest.importorskip("nuscenes")
 from nuscenes.utils.geometry_utils import BoxVisibility, box_in_image  # noqa: E402
@@ -88,11 +89,11 @@ def test_devkit_loads_consistent_tables(root, nusc):
         assert len(anns) == inst["nbr_annotations"] and anns[-1] == inst["last_annotation_token"]
     moved = []
     for sample in nusc.sample:
-        assert set(sample["data"]) == {"LIDAR_TOP", *S.CAMERAS}
+        assert set(sample["data"]) == {"LIDAR_TOP", *CAMERAS}
         lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
         assert lidar["timestamp"] == sample["timestamp"]
         lidar_pose = nusc.get("ego_pose", lidar["ego_pose_token"])
-        for ch in S.CAMERAS:
+        for ch in CAMERAS:
             sd = nusc.get("sample_data", sample["data"][ch])
             assert 0 <= sample["timestamp"] - sd["timestamp"] <= 50_000  # fires up to 50 ms before the LiDAR
             with open(Path(root) / sd["filename"], "rb") as fh:
@@ -121,7 +122,7 @@ def test_vehicle_pixels_where_the_devkit_projects_the_boxes(nusc, colours):
     inside_ok, inside_total, ground_bad, ground_total = 0, 0, 0, 0
     turned_ok, turned_total = 0, 0
     for sample in nusc.sample:
-        for ch in S.CAMERAS:
+        for ch in CAMERAS:
             sd_token = sample["data"][ch]
             image, boxes, K, ids = _devkit_view(nusc, sd_token)
             H, W = ids.shape
@@ -168,7 +169,7 @@ def test_visibility_levels(nusc):
     assert set(levels) <= {"1", "2", "3", "4"} and {"1", "4"} <= set(levels)
     for sample in nusc.sample:
         seen = set()
-        for ch in S.CAMERAS:
+        for ch in CAMERAS:
             sd = nusc.get("sample_data", sample["data"][ch])
             _, boxes, K = nusc.get_sample_data(sd["token"], box_vis_level=BoxVisibility.NONE)
             seen |= {b.token for b in boxes if box_in_image(b, K, (sd["width"], sd["height"]), BoxVisibility.ANY)}
@@ -245,6 +246,14 @@ def test_same_seed_same_set(root, tmp_path):
     other = _generate(tmp_path / "other", seed=4)
     assert (other / "v1.0-mini" / "sample_annotation.json").read_bytes() != \
         (root / "v1.0-mini" / "sample_annotation.json").read_bytes()
+
+
+def test_cameras_are_rendered_clockwise_from_the_front():
+    """The random draws of a scene follow the render order (part of the synthetic format), while
+    the data set hands the cameras out in CAMERAS order."""
+    assert S.RENDER_ORDER == ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",
+                              "CAM_FRONT_LEFT")
+    assert sorted(S.RENDER_ORDER) == sorted(CAMERAS)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -29,11 +29,9 @@ from typing import Dict, List
 import numpy as np
 
 from .. import geometry as G
-from .tables import CAMERAS, CATEGORY_NAMES, TABLE_NAMES, VISIBILITY, token, write_json_tables
-from .tables import pose_record as _pose
-from .tables import usec as _usec
+from .tables import CAMERAS, CATEGORY_NAMES, VISIBILITY, empty_tables, pose_record, token, usec, write_json_tables
 
-__all__ = ["CAMERAS", "CATEGORY_NAMES", "VISIBILITY", "token", "write_tables"]
+__all__ = ["write_tables"]
 
 
 def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None,
@@ -50,7 +48,7 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
     image_dir = Path(image_dir) if image_dir else info_path.parent
     out_root = Path(out_root)
     logfile = info_path.stem
-    tables: Dict[str, List[dict]] = {k: [] for k in TABLE_NAMES}
+    tables: Dict[str, List[dict]] = empty_tables()
 
     log_token = token("log", logfile)
     tables["log"].append({"token": log_token, "logfile": logfile, "vehicle": logfile.split("-")[0],
@@ -72,18 +70,19 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
         ego2global = np.asarray(frame["ego2global"], dtype=np.float64)
         lidar2ego = np.asarray(frame["lidar_points"]["lidar2ego"], dtype=np.float64)
         tables["sample"].append({
-            "token": sample_token, "timestamp": _usec(frame["timestamp"]), "scene_token": scene_token,
+            "token": sample_token, "timestamp": usec(frame["timestamp"]), "scene_token": scene_token,
             "prev": sample_tokens[n - 1] if n else "", "next": sample_tokens[n + 1] if n + 1 < len(frames) else ""})
         # the LiDAR: its ego pose is the info's ego2global
         lidar_cs, lidar_pose = token("cs", sample_token, "LIDAR_TOP"), token("pose", sample_token, "LIDAR_TOP")
         tables["calibrated_sensor"].append({"token": lidar_cs, "sensor_token": token("sensor", "LIDAR_TOP"),
-                                            "camera_intrinsic": [], **_pose(lidar2ego)})
-        tables["ego_pose"].append({"token": lidar_pose, "timestamp": _usec(frame["timestamp"]), **_pose(ego2global)})
+                                            "camera_intrinsic": [], **pose_record(lidar2ego)})
+        tables["ego_pose"].append({"token": lidar_pose, "timestamp": usec(frame["timestamp"]),
+                                   **pose_record(ego2global)})
         lidar_path = Path(frame["lidar_points"].get("lidar_path", f"{logfile}__LIDAR_TOP__0.pcd.bin")).name
         tables["sample_data"].append({
             "token": token("sd", sample_token, "LIDAR_TOP"), "sample_token": sample_token,
             "ego_pose_token": lidar_pose, "calibrated_sensor_token": lidar_cs,
-            "timestamp": _usec(frame["timestamp"]), "fileformat": "pcd", "is_key_frame": True, "height": 0,
+            "timestamp": usec(frame["timestamp"]), "fileformat": "pcd", "is_key_frame": True, "height": 0,
             "width": 0, "filename": f"samples/LIDAR_TOP/{lidar_path}", "prev": "", "next": ""})
         for channel in CAMERAS:
             cam = frame["images"][channel]
@@ -93,8 +92,10 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
             cs, pose = token("cs", sample_token, channel), token("pose", sample_token, channel)
             tables["calibrated_sensor"].append({
                 "token": cs, "sensor_token": token("sensor", channel),
-                "camera_intrinsic": np.asarray(cam["cam2img"], dtype=np.float64)[:3, :3].tolist(), **_pose(cam2ego)})
-            tables["ego_pose"].append({"token": pose, "timestamp": _usec(cam["timestamp"]), **_pose(ego2global_cam)})
+                "camera_intrinsic": np.asarray(cam["cam2img"], dtype=np.float64)[:3, :3].tolist(),
+                **pose_record(cam2ego)})
+            tables["ego_pose"].append({"token": pose, "timestamp": usec(cam["timestamp"]),
+                                       **pose_record(ego2global_cam)})
             src = image_dir / cam["img_path"]
             dst = out_root / "samples" / channel / Path(cam["img_path"]).name
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
             tables["sample_data"].append({
                 "token": cam.get("sample_data_token") or token("sd", sample_token, channel),
                 "sample_token": sample_token, "ego_pose_token": pose, "calibrated_sensor_token": cs,
-                "timestamp": _usec(cam["timestamp"]), "fileformat": "jpg", "is_key_frame": True,
+                "timestamp": usec(cam["timestamp"]), "fileformat": "jpg", "is_key_frame": True,
                 "height": height, "width": width, "filename": f"samples/{channel}/{dst.name}", "prev": "", "next": ""})
         lidar2global = ego2global @ lidar2ego
         for k, inst in enumerate(frame["instances"]):
@@ -123,7 +124,7 @@ def write_tables(info_path, out_root, version: str = "v1.0-mini", image_dir=None
                 "token": ann_token, "sample_token": sample_token, "instance_token": inst_token,
                 "visibility_token": "4", "attribute_tokens": [], "size": [width, length, height],
                 "prev": "", "next": "", "num_lidar_pts": int(inst.get("num_lidar_pts", 0)),
-                "num_radar_pts": int(inst.get("num_radar_pts", 0)), **_pose(box)})
+                "num_radar_pts": int(inst.get("num_radar_pts", 0)), **pose_record(box)})
 
     tables["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": len(frames),
                             "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],

@@ -21,13 +21,9 @@ import numpy as np
 import torch
 
 from .. import geometry as G
+from .tables import CAMERAS, TABLE_NAMES
 from .targets import bev_targets
 
-#: PointBeV's camera order (github valeoai/PointBeV, ``configs/data/nuscenes.yaml`` ``cams``)
-CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
-#: the devkit tables a version folder must hold
-TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
-          "scene", "sample", "sample_data", "sample_annotation", "map")
 #: a split name that selects every scene in the tables (not an official split)
 ALL_SCENES = "all"
 
@@ -56,7 +52,7 @@ class NuScenesBev(torch.utils.data.Dataset):
       the pixel frame of ``images``; ``cam2ego`` float32 ``(N, 4, 4)``, camera -> reference ego;
     * ``seg``, ``visibility``, ``centerness``, ``offset``: :func:`bev.data.targets.bev_targets` of
       the sample's ``vehicle.*`` boxes (every visibility level; ``min_visibility`` is kept as an
-      attribute for the loss/IoU mask ``~((seg > 0) & (visibility < min_visibility))``);
+      attribute for :func:`bev.data.targets.visibility_mask`, the cells the loss and IoU count);
     * ``token``: the sample token.
 
     Args:
@@ -113,7 +109,7 @@ class NuScenesBev(torch.utils.data.Dataset):
         if not self.dataroot.is_dir():
             raise FileNotFoundError(f"nuScenes dataroot {str(self.dataroot)!r} does not exist "
                                     "(expected the folder that holds samples/ and the version folders).")
-        if nusc is None and not all((self.dataroot / self.version / f"{t}.json").is_file() for t in TABLES):
+        if nusc is None and not all((self.dataroot / self.version / f"{t}.json").is_file() for t in TABLE_NAMES):
             found = _version_folders(self.dataroot)
             raise FileNotFoundError(
                 f"nuScenes version {self.version!r} has no complete tables under {str(self.dataroot)!r} "

@@ -89,6 +89,19 @@ CAMERA_CALIBRATION = {
 #: the LiDAR of the same frame (``lidar_points.lidar2ego``); same source
 LIDAR_CALIBRATION = ((0.943713, 0.0, 1.840230), (0.70779552, -0.00649224, 0.01064621, -0.70630731))
 
+
+def _clockwise_bearing(channel: str) -> int:
+    """The bearing of a camera's optical axis in the ego frame, clockwise from forward, in whole
+    degrees in [0, 360)."""
+    axis = G.transform_matrix(*CAMERA_CALIBRATION[channel][:2])[:3, 2]
+    return round(-math.degrees(math.atan2(axis[1], axis[0]))) % 360
+
+
+#: the order in which a scene renders and tabulates its cameras: clockwise from the front. A
+#: scene's random draws follow it, so it is part of the synthetic format (``FORMAT_VERSION``);
+#: the data set hands the cameras out in :data:`bev.data.tables.CAMERAS` order whatever it is.
+RENDER_ORDER = tuple(sorted(CAMERAS, key=_clockwise_bearing))
+
 #: category -> (mean [w, l, h] m, std [w, l, h], share among vehicles); sizes near nuScenes'
 #: per-category means (rounded)
 VEHICLES = {
@@ -473,7 +486,7 @@ def _scene(job: dict) -> Dict[str, list]:
     rows["log"].append({"token": log_token, "logfile": logfile, "vehicle": "synthetic", "date_captured": "2018-07-24",
                         "location": location})
     sample_tokens = [token(ds, "sample", index, k) for k in range(n_samples)]
-    channels = CAMERAS + ("LIDAR_TOP",)
+    channels = RENDER_ORDER + ("LIDAR_TOP",)
     cs_tokens = {ch: token(ds, "cs", index, ch) for ch in channels}
     intrinsics = {ch: _intrinsics(ch, image_size) for ch in CAMERAS}
     cam2ego = {ch: G.transform_matrix(*CAMERA_CALIBRATION[ch][:2]) for ch in CAMERAS}
@@ -636,7 +649,8 @@ def generate(out, scenes: int, samples_per_scene: int = DEFAULT_SAMPLES_PER_SCEN
         tables["category"] = [{"token": token("category", c), "name": c, "description": c} for c in categories]
         tables["attribute"] = [{"token": token("attribute", a), "name": a, "description": d}
                                for a, d in ATTRIBUTES.items()]
-        tables["sensor"] = [{"token": token("sensor", ch), "channel": ch, "modality": "camera"} for ch in CAMERAS]
+        tables["sensor"] = [{"token": token("sensor", ch), "channel": ch, "modality": "camera"}
+                            for ch in RENDER_ORDER]
         tables["sensor"].append({"token": token("sensor", "LIDAR_TOP"), "channel": "LIDAR_TOP", "modality": "lidar"})
         colours = {}
         for result in results:

@@ -1,4 +1,5 @@
-"""Pieces shared by the writers of nuScenes v1.0 devkit tables (``from_mmdet3d``, ``synthetic``)."""
+"""The nuScenes names (cameras, tables) and the pieces shared by the writers of nuScenes v1.0 devkit
+tables (``from_mmdet3d``, ``synthetic``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from .. import geometry as G
 TABLE_NAMES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
                "scene", "sample", "sample_data", "sample_annotation", "map")
 
-#: the six cameras in nuScenes' sensor order
-CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
+#: the six nuScenes cameras, in the order the BeV data and models use (front row left to right,
+#: then back row left to right: LSS, SimpleBEV, PointBeV ``configs/data/nuscenes.yaml`` ``cams``)
+CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 
 #: mmdetection3d's nuScenes classes -> a nuScenes category (the usual member of each class)
 CATEGORY_NAMES = {

@@ -60,7 +60,7 @@ def bev_targets(boxes: Iterable[Sequence], grid: BevGrid, sigma: float = 3.0) ->
     * ``seg`` float32 ``(1, X, Y)``: 1 where a footprint covers the cell centre
       (:func:`rasterize_footprints`), whatever the visibility;
     * ``visibility`` uint8 ``(1, X, Y)``: the highest level of the boxes covering the cell, 0 where
-      none does; the loss/IoU mask for ``min_visibility=v`` is ``~((seg > 0) & (visibility < v))``;
+      none does; :func:`visibility_mask` turns ``seg`` and ``visibility`` into the cells that count;
     * ``centerness`` float32 ``(1, X, Y)``: max over boxes of ``exp(-d^2 / (2 sigma^2))``, ``d`` the
       distance in cells from the cell centre to the box centre (``sigma`` = 3 cells as
       github valeoai/PointBeV, ``pointbev/data/dataset/nuscenes_common.py`` ``SIGMA``);
@@ -103,3 +103,17 @@ def bev_targets(boxes: Iterable[Sequence], grid: BevGrid, sigma: float = 3.0) ->
     return {"seg": seg[None].astype(np.float32), "visibility": vis[None],
             "centerness": np.exp(log_centerness)[None].astype(np.float32),
             "offset": offset.astype(np.float32)}
+
+
+def visibility_mask(seg, visibility, min_visibility: int):
+    """``True`` where a cell counts in the loss, the IoU and the pictures: background, or covered
+    by a box at least ``min_visibility`` visible (nuScenes levels 1..4; 1 keeps every cell).
+
+    The rule of PointBeV (``valid_binimg = visibility >= min_visibility``) and SimpleBEV
+    (``valid_bev``): cells of boxes seen less well are ignored, not counted as background.
+    ``seg`` and ``visibility`` are :func:`bev_targets`' maps (numpy arrays or tensors, any
+    batch shape); the mask has their shape and type.
+    """
+    if int(min_visibility) not in (1, 2, 3, 4):
+        raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {min_visibility}.")
+    return ~((seg > 0) & (visibility < int(min_visibility)))
