@@ -1,6 +1,7 @@
-"""Compose a BeV training run from a Hydra config (``configs/bev/train_bev.yaml``): data, frozen
-backbone + upsampler, BeV head, Lightning trainer; then the prior-map baseline and
-``results.json``.
+"""Compose a BeV training run from a Hydra config (``configs/train_bev.yaml``; schema in
+:mod:`bev.config`): data, frozen backbone + upsampler, BeV head, Lightning trainer; then the
+prior-map baseline and ``results.json``. The trainer, checkpoints, resume, run identity and
+seeding are the tools' shared ones (:mod:`jafar.runs`).
 
 Entry point: ``tools/train_bev.py``.
 """
@@ -10,23 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from jafar.train.data import StepBatchSampler, _mix
-from jafar.train.run import AtomicCheckpointIO, resolve_resume
-from jafar.utils import CONFIG_DIR, atomic_path, register_config_resolvers  # noqa: F401 (CONFIG_DIR: re-exported)
+from jafar import runs
+from jafar.runs import derive_seed
+from jafar.train.data import StepBatchSampler
 
+from .config import apply_per_model
 from .geometry import BevGrid
 from .losses import SimpleBevLoss
 from .module import BevSegmentation, prior_baseline
@@ -34,10 +32,11 @@ from .module import BevSegmentation, prior_baseline
 log = logging.getLogger(__name__)
 
 HEADS = ("simplebev", "pointbev", "bevformer")
-#: ``${jafar_configs:}``, the project's ``configs/`` folder, which ``configs/bev/train_bev.yaml``
-#: adds to Hydra's search path for the shared groups (backbone/, upsampler/); one helper serves
-#: every tool (jafar.utils)
-register_resolvers = register_config_resolvers
+#: keys that do not change a BeV run's result (besides :data:`jafar.runs.NOT_IDENTITY`): where the
+#: data and the feature cache are, how the data are loaded
+NOT_IDENTITY = ("data.dataroot", "data.num_workers", "data.pin_memory", "encoder.cache_dir")
+#: lightning.Trainer arguments the run sets itself
+TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item if isinstance(item, (tuple, list)) else (item, _mix(self.seed, item, 3))
+        index, seed = item if isinstance(item, (tuple, list)) else (item, derive_seed(self.seed, item, 3))
         sample = self.dataset.get(int(index), seed=int(seed))
         if self.shuffle_extrinsics:
             sample = shuffle_extrinsics(sample, seed)
@@ -67,7 +66,7 @@ def shuffle_extrinsics(sample: dict, seed: int) -> dict:
     """The negative control: every camera gets another camera's ``cam2ego`` (a random
     derangement drawn from ``seed``), so the images are lifted to the wrong places."""
     n = sample["cam2ego"].shape[0]
-    gen = torch.Generator().manual_seed(_mix(int(seed), 5))
+    gen = torch.Generator().manual_seed(derive_seed(int(seed), 5))
     perm = torch.arange(n)
     while n > 1 and (perm == torch.arange(n)).any():
         perm = torch.randperm(n, generator=gen)
@@ -136,12 +135,8 @@ def build_model(cfg: DictConfig, grid: BevGrid):
     from .encoder import build_multicamera_encoder
 
     backbone = instantiate(cfg.backbone)
-    up_cfg = OmegaConf.to_container(cfg.upsampler, resolve=True)
-    if up_cfg.get("name") == "none":
-        upsampler = None
-    else:
-        up_cfg["feature_dim"] = backbone.embed_dim
-        upsampler = instantiate(up_cfg)
+    # the width of the upsampled features is the backbone's
+    upsampler = None if cfg.upsampler.name == "none" else instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
     enc = OmegaConf.to_container(cfg.encoder, resolve=True)
     for key in ("output_size", "guidance_size"):
         if enc.get(key) is not None and enc[key] != "output":
@@ -161,7 +156,8 @@ def build_model(cfg: DictConfig, grid: BevGrid):
 # ---------------------------------------------------------------------------------------------
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse values that would fail (or silently misbehave) later, naming the key."""
+    """Refuse values that would fail (or silently misbehave) later, naming the key (the types
+    and key names are the schema's, :mod:`bev.config`)."""
     if int(cfg.min_visibility) not in (1, 2, 3, 4):
         raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {cfg.min_visibility}.")
     if int(cfg.data.batch_size) < 1:
@@ -173,28 +169,40 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"negative_control must be null or 'shuffle_extrinsics', got {cfg.negative_control!r}.")
     if cfg.trainer.get("max_steps") in (None, -1) and int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
+    if str(cfg.model.get("name")) not in HEADS:
+        raise ValueError(f"model={cfg.model.get('name')!r} is not a BeV head; expected one of {HEADS}.")
+    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+def result_config(cfg: DictConfig) -> dict:
+    """The configuration a BeV run directory belongs to (:func:`jafar.runs.result_config`); a
+    scene list given as a file is a path (its scenes are the data's)."""
+    identity = runs.result_config(cfg, NOT_IDENTITY)
+    if isinstance(identity["data"].get("scenes"), str):
+        del identity["data"]["scenes"]
+    return identity
 
 
 def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dict:
     """Train, validate, score the prior-map baseline, write ``results.json``. ``callbacks``:
-    extra Lightning callbacks (tests use one to interrupt a run)."""
+    extra Lightning callbacks (tests use one to interrupt a run). ``run_dir`` belongs to one
+    configuration (:func:`jafar.runs.check_run_dir`)."""
     run_dir = Path(run_dir)
+    cfg = apply_per_model(cfg, runs.command_line_overrides())
     check_config(cfg)
+    identity = result_config(cfg)
+    runs.check_run_dir(run_dir, identity, cfg.resume)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir)
     grid = build_grid(cfg)
     data_cfg = cfg.data
     prepare_data(data_cfg)
     train_set = build_dataset(data_cfg, str(data_cfg.train_split), grid, augment=bool(data_cfg.augment))
     val_set = build_dataset(data_cfg, str(data_cfg.val_split), grid, augment=False)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    runs.claim_run_dir(run_dir, identity, cfg.resume)
     log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    runs.seed_everything(cfg.seed)
     encoder, head = build_model(cfg, grid)
     control = cfg.negative_control == "shuffle_extrinsics"
     train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control)
@@ -202,14 +210,9 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_steps = trainer_kwargs.pop("max_steps", None)
-    every = int(cfg.checkpoint_every)
-    loggers = [TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-               CSVLogger(str(run_dir), name="csv", version="")]
-    checkpointing = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                                    every_n_train_steps=max(1, every), save_last=True, save_top_k=1,
-                                    monitor="step", mode="max")
-    trainer = L.Trainer(**trainer_kwargs, max_steps=-1, max_epochs=-1, callbacks=[*(callbacks or []), checkpointing], logger=loggers,
-                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False)
+    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(ckpt_dir, cfg.checkpoint_every),
+                                callbacks=callbacks or [], run_config=identity, max_steps=-1, max_epochs=-1,
+                                use_distributed_sampler=False)
     bs = int(data_cfg.batch_size)
     if max_steps in (None, -1):
         max_steps = int(cfg.epochs) * math.ceil(len(train_set) / (bs * trainer.world_size))
@@ -236,11 +239,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
     val_loader = DataLoader(val_items, batch_size=bs, shuffle=False, collate_fn=lambda b: collate(b, cache),
                             **loader_kw)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone
+    with runs.quiet_lightning():
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         if module.validated_at != trainer.global_step:  # the final weights not validated yet
             trainer.validate(module, dataloaders=val_loader, verbose=False)
@@ -256,6 +255,6 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
         results["prior"] = prior_baseline(tr_seg, tr_vis, va_seg, va_vis, min_visibility=int(cfg.min_visibility))
         results["prior"]["iou"] = results["prior"][f"iou_vis{int(cfg.min_visibility)}"]
     if trainer.is_global_zero:
-        _write_json(run_dir / "results.json", results)
+        runs.write_results(run_dir, results, identity)
         log.info("results: %s", json.dumps(results))
     return results

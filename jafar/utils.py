@@ -1,4 +1,5 @@
-"""Small shared helpers."""
+"""Small shared helpers (no dependency beyond the standard library): atomic file writes, used by
+every module that writes a file. The tools' shared run machinery is :mod:`jafar.runs`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-#: the project's Hydra config folder (``configs/`` beside the package, as in a source checkout)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @contextmanager
@@ -26,12 +24,3 @@ def atomic_path(path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def register_config_resolvers() -> None:
-    """Register ``${jafar_configs:}``: the project's ``configs/`` folder. A tool whose root config
-    lives in a sub-folder (``configs/bev/``, ``configs/eval/``) adds it to ``hydra.searchpath`` to
-    reach the shared groups (``backbone/``, ``upsampler/``). Call before Hydra composes."""
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver("jafar_configs", lambda: str(CONFIG_DIR), replace=True)

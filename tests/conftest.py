@@ -55,16 +55,12 @@ def synthetic_root(tmp_path_factory):
 
 
 def compose_bev_demo(root, *overrides):
-    """``configs/bev/train_bev.yaml`` with ``experiment=demo`` shrunk to test size, on ``root``."""
-    from hydra import compose, initialize_config_dir
+    """``configs/train_bev.yaml`` with ``experiment=demo`` shrunk to test size, on ``root``."""
+    from bev.config import compose
 
-    from bev.run import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR / "bev"), version_base="1.3"):
-        return compose("train_bev", overrides=[
-            "experiment=demo", f"data.dataroot={root}", "data.prepare=null", "data.image_size=[32,64]",
-            "data.batch_size=1", "data.num_workers=0", "grid.x_bounds=[-16,16]", "grid.y_bounds=[-16,16]",
-            "grid.resolution=2.0", "encoder.guidance_size=[16,32]", "pictures=1",
-            "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1", *overrides])
+    return compose(
+        "experiment=demo", f"data.dataroot={root}", "data.prepare=null", "data.image_size=[32,64]",
+        "data.batch_size=1", "data.num_workers=0", "grid.x_bounds=[-16,16]", "grid.y_bounds=[-16,16]",
+        "grid.resolution=2.0", "encoder.guidance_size=[16,32]", "pictures=1",
+        "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", *overrides)

@@ -8,7 +8,6 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,13 +16,8 @@ from jafar.backbones import Backbone
 from jafar.eval.probes import SegmentationProbe
 from jafar.eval.run import TASKS, Task, picture_indices, register_task, run
 from jafar.eval.report import Column
-from jafar.utils import CONFIG_DIR, register_config_resolvers
-
-
-def compose_eval(*overrides):
-    register_config_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR / "eval"), version_base="1.3"):
-        return compose("eval_2d", overrides=list(overrides))
+from jafar.eval.config import compose as compose_eval
+from jafar.runs import RunConfigMismatch
 
 
 def tiny(task, data_dir, *overrides):
@@ -44,7 +38,7 @@ def test_configs_compose_for_every_task_and_the_demo():
     assert compose_eval("dataset.cityscapes.classes=27").dataset.cityscapes.num_classes == 27
     depth = compose_eval("task=depth", "experiment=demo")
     assert list(depth.task.datasets) == ["demo_depth"] and depth.backbone.name == "mobilenetv2_s16"
-    assert "recipe" not in depth  # the eval demo, not the pretraining demo of configs/experiment/demo.yaml
+    assert "recipe" not in depth  # the eval demo, not the pretraining demo (configs/experiment/pretrain/demo.yaml)
     assert "strided" not in depth.compare and "strided" in seg.compare
 
 
@@ -78,10 +72,19 @@ def test_seg_end_to_end_then_reuse(tmp_path):
     resumed = run(cfg, tmp_path / "run")
     assert resumed["results"]["demo_seg"]["bilinear"]["miou"] == pytest.approx(res["results"]["demo_seg"]["bilinear"]["miou"])
 
-    # another setting of a pair: that pair is redone
+    # another setting in the same run directory: refused before any work, naming the key and the
+    # ways out; with resume=null the pair is redone under the new setting
+    finished = (tmp_path / "run" / "results.json").read_text()
     changed = tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.lr=0.05")
-    run(changed, tmp_path / "run")
+    with pytest.raises(RunConfigMismatch, match=r"task\.probe\.lr: 0\.005 -> 0\.05.*new name=.*resume=null"):
+        run(changed, tmp_path / "run")
+    assert result_file.is_file() and (tmp_path / "run" / "results.json").read_text() == finished
+    run(tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.lr=0.05", "resume=null"), tmp_path / "run")
     assert result_file.stat().st_mtime_ns != stamp
+
+    # a new row in the same configuration is added, the finished ones reused
+    again = run(tiny("seg", tmp_path / "data", "compare=[bilinear,nearest]", "task.probe.lr=0.05"), tmp_path / "run")
+    assert set(again["results"]["demo_seg"]) == {"bilinear", "nearest"}
 
 
 def test_depth_end_to_end(tmp_path):
@@ -247,7 +250,7 @@ def test_schedules_per_epoch_and_per_step():
 
 
 def test_the_tool_runs_from_the_command_line(tmp_path):
-    """tools/eval_2d.py composes through Hydra (searchpath to the shared groups) and writes its outputs."""
+    """tools/eval_2d.py composes through Hydra (configs/eval_2d.yaml) and writes its outputs."""
     cmd = [sys.executable, str(ROOT / "tools" / "eval_2d.py"), "experiment=demo", "backbone=tiny_vit",
            f"dataset.demo_seg.root={tmp_path / 'data'}", "dataset.demo_seg.prepare_args.train=2",
            "dataset.demo_seg.prepare_args.val=1", "dataset.demo_seg.prepare_args.size=32", "task.image_size=28",

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import ROOT
 from jafar import JAFAR, build_backbone, load_checkpoint
+from jafar.train.config import compose as compose_pretrain
 from jafar.train.data import (ImageFiles, StepBatchSampler, collate_skipping, find_images, resize_center_crop,
                               split_holdout)
 from jafar.train.losses import CosineMSELoss
@@ -180,8 +180,7 @@ def test_training_randomness_depends_only_on_seed_and_step():
 
 # ------------------------------------------------------------------------------------- configs
 def _compose(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("pretrain", overrides=overrides)
+    return compose_pretrain(*overrides)
 
 
 def test_official_recipe_is_the_default():

@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 UPSAMPLERS = ("none", "bilinear", "jafar", "featup")  # featup: its JBU stack (x16, then resized to the output), random weights
-MODEL_CONFIGS = ROOT / "configs" / "bev" / "model"
+MODEL_CONFIGS = ROOT / "configs" / "model"
 MODELS = tuple(sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml")))
 
 
 def build_head(model: str, in_channels: int, grid):
-    """The head of ``configs/bev/model/<model>.yaml`` with its default settings."""
+    """The head of ``configs/model/<model>.yaml`` with its default settings."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 

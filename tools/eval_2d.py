@@ -9,11 +9,12 @@
     python tools/eval_2d.py task=ovseg data_root=/data                        # MaskCLIP open-vocabulary segmentation
     python tools/eval_2d.py task=seg experiment=demo                          # offline demo on the CPU (also depth, cam, ovseg)
 
-Configs: ``configs/eval/eval_2d.yaml`` (groups task/, dataset/, upsampler/, experiment/ there;
-backbone/ and the shared upsampler/ options in ``configs/``). Outputs under
+Configs: ``configs/eval_2d.yaml`` and the groups task/, dataset/, upsampler/, backbone/,
+experiment/eval_2d/ (``--help`` lists them). Outputs under
 ``outputs/eval/<name>``: ``results.json``, ``table.md`` (the paper's layout, one row per
 upsampler), ``pictures/<dataset>.png`` and one folder per (data set, upsampler) with its logs and
-probe checkpoints; rerunning the same command reuses what is done. See docs/eval_2d.md.
+probe checkpoints; rerunning the same command reuses what is done (another configuration in the
+same directory is refused: a new ``name=``, or ``resume=null`` to redo it). See docs/eval_2d.md.
 """
 
 import sys
@@ -24,13 +25,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jafar.eval.config import register_configs  # noqa: E402
 from jafar.eval.run import run  # noqa: E402
-from jafar.utils import register_config_resolvers  # noqa: E402
 
-register_config_resolvers()  # configs/eval/eval_2d.yaml finds the shared groups of configs/ through it
+register_configs()  # the schema of configs/eval_2d.yaml and the experiments of configs/experiment/eval_2d/
 
 
-@hydra.main(config_path="../configs/eval", config_name="eval_2d", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="eval_2d", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -8,7 +8,9 @@
 Outputs under the Hydra run directory (``outputs/pretrain/<name>``): ``checkpoints/`` (every
 ``checkpoint_every`` steps and ``last.ckpt``; rerunning the same command resumes from it),
 ``tensorboard/``, ``csv/``, ``pictures/`` (PCA at each validation), ``jafar.safetensors`` and
-``results.json``.
+``results.json``. A run directory belongs to one configuration: rerunning with another seed, learning
+rate, ... there is refused (give it a new ``name=``, or ``resume=null`` to start afresh).
+Configs: ``configs/pretrain.yaml``; ``--help`` lists the groups and the options.
 """
 
 import sys
@@ -19,7 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jafar.train.config import register_configs  # noqa: E402
 from jafar.train.run import run  # noqa: E402
+
+register_configs()  # the schema of configs/pretrain.yaml and the experiments of configs/experiment/pretrain/
 
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")

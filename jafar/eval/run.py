@@ -1,7 +1,7 @@
 """Compose a 2-D evaluation from a Hydra config (``configs/eval/eval_2d.yaml``): one task, the
 data sets of its table, one row per upsampler; ``results.json``, ``table.md`` and pictures.
 
-Entry point: ``tools/eval_2d.py``. A task is a :class:`Task` registered in :data:`TASKS` by
+Entry point: ``tools/eval_2d.py`` (schema in :mod:`jafar.eval.config`). A task is a :class:`Task` registered in :data:`TASKS` by
 name (``task.name`` in the config): it declares the metric columns of its table and evaluates
 one (data set, upsampler) pair. ``seg`` and ``depth`` (linear probes, :mod:`jafar.eval.probes`)
 are defined here; a new task (``cam``, ``ovseg``) subclasses :class:`Task`, calls
@@ -14,47 +14,51 @@ Outputs under the run directory (``outputs/eval/<name>``):
 * ``table.md``: the paper-style table (rows: upsamplers; columns: metrics per data set);
 * ``pictures/<dataset>.png``: a few fixed validation images, ground truth and every row's
   prediction;
-* ``<dataset>/<upsampler>/``: that pair's ``result.json``, CSV/TensorBoard logs and probe
-  checkpoints. Rerunning the same command reuses finished pairs and resumes an unfinished probe
-  from its last epoch (``resume=auto``); a pair whose configuration changed is redone.
+* ``<dataset>/<upsampler>/``: that pair's ``result.json``, ``run_config.json``, CSV/TensorBoard
+  logs and probe checkpoints. Rerunning the same command reuses finished pairs and resumes an
+  unfinished probe from its last epoch (``resume=auto``); new rows and data sets are added.
+
+A run directory belongs to one configuration (:mod:`jafar.runs`): the settings shared by every pair
+(``run_config.json``) and each pair's own (its data set and upsampler, ``<dataset>/<upsampler>/
+run_config.json``). Another configuration there is refused before any work, in one sentence naming
+the differing keys (a new ``name=``, or ``resume=null`` to redo the pairs).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import lightning as L
 import torch
 from hydra.utils import get_method, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..utils import atomic_path
+from .. import runs
+from .config import apply_per_task, register_configs
 from .report import Column, markdown_table, prediction_grid, write_text
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 #: data-set config keys read by this module (the rest goes to the data set's constructor)
 _DATASET_KEYS = ("name", "prepare", "prepare_args", "train_split", "val_split", "max_train_images",
                  "max_val_images", "num_classes")
 #: upsampler config keys read by this module
 _UPSAMPLER_KEYS = ("pretrain_if_missing",)
+#: keys that do not change an evaluation's numbers (besides :data:`jafar.runs.NOT_IDENTITY`): where
+#: the data are, row labels, pictures, loading, how a missing checkpoint is obtained
+NOT_IDENTITY = ("data_root", "dataset.*.root", "labels", "task.pictures", "task.num_workers", "task.probe.num_workers",
+                "task.probe.pin_memory", "upsamplers.*.pretrain_if_missing")
+#: lightning.Trainer arguments the run sets itself
+TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +75,8 @@ class EvalContext:
     backbone: torch.nn.Module
     resume: bool = True
     extras: dict = field(default_factory=dict)
+    #: the configuration of each (data set key, row) pair (recorded in its probe checkpoints)
+    pair_configs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -181,27 +187,17 @@ class ProbeTask(Task):
         val = DataLoader(data.val, batch_size=int(p.val_batch_size), shuffle=False, **loader_kw)
         ckpt_dir = out_dir / "checkpoints"
         last = ckpt_dir / "last.ckpt"
-        checkpointing = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
-        from ..train.run import AtomicCheckpointIO
-
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         fit_kwargs = {**trainer_kwargs, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # scored once, after
-        trainer = L.Trainer(**fit_kwargs, max_epochs=int(p.epochs), callbacks=[checkpointing],
-                            logger=[CSVLogger(str(out_dir), name="csv", version=""),
-                                    TensorBoardLogger(str(out_dir), name="tensorboard", version="")],
-                            plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir))
+        trainer = runs.make_trainer(out_dir, fit_kwargs, checkpointing=runs.epoch_checkpoints(ckpt_dir),
+                                    run_config=ctx.pair_configs.get((data.key, row)), max_epochs=int(p.epochs))
         start = time.time()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-            warnings.filterwarnings("ignore", message=".*Found .* module.* in eval mode.*")
+        with runs.quiet_lightning(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*validation_step` but have no `val_dataloader.*")  # scored after
-            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             trainer.fit(module, train_dataloaders=train,
                         ckpt_path=str(last) if (ctx.resume and last.is_file()) else None)
             fit_s = time.time() - start
-            val_trainer = L.Trainer(**trainer_kwargs, logger=False, enable_checkpointing=False,
-                                    default_root_dir=str(out_dir))
+            val_trainer = runs.make_trainer(out_dir, trainer_kwargs, log=False)
             val_trainer.validate(module, dataloaders=val, verbose=False)
         module._cache.clear()  # the cached features of this pair are not needed any more
         return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
@@ -337,14 +333,22 @@ def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
 
 
 def _run_pretraining_demo(checkpoint: Path) -> None:
-    """``tools/pretrain_jafar.py experiment=demo`` with its run directory where ``checkpoint`` is
-    expected (so the file lands there)."""
+    """The pretraining demo (``tools/pretrain_jafar.py experiment=demo``), run here with its run
+    directory where ``checkpoint`` is expected (so the file lands there). This process's random
+    streams are left as they were (the evaluation's numbers do not depend on whether the
+    checkpoint had to be trained)."""
     if checkpoint.name != "jafar.safetensors":
         raise ValueError(f"pretrain_if_missing writes <run dir>/jafar.safetensors; the checkpoint is {str(checkpoint)!r}.")
-    cmd = [sys.executable, str(PROJECT_ROOT / "tools" / "pretrain_jafar.py"), "experiment=demo",
-           f"hydra.run.dir={checkpoint.parent}"]
-    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo (%s)", checkpoint, " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=str(PROJECT_ROOT))
+    from ..train import config as pretrain_config
+    from ..train.run import run as pretrain
+
+    run_dir = checkpoint.parent
+    cfg = pretrain_config.compose("experiment=demo", f"data.root={run_dir / 'photos'}")
+    register_configs()  # the evaluation's configs again
+    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo (experiment=demo) in %s",
+             checkpoint, run_dir)
+    with runs.preserved_rng():
+        pretrain(cfg, run_dir)
     if not checkpoint.is_file():
         raise RuntimeError(f"the pretraining demo did not write {checkpoint}.")
 
@@ -374,15 +378,17 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
 # ---------------------------------------------------------------------------------------------
 
 
-def _fingerprint(*parts) -> str:
-    blob = json.dumps([OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def run_config(cfg: DictConfig) -> dict:
+    """What every pair of a run shares (:func:`jafar.runs.result_config`): all but the rows and
+    data sets chosen and their own settings."""
+    return runs.result_config(cfg, NOT_IDENTITY + ("compare", "task.datasets", "dataset", "upsamplers"))
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+def pair_config(cfg: DictConfig, key: str, row: str) -> dict:
+    """The configuration of the pair (data set ``key``, row ``row``): the shared settings, that
+    data set's and that upsampler's."""
+    others = [f"dataset.{k}" for k in cfg.dataset if k != key] + [f"upsamplers.{r}" for r in cfg.upsamplers if r != row]
+    return runs.result_config(cfg, NOT_IDENTITY + ("compare", "task.datasets", *others))
 
 
 def check_config(cfg: DictConfig, task: Task) -> None:
@@ -402,25 +408,34 @@ def check_config(cfg: DictConfig, task: Task) -> None:
         raise ValueError(f"task.image_size must be at least 16 pixels, got {cfg.task.image_size}.")
     if int(cfg.task.pictures) < 0:
         raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
-    if cfg.resume not in ("auto", None, False, "none", "null"):
+    if cfg.resume not in ("auto", None):
         raise ValueError(f"resume must be auto (reuse finished pairs, resume unfinished probes) or null, got {cfg.resume!r}.")
+    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
     task.check(cfg)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate every upsampler of ``compare`` on every data set of ``task.datasets``."""
     run_dir = Path(run_dir)
+    cfg = apply_per_task(cfg, runs.command_line_overrides())
     task = get_task(str(cfg.task.name))
     check_config(cfg, task)
     resume = cfg.resume == "auto"
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    shared = run_config(cfg)
+    pairs = [(k, r) for k in cfg.task.datasets for r in cfg.compare]
+    configs = {(k, r): pair_config(cfg, k, r) for k, r in pairs}
+    runs.check_run_dir(run_dir, shared, cfg.resume)
+    for (key, row), config in configs.items():
+        runs.check_run_dir(run_dir / key / row, config, cfg.resume)
+    runs.seed_everything(cfg.seed)
     backbone = instantiate(cfg.backbone)
     if "strided" in [str(cfg.upsamplers[r].get("name", r)) for r in cfg.compare] and not hasattr(backbone, "model"):
         raise ValueError(f"compare includes strided, which needs a timm ViT backbone; {backbone.name} is not one "
                          f"(drop it: compare=[...]).")
     data = {key: build_datasets(cfg, key, task) for key in cfg.task.datasets}
     rows = {row: build_upsampler_row(cfg, row, backbone) for row in cfg.compare}
-    ctx = EvalContext(cfg=cfg, run_dir=run_dir, backbone=backbone, resume=resume)
+    runs.claim_run_dir(run_dir, shared, cfg.resume, artefacts=())
+    ctx = EvalContext(cfg=cfg, run_dir=run_dir, backbone=backbone, resume=resume, pair_configs=configs)
     summary = {
         "task": task.name, "title": task.title, "backbone": str(backbone.name),
         "image_size": int(cfg.task.image_size), "target_size": int(cfg.task.target_size or cfg.task.image_size),
@@ -430,43 +445,40 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "notes": task.table_notes(ctx),
     }
     pictures: Dict[str, Dict[str, List[dict]]] = {k: {} for k in data}
-    pairs = [(k, r) for k in data for r in rows]
     for i, (key, row) in enumerate(pairs, 1):
         module, info = rows[row]
         out_dir = run_dir / key / row
-        fp = _fingerprint(cfg.task, cfg.dataset[key], cfg.upsamplers[row], cfg.backbone, cfg.seed,
-                          {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-                           if k in ("precision", "limit_train_batches", "limit_val_batches")})
+        config = configs[(key, row)]
         result_file = out_dir / "result.json"
         done = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if done is not None and done.get("fingerprint") == fp and resume:
+        recorded = runs.recorded_config(out_dir) if out_dir.is_dir() else None
+        if resume and done is not None and recorded is not None:  # a different record was refused above
             log.info("[%d/%d] %s / %s: already done, reusing %s", i, len(pairs), key, row, result_file)
             result = done
         else:
-            stamp = out_dir / "fingerprint.txt"
-            if out_dir.exists() and (not resume or not stamp.is_file() or stamp.read_text().strip() != fp):
-                shutil.rmtree(out_dir)  # another configuration's (or a fresh run's) leftovers
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(fp + "\n")
+            if out_dir.exists() and (not resume or recorded is None):
+                shutil.rmtree(out_dir)  # resume=null, or the leftovers of a run that recorded no configuration
+            runs.claim_run_dir(out_dir, config, "auto", artefacts=())
             log.info("[%d/%d] %s / %s (%s)", i, len(pairs), key, row, info["note"])
             out = task.evaluate(ctx, data[key], row, module, out_dir)
             gc.collect()
             torch.save(out.pop("pictures", []), out_dir / "pictures.pt")
-            result = {**out, "fingerprint": fp}
-            _write_json(result_file, result)
+            result = {**out, "fingerprint": runs.fingerprint(config)}
+            runs.write_json(result_file, result)
             log.info("[%d/%d] %s / %s: %s", i, len(pairs), key, row,
                      ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)))
         summary["results"][key][row] = {**result["metrics"], **{k: result[k] for k in ("seconds", "epochs") if k in result}}
         pic_file = out_dir / "pictures.pt"
         if pic_file.is_file():
             pictures[key][info["label"]] = torch.load(pic_file, weights_only=True)
-        _write_outputs(run_dir, task, summary, rows, data, pictures, only=key)
-    _write_outputs(run_dir, task, summary, rows, data, pictures)
+        _write_outputs(run_dir, task, summary, rows, data, pictures, shared, only=key)
+    _write_outputs(run_dir, task, summary, rows, data, pictures, shared)
     return summary
 
 
-def _write_outputs(run_dir: Path, task: Task, summary: dict, rows, data, pictures, only: Optional[str] = None) -> None:
-    _write_json(run_dir / "results.json", summary)
+def _write_outputs(run_dir: Path, task: Task, summary: dict, rows, data, pictures, config: dict,
+                   only: Optional[str] = None) -> None:
+    runs.write_results(run_dir, summary, config)
     notes = list(summary.get("notes", [])) + [f"{info['label']}: {info['note']}" for _, info in rows.values()]
     caption = (f"Backbone {summary['backbone']}, {summary['image_size']}x{summary['image_size']} images, labels at "
                f"{summary['target_size']}x{summary['target_size']}.")

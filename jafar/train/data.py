@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..runs import derive_seed
 from ..utils import atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -126,20 +127,9 @@ def collate_skipping(items):
     return batch
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser), stable across processes and runs."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 29
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The seed of the random draws of ``step`` (``stream`` separates independent uses)."""
-    return _mix(seed, step, stream)
+    return derive_seed(seed, step, stream)
 
 
 class StepBatchSampler(Sampler):
@@ -169,7 +159,7 @@ class StepBatchSampler(Sampler):
         return self.total_steps
 
     def _perm(self, epoch: int) -> List[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 7))).tolist()
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch, 7))).tolist()
 
     def batch(self, step: int) -> List[Tuple[int, int]]:
         global_bs = self.batch_size * self.world_size
@@ -178,7 +168,7 @@ class StepBatchSampler(Sampler):
             epoch, pos = divmod(j, self.n)
             if epoch not in cache:
                 cache[epoch] = self._perm(epoch)
-            out.append((cache[epoch][pos], _mix(self.seed, j, 11)))
+            out.append((cache[epoch][pos], derive_seed(self.seed, j, 11)))
         return out
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:

@@ -1,40 +1,35 @@
 """Compose a pretraining run from a Hydra config: data, backbone, JAFAR, Lightning trainer.
 
-Entry point: ``tools/pretrain_jafar.py`` (``configs/pretrain.yaml``).
+Entry point: ``tools/pretrain_jafar.py`` (``configs/pretrain.yaml``; schema in
+:mod:`jafar.train.config`). The trainer, checkpoints, resume and run identity are the tools'
+shared ones (:mod:`jafar.runs`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from .. import runs
 from ..upsamplers.jafar import save_checkpoint
-from ..upsamplers import build_upsampler
-from ..utils import atomic_path
 from .data import ImageFiles, StepBatchSampler, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss
 from .module import JafarPretraining
 
 log = logging.getLogger(__name__)
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file and renamed: a kill never leaves a
-    truncated ``last.ckpt``."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+#: keys that do not change a pretraining's result (besides :data:`jafar.runs.NOT_IDENTITY`): where
+#: the images are and how they are loaded
+NOT_IDENTITY = ("data.root", "data.val_root", "data.num_workers", "data.pin_memory")
+#: what the run writes (removed by a fresh start, resume=null)
+ARTEFACTS = runs.RUN_ARTEFACTS + ("jafar.safetensors",)
+#: lightning.Trainer arguments the run sets itself
+TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler")
 
 
 class PretrainData(L.LightningDataModule):
@@ -62,24 +57,6 @@ class PretrainData(L.LightningDataModule):
                            num_workers=min(self.cfg.num_workers, len(files)), pin_memory=self.cfg.pin_memory)
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
-    if resume in (None, False, "none", "null"):
-        return None
-    if resume == "auto":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(str(resume))
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint file (use resume=auto to continue "
-                                f"from {checkpoint_dir / 'last.ckpt'} when it exists).")
-    return str(path)
-
-
 def check_config(cfg: DictConfig) -> None:
     """Refuse values that would fail (or silently misbehave) later, naming the key."""
     r = cfg.recipe
@@ -96,10 +73,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"validation.ratios must be a list of positive integers, got {cfg.validation.ratios}.")
     if float(r.consistency_weight) < 0:
         raise ValueError(f"recipe.consistency_weight must be >= 0, got {r.consistency_weight}.")
+    if cfg.upsampler.name != "jafar":
+        raise ValueError(f"pretraining trains JAFAR: upsampler must be jafar (upsampler/jafar.yaml), got "
+                         f"{cfg.upsampler.name!r}.")
+    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train, validate on the held-out images, export ``jafar.safetensors`` and ``results.json``."""
+    """Train, validate on the held-out images, export ``jafar.safetensors`` and ``results.json``.
+    ``run_dir`` belongs to one configuration (:func:`jafar.runs.check_run_dir`)."""
     run_dir = Path(run_dir)
     recipe, data_cfg = cfg.recipe, cfg.data
     total_steps = int(cfg.trainer.max_steps)
@@ -108,6 +90,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     # ---- inputs first: one clear sentence before any work
     check_config(cfg)
+    identity = runs.result_config(cfg, NOT_IDENTITY)
+    runs.check_run_dir(run_dir, identity, cfg.resume)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir)
     if data_cfg.get("prepare") == "demo_photos":
         write_demo_photos(data_cfg.root)
     files = find_images(data_cfg.root)
@@ -115,15 +101,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         train_files, val_files = files, find_images(data_cfg.val_root)
     else:
         train_files, val_files = split_holdout(files, int(data_cfg.val_images), int(cfg.seed))
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    runs.claim_run_dir(run_dir, identity, cfg.resume, ARTEFACTS)
     log.info("%d training images, %d validation images; run directory %s", len(train_files), len(val_files), run_dir)
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    runs.seed_everything(cfg.seed)
     backbone = instantiate(cfg.backbone)
-    up_cfg = OmegaConf.to_container(cfg.upsampler, resolve=True)
-    init = up_cfg.pop("init", None)
-    upsampler = build_upsampler("jafar", feature_dim=backbone.embed_dim, checkpoint=init, **up_cfg)
+    upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
     module = JafarPretraining(
         backbone, upsampler, CosineMSELoss(**cfg.loss), **cfg.optimizer,
         guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
@@ -137,20 +120,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trainer_kwargs["val_check_interval"] = min(int(trainer_kwargs["val_check_interval"]), total_steps)
     if not val_files:
         trainer_kwargs["limit_val_batches"] = 0
-    every = max(1, min(int(cfg.checkpoint_every), total_steps))
-    checkpointing = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                                    every_n_train_steps=every, save_last=True, save_top_k=1,
-                                    monitor="step", mode="max")
-    loggers = [TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-               CSVLogger(str(run_dir), name="csv", version="")]
+    every = min(int(cfg.checkpoint_every), total_steps)
     # use_distributed_sampler=False: StepBatchSampler and val_dataloader already give each rank its share
-    trainer = L.Trainer(**trainer_kwargs, max_epochs=-1, callbacks=[checkpointing], logger=loggers,
-                        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir), use_distributed_sampler=False)
-    with warnings.catch_warnings():
-        # the training batches are a function of the step (StepBatchSampler), so resuming
-        # mid-epoch is exact even though the DataLoader itself holds no state
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(ckpt_dir, every),
+                                run_config=identity, max_epochs=-1, use_distributed_sampler=False)
+    with runs.quiet_lightning():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if val_files:
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -161,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         meta = {"backbone": str(cfg.backbone.name), "steps": str(trainer.global_step),
                 "recipe": json.dumps(OmegaConf.to_container(recipe, resolve=True))}
         save_checkpoint(upsampler, run_dir / "jafar.safetensors", metadata=meta)
-        _write_json(run_dir / "results.json", results)
+        runs.write_results(run_dir, results, identity)
         if module.skipped:
             log.warning("%d unreadable images were skipped: %s", len(module.skipped), ", ".join(module.skipped))
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if k.startswith("x")}))

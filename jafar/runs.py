@@ -1,0 +1,441 @@
+"""What the three tools share (pretraining, BeV training, the 2-D evaluations): composing their
+Hydra configs, seeding, run identity, the Lightning trainer with its loggers and atomic
+checkpoints, resuming, and JSON results.
+
+Configs. One tree, ``configs/`` (:data:`CONFIG_DIR`): one root per tool (``pretrain.yaml``,
+``train_bev.yaml``, ``eval_2d.yaml``) and groups shared by all of them. An experiment belongs to
+one tool: ``configs/experiment/<root>/<name>.yaml``; :func:`register_configs` offers the tool's
+own experiments as the ``experiment`` group (so ``experiment=demo`` is each tool's demo) and
+registers the tool's schema (a dataclass: Hydra refuses a misspelt key or a wrong type before any
+work). An experiment may give one option of a group settings of its own (``per_model`` in BeV,
+``per_task`` in the 2-D evaluations): :func:`apply_per_choice` merges them over the config, under
+the command line's values.
+
+Run identity. A run directory belongs to one configuration: the resolved config less what does
+not change a result (:data:`NOT_IDENTITY`: names, paths to data, logging, progress bars, the
+devices). :func:`check_run_dir` compares it with the one recorded in the directory
+(``run_config.json``, and inside every checkpoint) before any work, and refuses another one in one
+sentence; :func:`claim_run_dir` records it (and clears the artefacts of the previous run when
+``resume=null``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import inspect
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: the project's Hydra config tree (``configs/`` beside the package, as in a source checkout)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+#: the file of a run directory that records its configuration
+RUN_CONFIG = "run_config.json"
+#: the key under which every Lightning checkpoint carries the same record
+CHECKPOINT_KEY = "run_config"
+
+#: keys that never change a result, in every tool (``fnmatch`` patterns on dotted keys): where
+#: outputs go and what they are called, how to resume, logging and pictures, and how the work is
+#: spread over devices
+NOT_IDENTITY = ("name", "resume", "checkpoint_every", "pictures", "per_model", "per_task",
+                "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+                "trainer.enable_progress_bar", "trainer.log_every_n_steps")
+
+#: what a fresh start (``resume=null``) removes from a run directory
+RUN_ARTEFACTS = ("checkpoints", "csv", "tensorboard", "pictures", "results.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+
+def register_configs(root: str, schema: type) -> None:
+    """Make ``configs/<root>.yaml`` composable: its schema (``<root>_schema``, listed first in
+    the root's defaults) and, as the ``experiment`` group, the tool's own experiments
+    (``configs/experiment/<root>/*.yaml``). Call before Hydra composes (the tools do it before
+    ``hydra.main``; :func:`compose` does it). The last call wins: one tool at a time."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name=f"{root}_schema", node=schema)
+    cs.repo.pop("experiment", None)  # another tool's experiments
+    for path in sorted((CONFIG_DIR / "experiment" / root).glob("*.yaml")):
+        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def compose(root: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``configs/<root>.yaml`` with ``overrides`` (command-line syntax), as the tool composes it.
+    Call :func:`register_configs` for the tool first. Inside a running Hydra app (whose config
+    tree is this one) it composes there; elsewhere it opens the tree for the call."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(root, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(root, overrides=list(overrides))
+
+
+def command_line_overrides() -> List[str]:
+    """The running Hydra app's command-line overrides (empty outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{dotted key: leaf}`` of a nested container (lists are leaves)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def apply_per_choice(cfg: DictConfig, table: str, choice: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge ``cfg[table][choice]`` (settings an experiment gives one option of a group, as whole
+    keys of the config: ``per_task: {cam: {task: {batch_size: 8}}}``) over ``cfg``, then the
+    command-line ``overrides`` that touch the same keys again, so the command line still wins.
+    The table is emptied (applying twice changes nothing). Returns a new config."""
+    cfg = copy.deepcopy(cfg)
+    settings = cfg.get(table) or {}
+    chosen = settings.get(choice) if settings else None
+    OmegaConf.set_struct(cfg, False)
+    cfg[table] = {}
+    if chosen:
+        chosen = OmegaConf.to_container(chosen, resolve=False)
+        touched = set(_flat(chosen))
+        cfg = OmegaConf.merge(cfg, chosen)
+        log.info("%s=%s under this experiment: %s", table.removeprefix("per_"), choice,
+                 ", ".join(f"{k}={v}" for k, v in _flat(chosen).items()))
+        if overrides:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            for ov in OverridesParser.create().parse_overrides(list(overrides)):
+                key = ov.key_or_group
+                # a value at or below a key the settings gave (a group choice such as backbone=...
+                # lies above them and is not a value)
+                if not ov.is_delete() and any(key == t or key.startswith(t + ".") for t in touched):
+                    OmegaConf.update(cfg, key, ov.value(), merge=False, force_add=True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def check_trainer(trainer_cfg, reserved: Iterable[str] = ()) -> None:
+    """Refuse ``trainer.<key>`` that ``lightning.Trainer`` does not take, or that the tool sets
+    itself, in one sentence."""
+    params = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    reserved = set(reserved)
+    for key in trainer_cfg:
+        if key in reserved:
+            raise ValueError(f"trainer.{key} is set by the tool itself; remove it from the config.")
+        if key not in params:
+            raise ValueError(f"trainer.{key} is not an argument of lightning.Trainer (see its documentation "
+                             f"for the names).")
+
+
+def check_resume(resume, allow_path: bool = True) -> None:
+    """``resume`` is auto, null or (where a tool takes one) a checkpoint file."""
+    if resume in ("auto", None) or allow_path:
+        return
+    raise ValueError(f"resume must be auto (continue this run directory's configuration) or null (start afresh), "
+                     f"got {resume!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# seeding
+# ---------------------------------------------------------------------------------------------
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), stable across processes and runs:
+    the seed of one random draw, e.g. ``derive_seed(seed, step, stream)``."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (every device) seeded with ``seed``; data-loader workers too."""
+    L.seed_everything(int(seed), workers=True, verbose=False)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a nested job (e.g. a pretraining inside an evaluation) without changing the caller's
+    random streams: Python, NumPy, torch (CPU and CUDA) and Lightning's seed variables are put
+    back afterwards."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state_all(state[3])
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------------------------------------
+# run identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _ignored(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, p + ".*") for p in patterns)
+
+
+def _identity(node, prefix: str, patterns: Sequence[str]):
+    if isinstance(node, DictConfig):
+        out = {}
+        for k in node.keys():
+            key = f"{prefix}{k}"
+            if not _ignored(key, patterns):  # ignored keys are never resolved: a path may need a Hydra run
+                out[str(k)] = _identity(node[k], key + ".", patterns)
+        return out
+    if isinstance(node, ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def result_config(cfg: DictConfig, ignore: Sequence[str] = ()) -> dict:
+    """The configuration that matters for a run's result: ``cfg`` resolved, less the keys of
+    :data:`NOT_IDENTITY` and ``ignore`` (``fnmatch`` patterns on dotted keys, e.g.
+    ``"dataset.*.root"``), as plain nested dicts."""
+    return _identity(cfg, "", tuple(NOT_IDENTITY) + tuple(ignore))
+
+
+def config_changes(old: dict, new: dict) -> List[str]:
+    """``["seed: 0 -> 1", ...]``: the keys whose values differ, in key order."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            out.append(f"{key}: (absent) -> {b[key]!r}")
+        elif key not in b:
+            out.append(f"{key}: {a[key]!r} -> (absent)")
+        elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
+            out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return out
+
+
+def fingerprint(config: dict) -> str:
+    """A short stable hash of a configuration."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_config(run_dir: Path) -> Optional[dict]:
+    """The configuration a run directory belongs to: its ``run_config.json``, else the record in
+    ``checkpoints/last.ckpt``; ``None`` when neither has one."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG
+    if path.is_file():
+        return json.loads(path.read_text())["config"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        return ckpt.get(CHECKPOINT_KEY)
+    return None
+
+
+class RunConfigMismatch(ValueError):
+    """A run directory holds a run of another configuration."""
+
+
+def mismatch_sentence(where: Path, changes: List[str]) -> str:
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    return (f"{where} holds a run of another configuration ({shown}): give this one a new name= "
+            f"(its own directory), or pass resume=null to start {where} afresh.")
+
+
+def _fresh(resume) -> bool:
+    return resume in (None, False, "none", "null")
+
+
+def check_run_dir(run_dir: Path, config: dict, resume) -> None:
+    """Before any work: unless ``resume`` is null (start afresh), refuse a run directory whose
+    recorded configuration differs from ``config``, in one sentence naming the differing keys
+    and the two ways out. A directory without a record (made before records existed) is
+    adopted."""
+    if _fresh(resume):
+        return
+    old = recorded_config(run_dir)
+    if old is None:
+        if (Path(run_dir) / "checkpoints" / "last.ckpt").is_file():
+            log.warning("%s records no configuration (an older run); continuing it as this one.", run_dir)
+        return
+    changes = config_changes(old, config)
+    if changes:
+        raise RunConfigMismatch(mismatch_sentence(Path(run_dir), changes))
+
+
+def is_global_zero() -> bool:
+    """Whether this process is the first of its job (before a Trainer exists: from the launcher's
+    environment variables)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def claim_run_dir(run_dir: Path, config: dict, resume, artefacts: Sequence[str] = RUN_ARTEFACTS) -> None:
+    """Record ``config`` as the run directory's configuration (after :func:`check_run_dir`, when
+    the inputs are known to be good). With ``resume=null`` the previous run's ``artefacts`` are
+    removed first, so nothing of it is reused or mixed in. First process of a job only."""
+    if not is_global_zero():
+        return
+    run_dir = Path(run_dir)
+    if _fresh(resume):
+        for name in artefacts:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    write_json(run_dir / RUN_CONFIG, {"config": config})
+
+
+class RecordRunConfig(Callback):
+    """Stores the run's configuration in every checkpoint (``checkpoint["run_config"]``)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint[CHECKPOINT_KEY] = self.config
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer, checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: a kill never leaves a
+    truncated ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
+    """The checkpoint to continue from: ``auto`` -> ``<checkpoint_dir>/last.ckpt`` if present,
+    null -> none (fresh), a path -> that file (refused if missing)."""
+    if _fresh(resume):
+        return None
+    if resume == "auto":
+        last = Path(checkpoint_dir) / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(str(resume))
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint file (use resume=auto to continue "
+                                f"from {Path(checkpoint_dir) / 'last.ckpt'} when it exists).")
+    return str(path)
+
+
+def step_checkpoints(checkpoint_dir: Path, every: int) -> ModelCheckpoint:
+    """A checkpoint every ``every`` training steps (the latest kept) and ``last.ckpt``."""
+    return ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                           every_n_train_steps=max(1, int(every)), save_last=True, save_top_k=1,
+                           monitor="step", mode="max")
+
+
+def epoch_checkpoints(checkpoint_dir: Path) -> ModelCheckpoint:
+    """``last.ckpt`` after every epoch."""
+    return ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+
+
+def loggers(run_dir: Path) -> list:
+    """TensorBoard (``<run_dir>/tensorboard``) and CSV (``<run_dir>/csv``) loggers."""
+    return [TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
+            CSVLogger(str(run_dir), name="csv", version="")]
+
+
+def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckpoint] = None,
+                 callbacks: Sequence[Callback] = (), run_config: Optional[dict] = None, log: bool = True,
+                 **kwargs) -> L.Trainer:
+    """``lightning.Trainer`` with the ``trainer`` config (``kwargs`` win), the loggers of
+    :func:`loggers` (``log=False``: none), ``callbacks`` then ``checkpointing``, atomic
+    checkpoints carrying ``run_config``, outputs in ``run_dir``."""
+    args = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) else dict(trainer_cfg)
+    args.update(kwargs)
+    cbs = list(callbacks) + ([checkpointing] if checkpointing is not None else [])
+    if run_config is not None:
+        cbs.append(RecordRunConfig(run_config))
+    if checkpointing is None:
+        args.setdefault("enable_checkpointing", False)
+    return L.Trainer(**args, callbacks=cbs, logger=loggers(run_dir) if log else False,
+                     plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's warnings that do not apply to these runs, silenced: resuming mid-epoch is
+    exact (batches are a function of the step), few workers is deliberate on small machines,
+    frozen modules are in eval mode on purpose."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module.* in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_results(run_dir: Path, results: dict, config: dict) -> None:
+    """``<run_dir>/results.json``, only if the directory still belongs to ``config`` (a run of
+    another configuration started there since never has its numbers replaced)."""
+    recorded = recorded_config(run_dir)
+    if recorded is not None and config_changes(recorded, config):
+        raise RunConfigMismatch(mismatch_sentence(Path(run_dir), config_changes(recorded, config)))
+    write_json(Path(run_dir) / "results.json", results)
