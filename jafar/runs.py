@@ -159,11 +159,11 @@ def check_trainer(trainer_cfg, reserved: Iterable[str] = ()) -> None:
 
 
 def check_resume(resume, allow_path: bool = True) -> None:
-    """``resume`` is auto, null or (where a tool takes one) a checkpoint file."""
-    if resume in ("auto", None) or allow_path:
+    """``resume`` is auto, null or (where the tool takes one: ``allow_path``) a checkpoint file."""
+    if resume in ("auto", None) or (allow_path and isinstance(resume, str)):
         return
-    raise ValueError(f"resume must be auto (continue this run directory's configuration) or null (start afresh), "
-                     f"got {resume!r}.")
+    raise ValueError(f"resume must be auto (continue the run of this configuration in its directory) or null "
+                     f"(start afresh){', or a checkpoint file' if allow_path else ''}, got {resume!r}.")
 
 
 # ---------------------------------------------------------------------------------------------

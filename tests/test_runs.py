@@ -218,3 +218,34 @@ def test_pretraining_another_seed_is_refused_the_same_configuration_resumes(tmp_
     (tmp_path / "imgs").rename(moved)
     again = run(_pretrain_cfg(moved, "name=renamed"), tmp_path / "run")
     assert not steps and again["step"] == 2 and again["x2"] == first["x2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the 2-D evaluation trains a missing demo checkpoint in this process
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_eval_trains_a_missing_jafar_with_the_pretraining_library_leaving_its_rng_alone(tmp_path, monkeypatch):
+    import jafar.train.run
+    from jafar.eval.config import compose as compose_eval
+    from jafar.eval.run import _run_pretraining_demo
+
+    seen = {}
+
+    def pretrain(cfg, run_dir):  # the pretraining itself is tested elsewhere; here: what it is given
+        seen.update(cfg=cfg, run_dir=run_dir)
+        runs.seed_everything(int(cfg.seed) + 5)
+        torch.rand(10)
+        (run_dir / "jafar.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / "jafar.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(jafar.train.run, "run", pretrain)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _run_pretraining_demo(tmp_path / "pre" / "jafar.safetensors")
+    assert torch.equal(torch.rand(3), expected)
+    cfg = seen["cfg"]
+    assert seen["run_dir"] == tmp_path / "pre" and cfg.data.root == str(tmp_path / "pre" / "photos")
+    assert cfg.name == "demo" and cfg.trainer.max_steps == 300 and cfg.recipe.image_size == 224  # the pretraining demo
+    assert compose_eval("experiment=demo").compare[0] == "nearest"  # the evaluation's experiments are back

@@ -408,8 +408,7 @@ def check_config(cfg: DictConfig, task: Task) -> None:
         raise ValueError(f"task.image_size must be at least 16 pixels, got {cfg.task.image_size}.")
     if int(cfg.task.pictures) < 0:
         raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
-    if cfg.resume not in ("auto", None):
-        raise ValueError(f"resume must be auto (reuse finished pairs, resume unfinished probes) or null, got {cfg.resume!r}.")
+    runs.check_resume(cfg.resume, allow_path=False)  # auto: reuse finished pairs, resume unfinished probes
     runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
     task.check(cfg)
 
