@@ -61,6 +61,7 @@ What to do with the numbers (issue #18, "defaults chosen from it"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib
@@ -72,6 +73,7 @@ import platform
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import torch
@@ -169,7 +171,7 @@ class Round:
         self.checks = {"status": "not run"}
         self.jafar, self.tuning, self.pretrain, self.bev = [], [], [], []
         self.tune_md = ""
-        self.skipped, self.errors, self.timings = [], [], {}
+        self.skipped, self.errors, self.timings, self.notes = [], [], {}, []
         self._bench_pretrain = None
 
     # ------------------------------------------------------------------ time
@@ -224,7 +226,14 @@ class Round:
         ``reference`` row gets the official GroupNorm too (``bench`` builds ``JAFAR(attention=mode)``
         only, so its reference row otherwise runs our GroupNorm)."""
         if self._bench_pretrain is None:
-            self._bench_pretrain = _load_tool("bench_pretrain")
+            import lightning  # noqa: F401  first: its probes of optional packages must see what is installed
+
+            with _stub_if_missing("omegaconf", ("DictConfig", "ListConfig", "OmegaConf")) as stubbed:
+                self._bench_pretrain = _load_tool("bench_pretrain")
+            if stubbed:
+                self.notes.append("OmegaConf is not installed here: `jafar.train.module` imports it (through "
+                                  "`jafar.train.data` -> `jafar.runs`) without using it in a training step, so the "
+                                  "pretraining rows ran with a placeholder module in its place.")
         bp, cfg = self._bench_pretrain, self.cfg
         build_backbone, JAFAR = bp.build_backbone, bp.JAFAR
 
@@ -327,6 +336,29 @@ class Round:
         return row
 
 
+@contextlib.contextmanager
+def _stub_if_missing(name: str, attributes=()):
+    """While importing code that imports ``name`` at module level but does not need it for what this
+    script runs: a placeholder module if ``name`` is not installed (yields whether it stubbed)."""
+    try:
+        missing = importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        missing = True
+    if not missing or name in sys.modules:
+        yield False
+        return
+    stub = types.ModuleType(name)
+    stub.__doc__ = f"placeholder: {name} is not installed (tools/gpu_round.py)"
+    for attr in attributes:
+        setattr(stub, attr, type(attr, (), {}))
+    sys.modules[name] = stub
+    try:
+        yield True
+    finally:
+        if sys.modules.get(name) is stub:
+            del sys.modules[name]
+
+
 def bev_batch(H: int, W: int, grid_shape, n: int = 6) -> dict:
     """Six cameras around the ego looking outwards (``tools/bev_cost.py``'s rig), random images and
     targets."""
@@ -397,6 +429,9 @@ def _unavailable(rnd: Round, section: str, name: str):
         mode = name.split()[-1]
         if _needs_triton(mode) and not kernels.available(rnd.device):
             return "needs Triton on CUDA (or TRITON_INTERPRET=1 on the CPU)"
+        if _needs_triton(mode) and rnd.args.smoke and rnd.device.type == "cpu" and \
+                name != f"JAFAR {rnd.cfg['size']} bf16 auto+enc=triton+gn=triton":
+            return "--smoke under Triton's interpreter runs one Triton row (auto+enc=triton+gn=triton)"
         if bench.parse_mode(mode)["compile"] and rnd.args.smoke:
             return "torch.compile is not run under --smoke (its compilation alone takes longer than the smoke run)"
     if section == "tune" and not kernels.available(rnd.device):
@@ -612,6 +647,8 @@ def render(rnd: Round, env: dict, done: bool) -> str:
         parts += [f"- {e['item']}: **error** {e['error']}" for e in rnd.errors]
     else:
         parts.append("Nothing: every part ran.")
+    if rnd.notes:
+        parts += ["", "Notes:", ""] + [f"- {n}" for n in rnd.notes]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in rnd.timings.items())
     if timing:
         parts += ["", f"Time per part: {timing}."]
@@ -624,7 +661,7 @@ def write(rnd: Round, env: dict, done: bool) -> None:
     data = {"environment": env, "done": done, "elapsed_s": rnd.elapsed(), "config": rnd.cfg,
             "checks": {k: v for k, v in rnd.checks.items() if k != "markdown"}, "jafar": rnd.jafar,
             "tuning": rnd.tuning, "pretrain": rnd.pretrain, "bev": rnd.bev, "skipped": rnd.skipped,
-            "errors": rnd.errors, "timings_s": rnd.timings, "targets": TARGET_TEXT}
+            "errors": rnd.errors, "notes": rnd.notes, "timings_s": rnd.timings, "targets": TARGET_TEXT}
     for name, text in (("report.md", render(rnd, env, done)), ("report.json", json.dumps(data, indent=1, default=str))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
@@ -686,7 +723,8 @@ def main(argv=None) -> int:
         left = args.budget_s - rnd.elapsed()
         need = 0.0 if args.smoke else estimate
         if why is None and left <= need:
-            why = f"budget: about {estimate} s needed, {max(left, 0):.0f} s left"
+            why = (f"budget: about {need:.0f} s needed, {max(left, 0):.0f} s left" if need else
+                   f"budget spent ({args.budget_s:.0f} s)")
         if why is not None:
             rnd.skipped.append({"item": name, "section": section, "reason": why})
             rnd.log(f"skip {name}: {why}")

@@ -1,0 +1,113 @@
+"""``tools/gpu_round.py --smoke``: the GPU round at toy sizes on the CPU, so that the script the
+lent GPU runs cannot rot (issue #18)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "gpu_round.py"
+
+#: what the lent GPU machine lacks: the smoke run must not import any of them
+ABSENT = ("hydra", "omegaconf", "spconv", "nuscenes")
+
+SECTIONS = ("## GPU round:", "### Kernel correctness", "### JAFAR upsampler", "### Pretraining step",
+            "### BeV training step", "### Not measured")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("jafar_gpu_round_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA available: the smoke run would time the GPU")
+def test_smoke_run_writes_every_section_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    """The smoke run in a fresh interpreter in which Hydra, OmegaConf, spconv and nuscenes-devkit
+    cannot be imported (as on the lent GPU machine)."""
+    out = tmp_path / "round"
+    runner = textwrap.dedent(f"""
+        import importlib.abc, os, runpy, sys
+
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {ABSENT!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: the GPU machine lacks it)")
+                return None
+
+        sys.meta_path.insert(0, Absent())
+        os.environ.pop("TRITON_INTERPRET", None)
+        sys.argv = [{str(TOOL)!r}, "--smoke", "--out", {str(out)!r}]
+        try:
+            runpy.run_path({str(TOOL)!r}, run_name="__main__")
+        except SystemExit as e:
+            sys.exit(e.code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    report = (out / "report.md").read_text()
+    data = json.loads((out / "report.json").read_text())
+    for heading in SECTIONS:
+        assert heading in report, heading
+    assert "--smoke" in report and "torch " in report and "Triton" in report
+    assert "Skipped: no CUDA device and TRITON_INTERPRET is not 1" in report  # the checks, said so
+    assert "pointbev" in report and "spconv" in report or "not run (--smoke)" in report
+
+    assert data["done"] and not data["errors"], data["errors"]
+    assert data["checks"]["status"] == "skipped"
+    env = data["environment"]
+    assert env["smoke"] and env["torch"] == torch.__version__ and "triton" in env and env["device"].startswith("CPU")
+    jafar = {(r["size"], r["dtype"], r["mode"]) for r in data["jafar"]}
+    assert {(32, "bf16", "reference"), (32, "bf16", "auto"), (32, "tf32", "reference"), (32, "tf32", "auto"),
+            (64, "bf16", "auto")} <= jafar
+    assert all(isinstance(r["fwd_ms"], float) and isinstance(r["fwdbwd_ms"], float) for r in data["jafar"])
+    assert [r["mode"] for r in data["pretrain"]] == ["reference", "auto"]
+    assert {(r["model"], r["upsampler"]) for r in data["bev"]} == {
+        ("simplebev", "none"), ("simplebev", "jafar"), ("bevformer", "none"), ("bevformer", "jafar")}
+    assert all(r["gflops"] > 0 and r["step_ms"] > 0 for r in data["bev"])
+    skipped = {s["item"]: s["reason"] for s in data["skipped"]}
+    assert "Triton" in skipped["JAFAR 32 bf16 auto+enc=triton"] and "compile" in skipped["JAFAR 32 bf16 auto+compile"]
+
+
+def test_budget_cuts_every_part_and_still_writes_the_report(tmp_path):
+    tool = _tool()
+    assert tool.main(["--smoke", "--device", "cpu", "--budget-s", "0", "--sections", "jafar", "pretrain", "bev",
+                      "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["done"] and not data["jafar"] and not data["bev"] and not data["pretrain"]
+    reasons = {s["item"]: s["reason"] for s in data["skipped"]}
+    assert reasons["JAFAR 32 bf16 auto"].startswith("budget") and reasons["BeV simplebev jafar"].startswith("budget")
+    assert all(r.startswith("budget") or "--smoke" in r for r in reasons.values()), reasons
+    report = (tmp_path / "report.md").read_text()
+    assert "budget" in report and "### BeV training step" in report
+    assert "Skipped: not asked for (--sections)" in report
+
+
+def test_a_failing_kernel_check_stops_the_round_with_status_1(tmp_path, monkeypatch):
+    tool = _tool()
+
+    def fail(self):
+        self.checks = {"status": "failed", "failures": ["plain/bf16 out: 1.0e+00 > 1e-02"], "results": {},
+                       "markdown": "| case |", "interpreter": False, "cases": "all"}
+        return False
+
+    monkeypatch.setattr(tool.Round, "run_checks", fail)
+    assert tool.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["checks"]["status"] == "failed" and not data["jafar"]
+    assert "**FAILED** (1 failures: plain/bf16" in (tmp_path / "report.md").read_text()
+
+
+def test_a_full_round_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA available")
+    with pytest.raises(SystemExit):
+        _tool().main(["--device", "cpu"])
