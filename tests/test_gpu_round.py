@@ -17,7 +17,7 @@ TOOL = ROOT / "tools" / "gpu_round.py"
 #: what the lent GPU machine lacks: the smoke run must not import any of them
 ABSENT = ("hydra", "omegaconf", "spconv", "nuscenes")
 
-SECTIONS = ("## GPU round:", "### Kernel correctness", "### JAFAR upsampler", "### Pretraining step",
+SECTIONS = ("## GPU round (--smoke): CPU", "### Kernel correctness", "### JAFAR upsampler", "### Pretraining step",
             "### BeV training step", "### Not measured")
 
 

@@ -60,6 +60,10 @@ What to do with the numbers (issue #18, "defaults chosen from it"):
 
 from __future__ import annotations
 
+import time
+
+_STARTED = time.perf_counter()  # the budget counts from here when run as a script (imports included)
+
 import argparse
 import contextlib
 import datetime
@@ -71,7 +75,6 @@ import math
 import os
 import platform
 import sys
-import time
 import traceback
 import types
 from pathlib import Path
@@ -111,12 +114,12 @@ PAPER_MEMORY_GB: dict = {}
 FULL = dict(size=448, large=896, dim=384, warmup=3, repeats=20, tune_candidates=4,
             backbone_kwargs={}, bev_image=(224, 476), bev_grid={}, bev_heads={}, bev_warmup=2, bev_repeats=10,
             bev_max_s=10.0, pre_batch=4, pre_size=448, pre_steps=20, pre_warmup=3)
-SMOKE = dict(size=32, large=64, dim=32, warmup=1, repeats=2, tune_candidates=1,
+SMOKE = dict(size=32, large=64, dim=32, warmup=0, repeats=2, tune_candidates=1,
              backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2), bev_image=(28, 56),
              bev_grid=dict(resolution=4.0, z_bins=2),
              bev_heads={"simplebev": dict(latent_dim=16),
                         "bevformer": dict(latent_dim=16, num_layers=1, ffn_dim=32, self_points=2, cross_points=2)},
-             bev_warmup=1, bev_repeats=2, bev_max_s=1.0, pre_batch=1, pre_size=112, pre_steps=2, pre_warmup=1)
+             bev_warmup=0, bev_repeats=2, bev_max_s=1.0, pre_batch=1, pre_size=112, pre_steps=2, pre_warmup=0)
 
 SECTIONS = ("checks", "jafar", "options", "pretrain", "bev", "compile", "tune")
 
@@ -167,7 +170,7 @@ class Round:
     def __init__(self, args, cfg: dict, device: torch.device):
         self.args, self.cfg, self.device = args, cfg, device
         self.cuda = device.type == "cuda"
-        self.started = time.perf_counter()
+        self.started = _STARTED if __name__ == "__main__" else time.perf_counter()
         self.checks = {"status": "not run"}
         self.jafar, self.tuning, self.pretrain, self.bev = [], [], [], []
         self.tune_md = ""
@@ -460,6 +463,24 @@ def _ratio(base, x):
     return "-"
 
 
+def _commit() -> str:
+    """The checkout's commit, ``+ uncommitted changes`` where the tree differs from it; ``unknown
+    commit`` without git (the GPU machine's copy may have none: pass ``--commit``)."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return "unknown commit"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except Exception:
+        return "unknown commit"
+
+
 def environment(rnd: Round) -> dict:
     try:
         import triton
@@ -470,7 +491,7 @@ def environment(rnd: Round) -> dict:
     env = {"device": torch.cuda.get_device_name(rnd.device) if rnd.cuda else
            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-           "python": platform.python_version(), "commit": bench._commit(),
+           "python": platform.python_version(), "commit": rnd.args.commit or _commit(),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "smoke": rnd.args.smoke,
            "budget_s": rnd.args.budget_s, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
     if rnd.cuda:
@@ -568,9 +589,8 @@ def bev_table(rnd: Round) -> str:
 
 def render(rnd: Round, env: dict, done: bool) -> str:
     cfg = rnd.cfg
-    where = f"GPU: {env['device']}" if rnd.cuda else env["device"]
     command = "python tools/gpu_round.py " + " ".join(rnd.args.argv)
-    parts = [f"## GPU round: {where}, commit {env['commit']}" + (" (--smoke)" if rnd.args.smoke else ""), "",
+    parts = [f"## GPU round{' (--smoke)' if rnd.args.smoke else ''}: {env['device']}, commit {env['commit']}", "",
              f"Measured {env['date']} with `{command.strip()}` (`tools/gpu_round.py`, issue #18) in "
              f"{rnd.elapsed():.0f} s of a {rnd.args.budget_s:.0f} s budget"
              + ("" if done else " (**partial**: the run was cut short or is still going)")
@@ -607,8 +627,7 @@ def render(rnd: Round, env: dict, done: bool) -> str:
         if rnd.cuda:
             for mode in dict.fromkeys(r["mode"] for r in rnd.jafar if r["mode"] != "reference"):
                 tt = bench.targets_table(rnd.jafar, mode)
-                if tt and mode in ("auto",) + tuple(m for m in ("auto+enc=triton", "auto+enc=triton+gn=triton",
-                                                                 "auto+gn=triton")):
+                if tt and mode in ("auto", "auto+enc=triton", "auto+gn=triton", "auto+enc=triton+gn=triton"):
                     parts += ["", tt]
         read = reading(rnd)
         if read:
@@ -680,6 +699,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu (then --smoke is needed)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                    help=f"parts to run (default all: {' '.join(SECTIONS)})")
+    p.add_argument("--commit", default=None, help="the commit to name in the report (default: git's, where the "
+                   "checkout has git)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of each JAFAR row (default 20; smoke 2)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -691,6 +712,16 @@ def main(argv=None) -> int:
         if args.repeats < 1:
             p.error(f"--repeats must be >= 1, got {args.repeats}")
         cfg["repeats"] = args.repeats
+    threads = torch.get_num_threads()
+    if args.smoke and device.type == "cpu":
+        torch.set_num_threads(1)  # toy sizes: one thread, not two spinning against whatever else shares the cores
+    try:
+        return run(args, cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, cfg: dict, device: torch.device) -> int:
     rnd = Round(args, cfg, device)
     env = environment(rnd)
     rnd.log(f"GPU round on {env['device']}, torch {env['torch']}, Triton {env['triton']}, budget {args.budget_s:.0f} s,"
