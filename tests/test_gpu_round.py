@@ -111,3 +111,24 @@ def test_a_full_round_needs_cuda():
         pytest.skip("CUDA available")
     with pytest.raises(SystemExit):
         _tool().main(["--device", "cpu"])
+
+
+def test_an_item_running_past_the_budget_is_cut_and_the_report_still_written(tmp_path, monkeypatch):
+    import time
+
+    tool = _tool()
+    ran = []
+
+    def slow():
+        ran.append("slow")
+        time.sleep(30)
+
+    monkeypatch.setattr(tool, "GRACE_S", 0.5)
+    monkeypatch.setattr(tool, "plan", lambda rnd: [("jafar", "slow item", 0, slow),
+                                                   ("jafar", "next item", 0, lambda: ran.append("next"))])
+    started = time.perf_counter()
+    assert tool.main(["--smoke", "--device", "cpu", "--budget-s", "1", "--sections", "jafar",
+                      "--out", str(tmp_path)]) == 0
+    assert time.perf_counter() - started < 10 and ran == ["slow"]
+    reasons = {s["item"]: s["reason"] for s in json.loads((tmp_path / "report.json").read_text())["skipped"]}
+    assert "past the budget" in reasons["slow item"] and reasons["next item"].startswith("budget")
