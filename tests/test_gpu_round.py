@@ -132,3 +132,42 @@ def test_an_item_running_past_the_budget_is_cut_and_the_report_still_written(tmp
     assert time.perf_counter() - started < 10 and ran == ["slow"]
     reasons = {s["item"]: s["reason"] for s in json.loads((tmp_path / "report.json").read_text())["skipped"]}
     assert "past the budget" in reasons["slow item"] and reasons["next item"].startswith("budget")
+
+
+def test_the_gpu_report_renders_targets_and_readings(tmp_path, monkeypatch):
+    """The GPU-only parts of the report (targets, peaks, the PointBeV row), from made-up rows."""
+    import argparse
+
+    tool = _tool()
+    monkeypatch.setattr(tool, "_spconv_available", lambda: False)
+    args = argparse.Namespace(smoke=False, budget_s=480.0, out=tmp_path, argv=["--out", str(tmp_path)], commit="abc1234")
+    rnd = tool.Round(args, dict(tool.FULL), torch.device("cpu"))
+    rnd.cuda = True
+
+    def row(size, dtype, mode, fwd, fwdbwd):
+        return dict(size=size, keys=size // 14, mode=mode, dtype=dtype, fwd_ms=fwd, fwd_gb=0.5, fwdbwd_ms=fwdbwd,
+                    fwdbwd_gb=2.5, group="jafar")
+
+    rnd.jafar = [row(448, "bf16", "reference", 49.0, 78.0), row(448, "bf16", "auto", 10.0, 90.0),
+                 row(448, "bf16", "auto+enc=triton", 2.5, 14.0), row(896, "bf16", "auto", 80.0, 480.0),
+                 row(896, "bf16", "auto+enc=triton", 20.0, 300.0), row(448, "bf16", "auto+gn=triton", 11.0, "OOM")]
+    rnd.pretrain = [{"mode": "reference", "step_ms": 120.0, "steps_per_s": 8.3, "peak_gb": 20.0},
+                    {"mode": "auto", "step_ms": 100.0, "steps_per_s": 10.0, "peak_gb": 9.0}]
+    rnd.bev = [{"model": "simplebev", "upsampler": u, "features": f, "gflops": g, "config": "configs/model/simplebev.yaml",
+                "step_ms": 100.0, "repeats": 10, "peak_gb": 3.0}
+               for u, f, g in (("none", "16x34", 289.7), ("jafar", "32x68", 309.3))]
+    rnd.checks = {"status": "passed", "results": {}, "failures": [], "markdown": "| case |", "interpreter": False,
+                  "cases": "all"}
+    env = dict(device="NVIDIA H200", torch="2.11.0", cuda="13.0", triton="3.6.0", python="3.12.3", commit="abc1234",
+               date="2026-12-02T00:00:00", smoke=False, budget_s=480.0, triton_interpret=False, capability="9.0",
+               memory_gb=139.8, multiprocessors=132)
+    report = tool.render(rnd, env, True)
+    assert report.startswith("## GPU round: NVIDIA H200, commit abc1234")
+    assert "Triton 3.6.0" in report and "compute capability 9.0" in report and "**PASSED** on the GPU" in report
+    assert "| issue #5 target (`auto`) | measured | met |" in report
+    assert "| 448 bf16 forward <= 3 ms | 2.5 ms | yes |" in report  # the fused encoders' table
+    assert "`auto+enc=triton` against `auto` (>1x: faster): forward 448 bf16 4.00x" in report
+    assert "**wins everywhere measured**" in report
+    assert "| simplebev | jafar | 32x68 | 309.3 | +6.8 % | +3.1 % | 100.0 ms | 3.00 GB | not recorded |" in report
+    assert "| pointbev | none, bilinear, jafar | not run: it needs spconv" in report
+    assert "| `auto` (attention `auto` (the default)) | 100.0 ms | 10.00 | 9.00 GB | 1.20x |" in report
