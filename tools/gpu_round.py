@@ -16,14 +16,14 @@ in the report with the reason):
    (``reference``: ``attention="reference"``, ``group_norm="official"``) beside ours (``auto``);
    then the options worth choosing among: ``auto+enc=triton`` (``JAFAR(encoders="triton")``),
    ``auto+gn=triton`` (``group_norm="triton"``), both, ``auto+compile`` (``compile=True``),
-   ``auto+gn=native``; then a short launch-configuration sweep (``run_tuning``, first
-   ``--tune-candidates`` candidates per kernel, the default first).
+   ``auto+gn=native``; then a short launch-configuration sweep (``run_tuning``: the first four
+   candidates per kernel, the default first, at 448 and then 896 in bf16).
 3. **Pretraining step** (``tools/bench_pretrain.py``'s ``bench``: the official recipe, 448
    images, batch 4, frozen DINOv2 ViT-S/14 with random weights, bf16 autocast, AdamW), the
    official attention beside ours.
 4. **BeV training step** in the paper's setting (Table 14): six 224x476 images, batch 1, the
    DINOv2 ViT-S/14 architecture with random weights, the 200x200x8 grid, forward + backward +
-   AdamW in float32 (``configs/bev/train_bev.yaml``: ``precision: 32-true``), for ``simplebev``
+   AdamW in float32 (the BeV config's ``trainer.precision: 32-true``), for ``simplebev``
    and ``bevformer`` x ``none | bilinear | jafar`` (heads built from ``configs/model/*.yaml``
    by importing their classes: no Hydra); PointBeV only where spconv is installed (the lent GPU
    machine has none: the table says so).
@@ -31,7 +31,7 @@ in the report with the reason):
 Plain Python: torch, Triton, timm, Lightning (the pretraining step) and PyYAML (the head
 configs) only; no Hydra, OmegaConf, nuscenes-devkit or spconv. On the lent GPU machine::
 
-    python3 tools/gpu_round.py --out "$OUT"          # about 8 minutes; report.md, report.json
+    python3 tools/gpu_round.py --out "$OUT" --commit <commit>   # at most 8 minutes; report.md, report.json
 
 ``--smoke`` runs every part at toy sizes (32-pixel JAFAR, a one-block ViT, a 25x25 BeV grid) in
 seconds on the CPU, so that the script cannot rot (``tests/test_gpu_round.py``); there the kernel
@@ -39,18 +39,19 @@ checks and the Triton options are skipped unless ``TRITON_INTERPRET=1``.
 
 What to do with the numbers (issue #18, "defaults chosen from it"):
 
-* ``docs/benchmarks.md``: the report replaces the "GPU round" placeholder, verbatim.
-* Inference default: if ``auto+enc=triton`` (or ``auto+enc=triton+gn=triton``) has the fastest
-  forward at 448 and 896, make ``encoders="triton"`` the default (``JAFAR(encoders=...)`` in
-  ``jafar/upsamplers/jafar.py`` and ``configs/upsampler/jafar.yaml``; training keeps using the
-  fused training kernels only if its fwd+bwd column wins too).
+* ``docs/benchmarks.md``: the report replaces the placeholder between the ``<!-- gpu-round -->``
+  markers of its "GPU round" section, verbatim.
+* Fused encoders: if ``auto+enc=triton`` (or ``auto+enc=triton+gn=triton``) has the fastest
+  forward at 448 and 896 (and, for training, the fastest fwd+bwd), make ``encoders="triton"`` what
+  JAFAR uses on CUDA (``JAFAR(encoders=...)`` in ``jafar/upsamplers/jafar.py`` and
+  ``configs/upsampler/jafar.yaml``).
 * GroupNorm: if ``auto+gn=triton`` beats ``auto`` in forward and fwd+bwd, make ``"triton"`` what
   ``GroupNorm(impl="auto")`` picks on CUDA (``jafar/layers/norm.py``); if ``auto+gn=native`` beats
   ``auto``, the var_mean path goes.
 * ``compile=True``: the default only if it beats the best uncompiled option by a clear margin
   (its compile time is paid once per shape).
 * Launch configurations: the "Fastest at the largest output" line of the sweep goes into
-  ``CONFIGS`` of ``jafar/kernels/attention.py`` (and the encoder kernel's).
+  ``CONFIGS`` of ``jafar/kernels/attention.py`` (the four kernels, the fused encoder kernel among them).
 * Options that lose everywhere are removed from the code; their numbers stay in the docs.
 * The README's performance sentence and ``docs/pretraining.md`` / ``docs/bev.md`` (the cost
   table's GPU columns) take the 448 bf16, pretraining and BeV numbers; the issue's targets are
