@@ -136,7 +136,9 @@ def build_model(cfg: DictConfig, grid: BevGrid):
 
     backbone = instantiate(cfg.backbone)
     # the width of the upsampled features is the backbone's
-    upsampler = None if cfg.upsampler.name == "none" else instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
+    upsampler = None
+    if cfg.upsampler.name != "none":
+        upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
     enc = OmegaConf.to_container(cfg.encoder, resolve=True)
     for key in ("output_size", "guidance_size"):
         if enc.get(key) is not None and enc[key] != "output":
@@ -210,9 +212,9 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_steps = trainer_kwargs.pop("max_steps", None)
-    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(ckpt_dir, cfg.checkpoint_every),
-                                callbacks=callbacks or [], run_config=identity, max_steps=-1, max_epochs=-1,
-                                use_distributed_sampler=False)
+    checkpointing = runs.step_checkpoints(ckpt_dir, cfg.checkpoint_every)
+    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing, callbacks=callbacks or [],
+                                run_config=identity, max_steps=-1, max_epochs=-1, use_distributed_sampler=False)
     bs = int(data_cfg.batch_size)
     if max_steps in (None, -1):
         max_steps = int(cfg.epochs) * math.ceil(len(train_set) / (bs * trainer.world_size))

@@ -124,6 +124,7 @@ def apply_per_choice(cfg: DictConfig, table: str, choice: str, overrides: Sequen
     cfg = copy.deepcopy(cfg)
     settings = cfg.get(table) or {}
     chosen = settings.get(choice) if settings else None
+    struct = OmegaConf.is_struct(cfg)
     OmegaConf.set_struct(cfg, False)
     cfg[table] = {}
     if chosen:
@@ -141,7 +142,7 @@ def apply_per_choice(cfg: DictConfig, table: str, choice: str, overrides: Sequen
                 # lies above them and is not a value)
                 if not ov.is_delete() and any(key == t or key.startswith(t + ".") for t in touched):
                     OmegaConf.update(cfg, key, ov.value(), merge=False, force_add=True)
-    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg, struct)
     return cfg
 
 
@@ -394,7 +395,10 @@ def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckp
     """``lightning.Trainer`` with the ``trainer`` config (``kwargs`` win), the loggers of
     :func:`loggers` (``log=False``: none), ``callbacks`` then ``checkpointing``, atomic
     checkpoints carrying ``run_config``, outputs in ``run_dir``."""
-    args = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) else dict(trainer_cfg)
+    if isinstance(trainer_cfg, DictConfig):
+        args = OmegaConf.to_container(trainer_cfg, resolve=True)
+    else:
+        args = dict(trainer_cfg)
     args.update(kwargs)
     cbs = list(callbacks) + ([checkpointing] if checkpointing is not None else [])
     if run_config is not None:

@@ -75,7 +75,8 @@ def test_one_tree_one_root_per_tool_no_computed_groups():
 
 def test_pretraining_takes_jafar_from_the_upsampler_group():
     cfg = compose_pretrain("data.root=/x")
-    assert OmegaConf.to_container(cfg.upsampler) == OmegaConf.to_container(OmegaConf.load(CONFIGS / "upsampler" / "jafar.yaml"))
+    jafar_yaml = OmegaConf.load(CONFIGS / "upsampler" / "jafar.yaml")
+    assert OmegaConf.to_container(cfg.upsampler) == OmegaConf.to_container(jafar_yaml)
     assert "qk_dim" not in (CONFIGS / "pretrain.yaml").read_text()
 
 

@@ -1,9 +1,9 @@
-"""Compose a 2-D evaluation from a Hydra config (``configs/eval/eval_2d.yaml``): one task, the
-data sets of its table, one row per upsampler; ``results.json``, ``table.md`` and pictures.
+"""Compose a 2-D evaluation from a Hydra config (``configs/eval_2d.yaml``): one task, the data
+sets of its table, one row per upsampler; ``results.json``, ``table.md`` and pictures.
 
-Entry point: ``tools/eval_2d.py`` (schema in :mod:`jafar.eval.config`). A task is a :class:`Task` registered in :data:`TASKS` by
-name (``task.name`` in the config): it declares the metric columns of its table and evaluates
-one (data set, upsampler) pair. ``seg`` and ``depth`` (linear probes, :mod:`jafar.eval.probes`)
+Entry point: ``tools/eval_2d.py`` (schema in :mod:`jafar.eval.config`). A task is a
+:class:`Task` registered in :data:`TASKS` by name (``task.name`` in the config): it declares the
+metric columns of its table and evaluates one (data set, upsampler) pair. ``seg`` and ``depth`` (linear probes, :mod:`jafar.eval.probes`)
 are defined here; a new task (``cam``, ``ovseg``) subclasses :class:`Task`, calls
 :func:`register_task` in its own module, and lists that module in :data:`TASK_MODULES`.
 
