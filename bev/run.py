@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from jafar import runs
-from jafar.runs import derive_seed
+from jafar.utils import derive_seed
 from jafar.train.data import StepBatchSampler
 
 from .config import apply_per_model

@@ -172,18 +172,6 @@ def check_resume(resume, allow_path: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser), stable across processes and runs:
-    the seed of one random draw, e.g. ``derive_seed(seed, step, stream)``."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 29
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch (every device) seeded with ``seed``; data-loader workers too."""
     L.seed_everything(int(seed), workers=True, verbose=False)

@@ -1,5 +1,5 @@
 """Small shared helpers (no dependency beyond the standard library): atomic file writes, used by
-every module that writes a file. The tools' shared run machinery is :mod:`jafar.runs`."""
+every module that writes a file, and :func:`derive_seed`, the seed of every per-step draw. The tools' shared run machinery is :mod:`jafar.runs`."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def atomic_path(path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), stable across processes and runs:
+    the seed of one random draw, e.g. ``derive_seed(seed, step, stream)``."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF

@@ -27,10 +27,13 @@ from jafar.train.module import JafarPretraining  # noqa: E402
 
 
 def bench(mode: str, device: torch.device, backbone_name: str, batch: int, size: int, steps: int, warmup: int,
-          precision: str) -> dict:
+          precision: str, backbone_kwargs: dict = None) -> dict:
+    """One row: ``mode`` is the attention; ``"reference"`` is the official algorithm, with the
+    official GroupNorm too. ``backbone_kwargs`` go to timm (e.g. a tiny ViT for smoke runs)."""
     torch.manual_seed(0)
-    backbone = build_backbone(backbone_name, pretrained=False).to(device)
-    module = JafarPretraining(backbone, JAFAR(v_dim=backbone.embed_dim, attention=mode)).to(device)
+    backbone = build_backbone(backbone_name, pretrained=False, **(backbone_kwargs or {})).to(device)
+    group_norm = "official" if mode == "reference" else "auto"
+    module = JafarPretraining(backbone, JAFAR(v_dim=backbone.embed_dim, attention=mode, group_norm=group_norm)).to(device)
     module.log_dict = module.log = lambda *a, **k: None
     opt = module.configure_optimizers()
     pixels = torch.rand(batch, 3, size, size, device=device)

@@ -77,7 +77,6 @@ import os
 import platform
 import sys
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -225,35 +224,13 @@ class Round:
 
     # ------------------------------------------------------------------ pretraining
     def pretrain_row(self, mode: str) -> dict:
-        """``tools/bench_pretrain.py``'s ``bench``. Two work-arounds, as that tool has no argument
-        for them: its backbone is built with the ``--smoke`` size's timm arguments, and its
-        ``reference`` row gets the official GroupNorm too (``bench`` builds ``JAFAR(attention=mode)``
-        only, so its reference row otherwise runs our GroupNorm)."""
+        """``tools/bench_pretrain.py``'s ``bench`` (its ``reference`` row: the official attention and
+        GroupNorm)."""
         if self._bench_pretrain is None:
-            import lightning  # noqa: F401  first: its probes of optional packages must see what is installed
-
-            with _stub_if_missing("omegaconf", ("DictConfig", "ListConfig", "OmegaConf")) as stubbed:
-                self._bench_pretrain = _load_tool("bench_pretrain")
-            if stubbed:
-                self.notes.append("OmegaConf is not installed here: `jafar.train.module` imports it (through "
-                                  "`jafar.train.data` -> `jafar.runs`) without using it in a training step, so the "
-                                  "pretraining rows ran with a placeholder module in its place.")
-        bp, cfg = self._bench_pretrain, self.cfg
-        build_backbone, JAFAR = bp.build_backbone, bp.JAFAR
-
-        def backbone(name, pretrained=False):
-            return build_backbone(name, pretrained=False, **cfg["backbone_kwargs"])
-
-        def jafar_module(**kwargs):
-            kwargs.setdefault("group_norm", "official" if kwargs.get("attention") == "reference" else "auto")
-            return JAFAR(**kwargs)
-
-        bp.build_backbone, bp.JAFAR = backbone, jafar_module
-        try:
-            r = bp.bench(mode, self.device, BACKBONE, cfg["pre_batch"], cfg["pre_size"], cfg["pre_steps"],
-                         cfg["pre_warmup"], "bf16")
-        finally:
-            bp.build_backbone, bp.JAFAR = build_backbone, JAFAR
+            self._bench_pretrain = _load_tool("bench_pretrain")
+        cfg = self.cfg
+        r = self._bench_pretrain.bench(mode, self.device, BACKBONE, cfg["pre_batch"], cfg["pre_size"], cfg["pre_steps"],
+                                       cfg["pre_warmup"], "bf16", backbone_kwargs=cfg["backbone_kwargs"])
         row = {"mode": mode, "step_ms": _num(r["ms"]), "steps_per_s": _num(r["sps"]),
                "peak_gb": _num(r["gb"]) if self.cuda else None}
         self.pretrain.append(row)
@@ -340,29 +317,6 @@ class Round:
         return row
 
 
-@contextlib.contextmanager
-def _stub_if_missing(name: str, attributes=()):
-    """While importing code that imports ``name`` at module level but does not need it for what this
-    script runs: a placeholder module if ``name`` is not installed (yields whether it stubbed)."""
-    try:
-        missing = importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        missing = True
-    if not missing or name in sys.modules:
-        yield False
-        return
-    stub = types.ModuleType(name)
-    stub.__doc__ = f"placeholder: {name} is not installed (tools/gpu_round.py)"
-    for attr in attributes:
-        setattr(stub, attr, type(attr, (), {}))
-    sys.modules[name] = stub
-    try:
-        yield True
-    finally:
-        if sys.modules.get(name) is stub:
-            del sys.modules[name]
-
-
 def bev_batch(H: int, W: int, grid_shape, n: int = 6) -> dict:
     """Six cameras around the ego looking outwards (``tools/bev_cost.py``'s rig), random images and
     targets."""
@@ -394,7 +348,7 @@ def _spconv_available() -> bool:
 def plan(rnd: Round) -> list:
     """``(section, name, estimated seconds on an H100/H200, function)`` in priority order: the
     budget check skips an item whose estimate does not fit in what is left."""
-    cfg, S, L = rnd.cfg, rnd.cfg["size"], rnd.cfg["large"]
+    S, L = rnd.cfg["size"], rnd.cfg["large"]
     items = []
 
     def jafar(section, size, dtype, mode, est):

@@ -86,8 +86,8 @@ of 384 channels: 201 GFLOPs seen by ``torch.utils.flop_counter`` (the FFNs are 1
 plus about 4 GFLOPs of bilinear taps (:meth:`BEVFormer.uncounted_flops`); forward + backward
 on the CPU peaks at about 7 GB resident.
 
-CPU demo (``experiment=demo model=bevformer``): ``configs/bev/experiment_model/demo_bevformer.yaml``
-sets ``query_downsample: 2`` for that experiment only (2 m query cells on the demo's 1 m grid,
+CPU demo (``experiment=demo model=bevformer``): ``per_model.bevformer`` in
+``configs/experiment/train_bev/demo.yaml`` sets ``query_downsample: 2`` for that experiment only (2 m query cells on the demo's 1 m grid,
 BEVFormer-tiny's query spacing); ``model.query_downsample=1`` restores one query per cell.
 """
 

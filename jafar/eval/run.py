@@ -360,8 +360,6 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
     ucfg = OmegaConf.to_container(cfg.upsamplers[row], resolve=True)
     extra = {k: ucfg.pop(k, None) for k in _UPSAMPLER_KEYS}
     target = ucfg.pop("_target_", "jafar.build_upsampler")
-    if "feature_dim" in ucfg:  # the shared jafar.yaml carries ViT-S's width; the backbone decides
-        ucfg["feature_dim"] = int(backbone.embed_dim)
     ckpt = ucfg.get("checkpoint")
     if isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt):
         ucfg["checkpoint"] = ckpt = _abs(ckpt)
