@@ -83,3 +83,22 @@ def test_adding_an_upsampler_is_one_file(tmp_path):
 
         base._REGISTRY.pop("test_nearest_twice", None)
         sys.modules.pop(spec.name, None)
+
+
+def test_one_yaml_selects_a_new_upsampler_in_every_tool(tmp_path):
+    # the yaml half: upsampler/<name>.yaml beside the others (here on Hydra's search path) makes it a
+    # choice of train_bev's upsampler group and a row of eval_2d's tables, built by build_upsampler
+    from hydra.utils import instantiate
+
+    from bev.config import compose as compose_bev
+    from jafar.eval.config import compose as compose_eval
+
+    (tmp_path / "upsampler").mkdir()
+    (tmp_path / "upsampler" / "bicubic_again.yaml").write_text(
+        "_target_: jafar.build_upsampler\nname: bicubic\n")
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose_bev(search, "upsampler=bicubic_again")
+    up = instantiate(cfg.upsampler, feature_dim=8)
+    assert up.describe() == "bicubic interpolation (training-free)."
+    cfg = compose_eval(search, "+upsampler@upsamplers.bicubic_again=bicubic_again", "compare=[bilinear,bicubic_again]")
+    assert cfg.upsamplers.bicubic_again.name == "bicubic" and list(cfg.compare) == ["bilinear", "bicubic_again"]
