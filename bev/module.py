@@ -168,12 +168,30 @@ class BevSegmentation(L.LightningModule):
         if not self.scheduler_cfg:
             return opt
         cfg = dict(self.scheduler_cfg)
-        total = int(self.total_steps or self.trainer.estimated_stepping_batches)
+        total = max(int(self.total_steps or self.trainer.estimated_stepping_batches), 2)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=max(total, 2), pct_start=float(cfg.get("pct_start", 0.05)),
+            opt, max_lr=self.lr, total_steps=total, pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
             div_factor=float(cfg.get("div_factor", 3.0)), final_div_factor=float(cfg.get("final_div_factor", 20.0)),
             anneal_strategy=str(cfg.get("anneal_strategy", "linear")), cycle_momentum=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def one_cycle_pct_start(pct_start: float, total_steps: int) -> float:
+    """``pct_start`` for ``OneCycleLR`` over ``total_steps``. PyTorch's schedule divides by the
+    length of each phase: the warm-up ends at step ``pct_start * total_steps - 1``, so where that
+    is exactly 0 (0.05 x 20 steps, 0.1 x 10, ...) or exactly the last step, it raises
+    ZeroDivisionError. There (and only there) the warm-up ends one step later (or earlier, at
+    the last step; half-way for a 2-step run), said in the log; every other step count keeps
+    ``pct_start`` and PyTorch's schedule exactly."""
+    last = total_steps - 1
+    end = pct_start * total_steps - 1
+    if end != 0 and end != last:
+        return pct_start
+    new_end = min(1.0, last / 2) if end == 0 else max(last - 1.0, last / 2)
+    adjusted = (new_end + 1) / total_steps
+    log.warning("scheduler.pct_start=%g over %d steps gives OneCycleLR an empty phase; using pct_start=%g "
+                "instead.", pct_start, total_steps, adjusted)
+    return adjusted
 
 
 def prior_map(seg_maps: np.ndarray) -> np.ndarray:

@@ -111,3 +111,25 @@ def test_own_pretraining_checkpoint_loads_as_upsampler_weights(tmp_path):
     loaded = jafar.load_checkpoint(tmp_path / "last.ckpt", feature_dim=8)
     for k, v in src.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_one_cycle_runs_at_every_step_count():
+    # issue #17: train_bev.py experiment=demo trainer.max_steps=20 crashed inside OneCycleLR (0.05 x 20 =
+    # a warm-up ending at step 0); the schedule now runs at any step count and keeps PyTorch's otherwise
+    from bev.module import one_cycle_pct_start
+
+    def run(total, pct):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=pct, div_factor=3,
+                                                    final_div_factor=20, anneal_strategy="linear", cycle_momentum=False)
+        for _ in range(total - 1):
+            opt.step()
+            sched.step()
+
+    with pytest.raises(ZeroDivisionError):
+        run(20, 0.05)  # PyTorch's own schedule
+    for pct in (0.05, 0.1, 0.5, 1.0):
+        for total in range(2, 64):
+            run(total, one_cycle_pct_start(pct, total))
+    assert one_cycle_pct_start(0.05, 300) == 0.05 and one_cycle_pct_start(0.05, 21) == 0.05  # untouched
+    assert one_cycle_pct_start(0.05, 20) == 0.1  # the warm-up ends at step 1 instead of 0
