@@ -121,11 +121,35 @@ class BevSegmentation(L.LightningModule):
     def training_step(self, batch, batch_idx):
         out = self(batch)
         losses = self._step_loss(batch, out)
+        if not torch.isfinite(losses["loss"].detach()).item():
+            raise FloatingPointError(self._non_finite_sentence(batch, out, losses["loss"]))
         bs = batch["images"].shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         for k in ("bce", "center", "offset"):
             self.log(f"train/{k}", losses[k], batch_size=bs)
         return losses["loss"]
+
+    @torch.no_grad()
+    def _non_finite_sentence(self, batch, out, loss) -> str:
+        """Which input of a non-finite training loss is non-finite first (computed only then)."""
+        images = batch["images"]
+        where = "none of the images, backbone features, upsampled features or logits (the targets or the loss)"
+        if not torch.isfinite(images).all():
+            where = "the images"
+        else:
+            enc = self.encoder
+            feats = None
+            if hasattr(enc, "backbone") and getattr(enc, "cache_dir", None) is None:
+                feats = enc.backbone(enc.backbone.normalize(images.flatten(0, 1)))
+            if feats is not None and not torch.isfinite(feats).all():
+                where = "the backbone features"
+            elif not torch.isfinite(enc(images, cache_keys=batch.get("cache_keys"))).all():
+                where = "the upsampled features" if getattr(enc, "upsampler", None) is not None else "the features"
+            elif not torch.isfinite(out["seg"]).all():
+                where = "the logits"
+        tokens = list(batch.get("token", []))
+        return (f"training loss is {loss.item()} at step {self.global_step} (batch of samples {tokens}); "
+                f"first non-finite input: {where}.")
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self):

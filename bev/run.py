@@ -107,7 +107,7 @@ def prepare_data(data_cfg: DictConfig) -> None:
         raise ValueError(f"data.prepare.kind must be 'synthetic', got {prep.kind!r}.")
     if kwargs.get("image_size") is not None:
         kwargs["image_size"] = tuple(kwargs["image_size"])
-    generate(out=str(data_cfg.dataroot), version=str(data_cfg.version), **kwargs)
+    generate(out=str(data_cfg.dataroot), version=str(data_cfg.version), replace=False, **kwargs)
 
 
 def label_maps(dataset) -> tuple:
@@ -169,6 +169,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"data.image_size must be [height, width] of at least 8 pixels, got {size}.")
     if cfg.negative_control not in (None, "shuffle_extrinsics"):
         raise ValueError(f"negative_control must be null or 'shuffle_extrinsics', got {cfg.negative_control!r}.")
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps not in (None, -1) and int(max_steps) < 1:
+        raise ValueError(f"trainer.max_steps must be a positive number of training steps (or -1 to train "
+                         f"for epochs), got {max_steps}.")
+    if int(cfg.checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
+    if not float(cfg.optimizer.lr) > 0:
+        raise ValueError(f"optimizer.lr must be a positive learning rate, got {cfg.optimizer.lr}.")
     if cfg.trainer.get("max_steps") in (None, -1) and int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
@@ -195,7 +203,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
     identity = result_config(cfg)
     runs.check_run_dir(run_dir, identity, cfg.resume)
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir)
+    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir, expected_keys=("encoder.", "head."))
     grid = build_grid(cfg)
     data_cfg = cfg.data
     prepare_data(data_cfg)

@@ -344,7 +344,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
+def resolve_resume(resume, checkpoint_dir: Path, expected_keys: Sequence[str] = ()) -> Optional[str]:
     """The checkpoint to continue from: ``auto`` -> ``<checkpoint_dir>/last.ckpt`` if present,
     null -> none (fresh), a path -> that file (refused if missing)."""
     if _fresh(resume):
@@ -356,12 +356,47 @@ def resolve_resume(resume, checkpoint_dir: Path) -> Optional[str]:
     if not path.is_file():
         raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint file (use resume=auto to continue "
                                 f"from {Path(checkpoint_dir) / 'last.ckpt'} when it exists).")
+    check_checkpoint_file(path, expected_keys)
     return str(path)
 
 
+def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = ()) -> None:
+    """Refuse, in one sentence, a resume file that is not a Lightning checkpoint of this tool:
+    unreadable, or whose model weights lack ``expected_keys`` (state-dict key prefixes, e.g. the
+    other tool's checkpoint)."""
+    from .hub import safe_torch_load
+
+    try:
+        ckpt = safe_torch_load(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any failure to read is the same sentence
+        raise ValueError(f"resume={str(path)!r} is not a readable Lightning checkpoint "
+                         f"({type(err).__name__}); expected a last.ckpt written by this tool.") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"resume={str(path)!r} is not a Lightning checkpoint (no state_dict); "
+                         "expected a last.ckpt written by this tool.")
+    keys = list(ckpt["state_dict"])
+    missing = [p for p in expected_keys if not any(k.startswith(p) for k in keys)]
+    if missing:
+        raise ValueError(f"resume={str(path)!r} is a checkpoint of another tool (its weights have no "
+                         f"{missing[0]!r} keys); expected a last.ckpt written by this tool.")
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """:class:`ModelCheckpoint` that also saves the final state when training ends on a step that
+    is not a multiple of ``every_n_train_steps`` (the results are always for saved weights)."""
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
 def step_checkpoints(checkpoint_dir: Path, every: int) -> ModelCheckpoint:
-    """A checkpoint every ``every`` training steps (the latest kept) and ``last.ckpt``."""
-    return ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+    """A checkpoint every ``every`` training steps (the latest kept), ``last.ckpt``, and one at
+    the last step whatever ``every``."""
+    return StepCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                            every_n_train_steps=max(1, int(every)), save_last=True, save_top_k=1,
                            monitor="step", mode="max")
 

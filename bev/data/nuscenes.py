@@ -120,7 +120,10 @@ class NuScenesBev(torch.utils.data.Dataset):
         if nusc is None:
             from nuscenes.nuscenes import NuScenes
 
-            nusc = NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
+            try:
+                nusc = NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
+            except json.JSONDecodeError:
+                raise ValueError(self._bad_table_sentence()) from None
         present = {s["name"]: s for s in nusc.scene}
         if wanted is None:
             wanted = sorted(present)
@@ -131,6 +134,30 @@ class NuScenesBev(torch.utils.data.Dataset):
                 f"no scene of split {self.split!r} is in the {self.version} tables under {str(self.dataroot)!r}: "
                 f"looked for {_short(wanted)}; the tables hold {_short(sorted(present))}.")
         self._read(nusc, [present[name] for name in self.scenes])
+        self._check_files()
+
+    def _bad_table_sentence(self) -> str:
+        """Names the devkit table that is not valid JSON (looked for only after the devkit failed)."""
+        for name in TABLE_NAMES:
+            path = self.dataroot / self.version / f"{name}.json"
+            try:
+                json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                why = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+                return (f"nuScenes table {str(path)} is not valid JSON ({why}), likely truncated: restore it "
+                        "from the nuScenes archive.")
+        return f"a nuScenes table under {str(self.dataroot / self.version)} is not valid JSON."
+
+    def _check_files(self) -> None:
+        """Every camera file of every sample exists (one stat per file), before any training."""
+        missing = [(i, rel) for i, paths in enumerate(self._paths) for rel in paths
+                   if not os.path.isfile(self.dataroot / rel)]
+        if missing:
+            i, rel = missing[0]
+            raise FileNotFoundError(
+                f"camera image {str(self.dataroot / rel)} of sample {self.tokens[i]} does not exist, and "
+                f"{len(missing)} of the {sum(map(len, self._paths))} camera files of split {self.split!r} are "
+                f"missing (the {self.version} tables name them; are the samples/ blobs unpacked?).")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -296,8 +323,12 @@ class NuScenesBev(torch.utils.data.Dataset):
             if not path.is_file():
                 raise FileNotFoundError(f"camera image {str(path)} of sample {self.tokens[index]} does not exist "
                                         f"(the {self.version} tables name it; are the samples/ blobs unpacked?).")
-            with Image.open(path) as im:
-                warped = G.warp_image(im, A, self.image_size)
+            try:
+                with Image.open(path) as im:
+                    warped = G.warp_image(im, A, self.image_size)
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                raise ValueError(f"camera image {str(path)} of sample {self.tokens[index]} cannot be decoded "
+                                 f"({type(err).__name__}); replace the file from the nuScenes archive.") from None
             images.append(torch.from_numpy(np.asarray(warped, dtype=np.uint8).copy()).permute(2, 0, 1))
         targets = self.targets(index)
         sample = {

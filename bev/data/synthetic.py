@@ -596,7 +596,8 @@ def _stored_params(out: Path) -> Optional[dict]:
 
 def generate(out, scenes: int, samples_per_scene: int = DEFAULT_SAMPLES_PER_SCENE,
              image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, version: str = "v1.0-mini", seed: int = 0,
-             val_scenes: Optional[int] = None, workers: Optional[int] = None, verbose: bool = False) -> Path:
+             val_scenes: Optional[int] = None, workers: Optional[int] = None, verbose: bool = False,
+             replace: bool = True) -> Path:
     """Write (or reuse) a synthetic nuScenes in ``out`` and return ``out``.
 
     ``scenes`` scenes of ``samples_per_scene`` key frames, six ``image_size = (W, H)`` cameras
@@ -604,7 +605,8 @@ def generate(out, scenes: int, samples_per_scene: int = DEFAULT_SAMPLES_PER_SCEN
     the ``"val"`` list of ``out/splits.json``, the others ``"train"``. The set is written into a
     temporary folder beside ``out`` and renamed into place when complete; if ``out`` already
     holds a set made with the same parameters (``out/synthetic.json``) it is returned untouched,
-    and a set with other parameters is replaced. ``workers`` processes render the scenes (default:
+    and a set with other parameters is replaced (refused in one sentence with ``replace=False``,
+    as ``tools/train_bev.py`` does: a shared data set is never deleted silently). ``workers`` processes render the scenes (default:
     one per available core); the output does not depend on it.
     """
     val_scenes, image_size = _check(scenes, samples_per_scene, image_size, version, seed, val_scenes, workers)
@@ -615,6 +617,10 @@ def generate(out, scenes: int, samples_per_scene: int = DEFAULT_SAMPLES_PER_SCEN
         stored = _stored_params(out)
         if stored == params and (out / version).is_dir():
             return out
+        if stored is not None and stored != params and not replace:
+            diff = ", ".join(f"{k}={stored.get(k)!r} (asked {v!r})" for k, v in params.items() if stored.get(k) != v)
+            raise ValueError(f"{out} holds a synthetic nuScenes made with other settings ({diff}); refusing to "
+                             "replace it: give another data.dataroot for a new one, or delete the folder yourself.")
         if stored is None and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not a synthetic nuScenes (no synthetic.json); refusing to "
                              "overwrite it: pass an empty or new folder.")

@@ -1,0 +1,179 @@
+"""Bad inputs to the BeV tool (``tools/train_bev.py``: :func:`bev.run.run`, :mod:`bev.data`) and
+the shared resume (:func:`jafar.runs.resolve_resume`) get one sentence before any work (issue #17):
+a table of cases, each a row of (case id, a callable taking the fixture context, exception type,
+fragment of the sentence), run in-process on the tiny synthetic nuScenes of ``conftest``. Then the
+correct behaviours: final weights saved at a step that is not a multiple of ``checkpoint_every``,
+and a stop at the first non-finite training loss."""
+
+import json
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_bev_demo
+
+pytest.importorskip("nuscenes")
+
+from bev.data.nuscenes import NuScenesBev  # noqa: E402
+from bev.run import prepare_data, run  # noqa: E402
+from jafar import runs  # noqa: E402
+
+
+def _demo(ctx, *overrides):
+    return compose_bev_demo(ctx["root"], "model.latent_dim=16", *overrides)
+
+
+def _run(*overrides):
+    return lambda ctx: run(_demo(ctx, *overrides), ctx["tmp"] / "run")
+
+
+def _copy(ctx):
+    """A private copy of the tiny synthetic set (the session's one is shared)."""
+    dst = ctx["tmp"] / "copy"
+    if not dst.exists():
+        shutil.copytree(ctx["root"], dst)
+    return dst
+
+
+def _first_image(root):
+    return sorted((root / "samples" / "CAM_FRONT").iterdir())[0]
+
+
+def _dataset(root):
+    return NuScenesBev(root, "v1.0-mini", "train", scenes=str(root / "splits.json"))
+
+
+def _missing_image(ctx):
+    root = _copy(ctx)
+    _first_image(root).unlink()
+    return _dataset(root)
+
+
+def _corrupt_image(ctx):
+    root = _copy(ctx)
+    ds = _dataset(root)
+    for rel in ds._paths[0]:
+        (root / rel).write_bytes(b"not a jpeg")
+    return ds.get(0)
+
+
+def _truncated_table(ctx):
+    root = _copy(ctx)
+    table = root / "v1.0-mini" / "sample.json"
+    table.write_text(table.read_text()[:100])
+    return _dataset(root)
+
+
+def _garbage_resume(ctx):
+    path = ctx["tmp"] / "garbage.ckpt"
+    path.write_bytes(b"\x00garbage" * 100)
+    return run(_demo(ctx, f"resume={path}"), ctx["tmp"] / "run")
+
+
+def _garbage_resume_pretraining(ctx):
+    path = ctx["tmp"] / "garbage.ckpt"
+    path.write_text("hello")
+    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints")
+
+
+def _other_tool_resume(ctx):
+    """A checkpoint shaped like pretraining's: weights of a JAFAR upsampler, no BeV head."""
+    path = ctx["tmp"] / "pretrain_last.ckpt"
+    torch.save({"state_dict": {"upsampler.query_encoder.0.weight": torch.zeros(2)}, "global_step": 3,
+                "run_config": {"model": {}}}, path)
+    return run(_demo(ctx, f"resume={path}"), ctx["tmp"] / "run")
+
+
+def _other_synthetic_settings(ctx):
+    root = ctx["tmp"] / "synthetic"
+    prep = {"kind": "synthetic", "scenes": 1, "samples_per_scene": 1, "image_size": [64, 36], "seed": 0,
+            "workers": 1}
+    prepare_data(OmegaConf.create({"dataroot": str(root), "version": "v1.0-mini", "prepare": prep}))
+    stamp = (root / "synthetic.json").stat().st_mtime_ns
+    try:
+        prepare_data(OmegaConf.create({"dataroot": str(root), "version": "v1.0-trainval", "prepare": prep}))
+    finally:
+        assert (root / "synthetic.json").stat().st_mtime_ns == stamp  # not regenerated
+        assert (root / "v1.0-mini").is_dir()
+
+
+#: (case id, a callable of the fixture context, exception type, fragment of the sentence)
+CASES = [
+    ("max_steps=0", _run("trainer.max_steps=0"), ValueError, "trainer.max_steps must be a positive number"),
+    ("max_steps=-3", _run("trainer.max_steps=-3"), ValueError, "got -3"),
+    ("checkpoint_every=-1", _run("checkpoint_every=-1"), ValueError, "checkpoint_every must be a positive"),
+    ("checkpoint_every=0", _run("checkpoint_every=0"), ValueError, "checkpoint_every must be a positive"),
+    ("lr=-1", _run("optimizer.lr=-1"), ValueError, "optimizer.lr must be a positive learning rate, got -1"),
+    ("garbage resume", _garbage_resume, ValueError, "is not a readable Lightning checkpoint"),
+    ("garbage resume (pretraining's resolve)", _garbage_resume_pretraining, ValueError,
+     "is not a readable Lightning checkpoint"),
+    ("resume from the other tool", _other_tool_resume, ValueError, "is a checkpoint of another tool"),
+    ("synthetic set made with other settings", _other_synthetic_settings, ValueError,
+     "made with other settings (version='v1.0-mini' (asked 'v1.0-trainval'))"),
+    ("missing camera image", _missing_image, FileNotFoundError, "1 of the 12 camera files"),
+    ("corrupt camera image", _corrupt_image, ValueError, "cannot be decoded"),
+    ("truncated sample.json", _truncated_table, ValueError, "sample.json is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("case, call, kind, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_sentence(synthetic_root, tmp_path, case, call, kind, fragment):
+    with pytest.raises(kind) as info:
+        call({"root": synthetic_root, "tmp": tmp_path})
+    message = str(info.value)
+    if isinstance(info.value, KeyError):
+        message = info.value.args[0]
+    assert fragment in message, message
+    assert "\n" not in message and message.endswith("."), message
+    if callable(call) and getattr(call, "__name__", "") == "<lambda>":  # run() cases: refused before any work
+        assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_missing_image_names_file_and_token(synthetic_root, tmp_path):
+    root = _copy({"root": synthetic_root, "tmp": tmp_path})
+    gone = _first_image(root)
+    gone.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        _dataset(root)
+    assert str(gone) in str(info.value) and "of sample " in str(info.value)
+
+
+def test_final_weights_saved_at_a_non_multiple_step(synthetic_root, tmp_path):
+    ctx = {"root": synthetic_root, "tmp": tmp_path}
+    results = run(_demo(ctx, "trainer.max_steps=3", "checkpoint_every=2", "trainer.val_check_interval=3"),
+                  tmp_path / "run")
+    assert results["step"] == 3
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "step0000003.ckpt").is_file()
+
+
+class _NanImages(L.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            batch["images"][0, 0, 0, 0, 0] = float("nan")
+
+
+class _NanBackbone(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        pl_module.encoder.backbone.register_forward_hook(lambda m, args, out: out * float("nan"))
+
+
+@pytest.mark.parametrize("callback, where", [(_NanImages(1), "the images"), (_NanBackbone(), "the backbone features")],
+                         ids=["images", "backbone"])
+def test_non_finite_loss_stops_with_one_sentence(synthetic_root, tmp_path, callback, where):
+    ctx = {"root": synthetic_root, "tmp": tmp_path}
+    cfg = _demo(ctx, "trainer.max_steps=2", "trainer.val_check_interval=2", "upsampler=bilinear")
+    with pytest.raises(FloatingPointError) as info:
+        run(cfg, tmp_path / "run", callbacks=[callback])
+    message = str(info.value)
+    step = 1 if isinstance(callback, _NanImages) else 0
+    assert f"at step {step}" in message and f"first non-finite input: {where}." in message, message
+    token = json.loads((synthetic_root / "splits.json").read_text())  # noqa: F841 - the set has tokens
+    assert "batch of samples ['" in message and "\n" not in message and message.endswith(".")
