@@ -406,10 +406,49 @@ def epoch_checkpoints(checkpoint_dir: Path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1)
 
 
+class AppendingCSVLogger(CSVLogger):
+    """CSV logger that keeps the rows already in ``metrics.csv``: a resumed run appends to them
+    (rows of steps at or after the resumed one, logged after its checkpoint, are dropped) instead
+    of starting the file again."""
+
+    _old_rows = None
+
+    @property
+    def experiment(self):
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if self._experiment is None and self._old_rows is None and rank_zero_only.rank == 0:
+            path = Path(self.log_dir) / "metrics.csv"
+            self._old_rows = []
+            if path.is_file():
+                import csv
+                with open(path, newline="") as f:
+                    self._old_rows = list(csv.DictReader(f))
+            exp = super().experiment  # removes the old file
+            exp.metrics = list(self._old_rows) + exp.metrics
+            return exp
+        return super().experiment
+
+    def log_metrics(self, metrics, step=None):
+        if self._old_rows and step is not None:
+            exp = self.experiment
+            old = {id(r) for r in self._old_rows}
+            exp.metrics = [r for r in exp.metrics if id(r) not in old or _row_step(r) < step]
+            self._old_rows = None
+        super().log_metrics(metrics, step)
+
+
+def _row_step(row) -> float:
+    try:
+        return float(row.get("step", ""))
+    except ValueError:
+        return float("-inf")
+
+
 def loggers(run_dir: Path) -> list:
     """TensorBoard (``<run_dir>/tensorboard``) and CSV (``<run_dir>/csv``) loggers."""
     return [TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-            CSVLogger(str(run_dir), name="csv", version="")]
+            AppendingCSVLogger(str(run_dir), name="csv", version="")]
 
 
 def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckpoint] = None,

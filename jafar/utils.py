@@ -10,16 +10,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import (``os.umask`` sets it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path`` (atomic on
-    POSIX), on failure removed. Readers never see a half-written file."""
+    POSIX), on failure removed. Readers never see a half-written file. The file gets the mode a
+    plain ``open()`` gives (``0o666`` less the umask read at import), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.exists(tmp):  # mkstemp makes 0600; give the file what a plain open() would
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

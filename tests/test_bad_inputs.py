@@ -133,3 +133,157 @@ def test_one_cycle_runs_at_every_step_count():
             run(total, one_cycle_pct_start(pct, total))
     assert one_cycle_pct_start(0.05, 300) == 0.05 and one_cycle_pct_start(0.05, 21) == 0.05  # untouched
     assert one_cycle_pct_start(0.05, 20) == 0.1  # the warm-up ends at step 1 instead of 0
+
+
+# ------------------------------------------------------------------------------------- tools (in-process)
+def _images(folder: Path, n: int = 3, readable: bool = True) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        if readable:
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        else:
+            (folder / f"img{i}.jpg").write_bytes(b"not a jpeg at all")
+    return folder
+
+
+def _pretrain_cfg(data: Path, *overrides):
+    from jafar.train.config import compose
+
+    return compose("backbone=tiny_vit", f"data.root={data}", "data.num_workers=0", "data.batch_size=2",
+                   "data.val_images=1", "recipe.image_size=28", "upsampler.qk_dim=16", "trainer.max_steps=2",
+                   "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                   "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "checkpoint_every=1",
+                   "validation.ratios=[2]", *overrides)
+
+
+def _pretrain(tmp: Path, *overrides, readable: bool = True):
+    from jafar.train.run import run
+
+    return lambda: run(_pretrain_cfg(_images(tmp / "imgs", readable=readable), *overrides), tmp / "run")
+
+
+def _eval_typo(tmp: Path):
+    from jafar.eval.config import compose
+    from jafar.eval.run import run
+
+    cfg = compose("task=seg", "experiment=demo", "backbone=tiny_vit", f"dataset.demo_seg.root={tmp / 'data'}",
+                  "compare=[bilinear,jafar]", f"upsamplers.jafar.checkpoint={tmp / 'typo' / 'jafar.safetensors'}",
+                  "trainer.enable_progress_bar=false")
+    return lambda: run(cfg, tmp / "run")
+
+
+#: (case id, a callable of a fresh folder giving a zero-argument callable, exception type, fragment);
+#: each refused before any work: no run directory, no data prepared
+CLI_CASES = [
+    ("pretrain: every image unreadable", lambda t: _pretrain(t, readable=False), ValueError,
+     "no readable image under"),
+    ("pretrain: checkpoint_every=-1", lambda t: _pretrain(t, "checkpoint_every=-1"), ValueError,
+     "checkpoint_every must be a positive number of steps, got -1"),
+    ("pretrain: checkpoint_every=0", lambda t: _pretrain(t, "checkpoint_every=0"), ValueError,
+     "checkpoint_every must be a positive number of steps, got 0"),
+    ("pretrain: optimizer.lr=-1", lambda t: _pretrain(t, "optimizer.lr=-1"), ValueError,
+     "optimizer.lr must be a positive number, got -1"),
+    ("pretrain: optimizer.lr=0", lambda t: _pretrain(t, "optimizer.lr=0"), ValueError,
+     "optimizer.lr must be a positive number, got 0"),
+    ("eval_2d demo: mistyped JAFAR checkpoint", _eval_typo, FileNotFoundError,
+     "does not exist (pretrain_if_missing=demo trains only the demo's own"),
+]
+
+
+@pytest.mark.parametrize("case, make, exc, fragment", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_tools_refuse_in_one_sentence_before_work(tmp_path, case, make, exc, fragment):
+    call = make(tmp_path)
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    assert fragment in msg, msg
+    assert "\n" not in msg and msg.endswith("."), msg
+    assert not (tmp_path / "run").exists() and not (tmp_path / "typo").exists() and not (tmp_path / "data").exists()
+
+
+def _nan_step(module, pixels):
+    module.log_dict = module.log = lambda *a, **k: None
+    return lambda: module.training_step({"image": pixels, "skipped": [], "paths": ["a.png", "b.png"]}, 0)
+
+
+def _tiny_pretraining():
+    from jafar import build_backbone
+    from jafar.train.module import JafarPretraining
+
+    backbone = build_backbone("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False, depth=1, embed_dim=32,
+                              num_heads=2)
+    return JafarPretraining(backbone, JAFAR(v_dim=32, qk_dim=16))
+
+
+def _nan_weights():
+    module = _tiny_pretraining()
+    with torch.no_grad():
+        next(module.upsampler.parameters()).fill_(float("nan"))
+    return module
+
+
+@pytest.mark.parametrize("make, pixels, fragment", [
+    (_tiny_pretraining, lambda: _nan((2, 3, 28, 28)), "the images held NaN"),
+    (_nan_weights, lambda: torch.rand(2, 3, 28, 28), "JAFAR's output held NaN"),
+])
+def test_pretraining_stops_at_the_first_non_finite_loss(make, pixels, fragment):
+    with pytest.raises(FloatingPointError) as info:
+        _nan_step(make(), pixels())()
+    msg = str(info.value)
+    assert "non-finite loss at step 0" in msg and fragment in msg and "a.png, b.png" in msg, msg
+    assert "\n" not in msg and msg.endswith("."), msg
+
+
+def test_a_run_that_trains_no_step_fails_and_writes_nothing(tmp_path, monkeypatch):
+    import jafar.train.run as train_run
+
+    monkeypatch.setattr(train_run, "check_readable", lambda *a, **k: None)  # past the up-front probe
+    with pytest.raises(RuntimeError, match="no training step ran"):
+        _pretrain(tmp_path, readable=False)()
+    assert not (tmp_path / "run" / "jafar.safetensors").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_atomic_path_gives_the_umask_mode(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from jafar.utils import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as p: p.write_text('x')")
+    subprocess.run(f"umask 022 && {sys.executable} -c \"{code}\" {tmp_path / 'f.json'}", shell=True, check=True,
+                   cwd=ROOT)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_resumed_pretraining_keeps_csv_rows_and_the_last_ckpt_loads_as_weights(tmp_path, monkeypatch):
+    import csv
+    import os
+
+    from jafar.train.module import JafarPretraining
+
+    step = JafarPretraining.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise KeyboardInterrupt("killed at step 2")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(JafarPretraining, "training_step", interrupted)
+    with pytest.raises(BaseException):
+        _pretrain(tmp_path, "trainer.max_steps=4")()
+    monkeypatch.setattr(JafarPretraining, "training_step", step)
+    _pretrain(tmp_path, "trainer.max_steps=4")()  # resume=auto
+    run = tmp_path / "run"
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        steps = sorted({int(float(r["step"])) for r in csv.DictReader(f) if r.get("train/loss")})
+    assert steps == [0, 1, 2, 3], steps
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "jafar.safetensors"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    # the project's own Lightning checkpoint is accepted as upsampler weights
+    ref = jafar.load_checkpoint(run / "jafar.safetensors").state_dict()
+    got = jafar.load_checkpoint(run / "checkpoints" / "last.ckpt", feature_dim=32, qk_dim=16).state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -57,6 +57,9 @@ _UPSAMPLER_KEYS = ("pretrain_if_missing",)
 #: the data are, row labels, pictures, loading, how a missing checkpoint is obtained
 NOT_IDENTITY = ("data_root", "dataset.*.root", "labels", "task.pictures", "task.num_workers", "task.probe.num_workers",
                 "task.probe.pin_memory", "upsamplers.*.pretrain_if_missing")
+#: the checkpoint the 2-D demo expects (configs/experiment/eval_2d/demo.yaml), the only one
+#: ``pretrain_if_missing: demo`` trains when it is missing
+DEMO_CHECKPOINT = "outputs/pretrain/demo/jafar.safetensors"
 #: lightning.Trainer arguments the run sets itself
 TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
 
@@ -353,6 +356,24 @@ def _run_pretraining_demo(checkpoint: Path) -> None:
         raise RuntimeError(f"the pretraining demo did not write {checkpoint}.")
 
 
+def row_checkpoint(cfg: DictConfig, row: str) -> Optional[str]:
+    """The absolute checkpoint file of row ``row`` (None when it names no file). A missing file
+    is refused in one sentence, unless it is the demo's own (:data:`DEMO_CHECKPOINT`) with
+    ``pretrain_if_missing: demo``: a mistyped path never starts a pretraining."""
+    node = cfg.upsamplers[row]
+    ckpt = node.get("checkpoint")
+    if not (isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt)):
+        return None
+    ckpt = _abs(ckpt)
+    if not Path(ckpt).is_file():
+        demo = node.get("pretrain_if_missing") == "demo"
+        if demo and Path(ckpt) == Path(_abs(DEMO_CHECKPOINT)):
+            return ckpt
+        why = f" (pretrain_if_missing=demo trains only the demo's own {DEMO_CHECKPOINT})" if demo else ""
+        raise FileNotFoundError(f"upsamplers.{row}.checkpoint {ckpt!r} does not exist{why}.")
+    return ckpt
+
+
 def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.Module, dict]:
     """The upsampler of table row ``row`` (``upsamplers.<row>``) and its description."""
     if row not in cfg.upsamplers:
@@ -360,10 +381,10 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
     ucfg = OmegaConf.to_container(cfg.upsamplers[row], resolve=True)
     extra = {k: ucfg.pop(k, None) for k in _UPSAMPLER_KEYS}
     target = ucfg.pop("_target_", "jafar.build_upsampler")
-    ckpt = ucfg.get("checkpoint")
-    if isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt):
-        ucfg["checkpoint"] = ckpt = _abs(ckpt)
-        if not Path(ckpt).is_file() and extra["pretrain_if_missing"] == "demo":
+    ckpt = row_checkpoint(cfg, row)
+    if ckpt is not None:
+        ucfg["checkpoint"] = ckpt
+        if not Path(ckpt).is_file():  # row_checkpoint refused every other missing file
             _run_pretraining_demo(Path(ckpt))
     module = get_method(target)(backbone=backbone, **ucfg)
     label = str(cfg.get("labels", {}).get(row, row))
@@ -406,6 +427,8 @@ def check_config(cfg: DictConfig, task: Task) -> None:
         raise ValueError(f"task.image_size must be at least 16 pixels, got {cfg.task.image_size}.")
     if int(cfg.task.pictures) < 0:
         raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
+    for row in cfg.compare:
+        row_checkpoint(cfg, row)
     runs.check_resume(cfg.resume, allow_path=False)  # auto: reuse finished pairs, resume unfinished probes
     runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
     task.check(cfg)

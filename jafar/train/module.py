@@ -69,6 +69,8 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         self.seed, self.val_ratios = int(seed), tuple(int(r) for r in val_ratios)
         self.picture_dir = Path(picture_dir) if picture_dir else None
         self.skipped: Dict[str, str] = {}
+        #: training steps this process ran (a batch with no readable image is not one)
+        self.trained_steps = 0
         self.val_results: Dict[str, dict] = {}
         self._val_sums: Dict[tuple, torch.Tensor] = {}
         self._val_example = None
@@ -130,6 +132,13 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
             logs["train/loss_consistency"] = loss_reg
             loss = loss + loss_reg
         logs["train/loss"] = loss
+        if not torch.isfinite(loss.detach()).all():  # one scalar check; the diagnosis only on failure
+            named = (("the images", pixels), ("the backbone's target features", hr),
+                     ("the low-res input features", lr), ("JAFAR's output", pred))
+            bad = next((name for name, t in named if not torch.isfinite(t).all()), "the loss alone")
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {bad} held NaN or infinite "
+                                     f"values, batch images {', '.join(batch.get('paths', []))}.")
+        self.trained_steps += 1
         logs["train/lr_scale"] = torch.tensor(scale)
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=pixels.shape[0])
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=pixels.shape[0])

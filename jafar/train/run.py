@@ -73,10 +73,29 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"validation.ratios must be a list of positive integers, got {cfg.validation.ratios}.")
     if float(r.consistency_weight) < 0:
         raise ValueError(f"recipe.consistency_weight must be >= 0, got {r.consistency_weight}.")
+    if int(cfg.checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
+    if not float(cfg.optimizer.lr) > 0:
+        raise ValueError(f"optimizer.lr must be a positive number, got {cfg.optimizer.lr}.")
     if cfg.upsampler.name != "jafar":
         raise ValueError(f"pretraining trains JAFAR: upsampler must be jafar (upsampler/jafar.yaml), got "
                          f"{cfg.upsampler.name!r}.")
     runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
+
+
+#: how many images :func:`check_readable` decodes at most before refusing the folder
+READABLE_PROBE = 32
+
+
+def check_readable(files, root, limit: int = READABLE_PROBE) -> None:
+    """Decode images until one reads (at most ``limit``); refuse the folder if none does."""
+    probe = ImageFiles(files[:limit], 16)
+    for i in range(len(probe)):
+        if "image" in probe[i]:
+            return
+    every = "all" if len(files) <= limit else f"the first {limit} of"
+    raise ValueError(f"no readable image under {root}: {every} its {len(files)} images failed to decode "
+                     f"(e.g. {probe[0]['path']}: {probe[0]['error']}).")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -101,6 +120,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         train_files, val_files = files, find_images(data_cfg.val_root)
     else:
         train_files, val_files = split_holdout(files, int(data_cfg.val_images), int(cfg.seed))
+    check_readable(train_files, data_cfg.root)
     runs.claim_run_dir(run_dir, identity, cfg.resume, ARTEFACTS)
     log.info("%d training images, %d validation images; run directory %s", len(train_files), len(val_files), run_dir)
 
@@ -129,6 +149,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if val_files:
             trainer.validate(module, datamodule=datamodule, verbose=False)
 
+    if module.trained_steps == 0 and ckpt_path is None:
+        raise RuntimeError(f"no training step ran: every batch of the {len(train_files)} training images under "
+                           f"{data_cfg.root} was unreadable ({len(module.skipped)} unreadable images).")
     results = {**module.val_results, "step": trainer.global_step, "train_images": len(train_files),
                "val_images": len(val_files), "skipped_images": module.skipped}
     if trainer.is_global_zero:
