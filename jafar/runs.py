@@ -344,7 +344,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-def resolve_resume(resume, checkpoint_dir: Path, expected_keys: Sequence[str] = ()) -> Optional[str]:
+#: the state-dict key prefix that marks each tool's Lightning checkpoint
+TOOL_KEYS = {"tools/pretrain_jafar.py": "upsampler.", "tools/train_bev.py": "head."}
+
+
+def resolve_resume(resume, checkpoint_dir: Path,
+                   expected_keys: Sequence[str] = (TOOL_KEYS["tools/pretrain_jafar.py"],)) -> Optional[str]:
     """The checkpoint to continue from: ``auto`` -> ``<checkpoint_dir>/last.ckpt`` if present,
     null -> none (fresh), a path -> that file (refused if missing)."""
     if _fresh(resume):
@@ -377,7 +382,9 @@ def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = ()) -> None
     keys = list(ckpt["state_dict"])
     missing = [p for p in expected_keys if not any(k.startswith(p) for k in keys)]
     if missing:
-        raise ValueError(f"resume={str(path)!r} is a checkpoint of another tool (its weights have no "
+        other = [tool for tool, prefix in TOOL_KEYS.items() if any(k.startswith(prefix) for k in keys)]
+        which = f"of {other[0]}" if other else "of another tool"
+        raise ValueError(f"resume={str(path)!r} is a checkpoint {which} (its weights have no "
                          f"{missing[0]!r} keys); expected a last.ckpt written by this tool.")
 
 
@@ -424,7 +431,11 @@ class AppendingCSVLogger(CSVLogger):
                 import csv
                 with open(path, newline="") as f:
                     self._old_rows = list(csv.DictReader(f))
-            exp = super().experiment  # removes the old file
+            import warnings
+
+            with warnings.catch_warnings():  # "previous log files will be deleted": their rows are kept
+                warnings.filterwarnings("ignore", message="Experiment logs directory")
+                exp = super().experiment  # removes the old file
             exp.metrics = list(self._old_rows) + exp.metrics
             return exp
         return super().experiment

@@ -100,6 +100,13 @@ def _other_synthetic_settings(ctx):
         assert (root / "v1.0-mini").is_dir()
 
 
+def _bev_resume_to_pretraining(ctx):
+    """A BeV checkpoint given to pretraining's resolve (the default expected keys are its own)."""
+    path = ctx["tmp"] / "bev_last.ckpt"
+    torch.save({"state_dict": {"encoder.backbone.w": torch.zeros(1), "head.w": torch.zeros(2)}}, path)
+    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints")
+
+
 #: (case id, a callable of the fixture context, exception type, fragment of the sentence)
 CASES = [
     ("max_steps=0", _run("trainer.max_steps=0"), ValueError, "trainer.max_steps must be a positive number"),
@@ -110,7 +117,10 @@ CASES = [
     ("garbage resume", _garbage_resume, ValueError, "is not a readable Lightning checkpoint"),
     ("garbage resume (pretraining's resolve)", _garbage_resume_pretraining, ValueError,
      "is not a readable Lightning checkpoint"),
-    ("resume from the other tool", _other_tool_resume, ValueError, "is a checkpoint of another tool"),
+    ("resume from the other tool", _other_tool_resume, ValueError,
+     "is a checkpoint of tools/pretrain_jafar.py (its weights have no 'encoder.' keys)"),
+    ("BeV resume given to pretraining", _bev_resume_to_pretraining, ValueError,
+     "is a checkpoint of tools/train_bev.py (its weights have no 'upsampler.' keys)"),
     ("synthetic set made with other settings", _other_synthetic_settings, ValueError,
      "made with other settings (version='v1.0-mini' (asked 'v1.0-trainval'))"),
     ("missing camera image", _missing_image, FileNotFoundError, "1 of the 12 camera files"),

