@@ -148,3 +148,15 @@ def read_state_dict(path: PathLike, nested: Sequence[str] = ("model", "state_dic
     """A flat state dict from a ``.safetensors`` or PyTorch file (see :func:`unwrap_state_dict`)."""
     content, _ = read_weights(path)
     return unwrap_state_dict(content, str(path), nested, strip_prefix)
+
+
+def load_into(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: PathLike, what: str) -> None:
+    """Load ``state`` into ``module``, every key matching: a shape mismatch, a missing or an
+    unexpected key is one ValueError naming the file (``source``) and the model (``what``)."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes
+        raise ValueError(f"{str(source)!r} does not fit {what}: {exc}") from None
+    if missing or unexpected:
+        raise ValueError(f"{str(source)!r} does not fit {what}: missing keys {list(missing)[:4]}, unexpected keys "
+                         f"{list(unexpected)[:4]}.")

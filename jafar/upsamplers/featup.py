@@ -154,13 +154,7 @@ class FeatUpJBU(Upsampler):
             for k in ("weight", "bias"):  # hubconf.py: Sequential(featurizer, ChannelNorm(dim)) -> "model.1.norm.*"
                 if f"model.1.norm.{k}" in state:
                     ours[f"norm.{k}"] = state[f"model.1.norm.{k}"]
-        try:
-            missing, unexpected = self.load_state_dict(ours, strict=False)
-        except RuntimeError as exc:  # shapes
-            raise ValueError(f"{str(path)!r} does not fit FeatUpJBU(feature_dim={self.feature_dim}): {exc}") from None
-        if missing or unexpected:
-            raise ValueError(f"{str(path)!r} does not fit FeatUpJBU(feature_dim={self.feature_dim}, "
-                             f"norm={self.norm is not None}): missing {missing[:4]}, unexpected {unexpected[:4]}.")
+        hub.load_into(self, ours, path, f"FeatUpJBU(feature_dim={self.feature_dim}, norm={self.norm is not None})")
         self.weights_source = str(path)
         return self
 

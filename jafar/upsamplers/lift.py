@@ -70,13 +70,7 @@ class LiFT(Upsampler):
     def load_weights(self, path) -> "LiFT":
         """Load a released LiFT module (a state dict, ``module.`` prefixes stripped) or ours."""
         state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise ValueError(f"{str(path)!r} does not fit LiFT(feature_dim={self.feature_dim}): {exc}") from None
-        if missing or unexpected:
-            raise ValueError(f"{str(path)!r} does not fit LiFT(feature_dim={self.feature_dim}): missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}.")
+        hub.load_into(self, state, path, f"LiFT(feature_dim={self.feature_dim})")
         self.weights_source = str(path)
         return self
 
