@@ -259,8 +259,13 @@ def recorded_config(run_dir: Path) -> Optional[dict]:
         return json.loads(path.read_text())["config"]
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-        return ckpt.get(CHECKPOINT_KEY)
+        try:
+            ckpt = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one sentence
+            raise ValueError(f"{last} is not a readable Lightning checkpoint ({type(err).__name__}), so "
+                             f"{run_dir} cannot be continued: delete it, or pass resume=null to start afresh."
+                             ) from None
+        return ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     return None
 
 
@@ -356,7 +361,12 @@ def resolve_resume(resume, checkpoint_dir: Path,
         return None
     if resume == "auto":
         last = Path(checkpoint_dir) / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        # the run directory's own last.ckpt is checked like a given file: a truncated or foreign one
+        # is refused in one sentence before any work, not met by Lightning after the model is built
+        check_checkpoint_file(last, expected_keys, given="resume=auto found ")
+        return str(last)
     path = Path(str(resume))
     if not path.is_file():
         raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint file (use resume=auto to continue "
@@ -365,27 +375,30 @@ def resolve_resume(resume, checkpoint_dir: Path,
     return str(path)
 
 
-def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = ()) -> None:
+def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = (), given: str = "") -> None:
     """Refuse, in one sentence, a resume file that is not a Lightning checkpoint of this tool:
     unreadable, or whose model weights lack ``expected_keys`` (state-dict key prefixes, e.g. the
-    other tool's checkpoint)."""
+    other tool's checkpoint). ``given`` prefixes the file's name in the sentence (``resume=auto``
+    names the run directory's own ``last.ckpt`` that way)."""
     from .hub import safe_torch_load
 
+    name = f"{given}resume={str(path)!r}" if not given else f"{given}{str(path)!r}"
+    way_out = (", delete it or pass resume=null to start afresh" if given else "")
     try:
         ckpt = safe_torch_load(path, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any failure to read is the same sentence
-        raise ValueError(f"resume={str(path)!r} is not a readable Lightning checkpoint "
-                         f"({type(err).__name__}); expected a last.ckpt written by this tool.") from None
+        raise ValueError(f"{name} is not a readable Lightning checkpoint "
+                         f"({type(err).__name__}); expected a last.ckpt written by this tool{way_out}.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"resume={str(path)!r} is not a Lightning checkpoint (no state_dict); "
-                         "expected a last.ckpt written by this tool.")
+        raise ValueError(f"{name} is not a Lightning checkpoint (no state_dict); "
+                         f"expected a last.ckpt written by this tool{way_out}.")
     keys = list(ckpt["state_dict"])
     missing = [p for p in expected_keys if not any(k.startswith(p) for k in keys)]
     if missing:
         other = [tool for tool, prefix in TOOL_KEYS.items() if any(k.startswith(prefix) for k in keys)]
         which = f"of {other[0]}" if other else "of another tool"
-        raise ValueError(f"resume={str(path)!r} is a checkpoint {which} (its weights have no "
-                         f"{missing[0]!r} keys); expected a last.ckpt written by this tool.")
+        raise ValueError(f"{name} is a checkpoint {which} (its weights have no "
+                         f"{missing[0]!r} keys); expected a last.ckpt written by this tool{way_out}.")
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -107,6 +107,29 @@ def _bev_resume_to_pretraining(ctx):
     return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints")
 
 
+def _garbage_own_last(ctx):
+    """resume=auto in a run directory whose own last.ckpt is truncated (no run_config.json beside it)."""
+    last = ctx["tmp"] / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04truncated")
+    return run(_demo(ctx), ctx["tmp"] / "run")
+
+
+def _garbage_own_last_resolve(ctx):
+    """resume=auto's own last.ckpt is type-checked like a given file."""
+    last = ctx["tmp"] / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x00garbage" * 100)
+    return runs.resolve_resume("auto", last.parent)
+
+
+def _other_tool_own_last(ctx):
+    last = ctx["tmp"] / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"upsampler.query_encoder.0.weight": torch.zeros(2)}}, last)
+    return runs.resolve_resume("auto", last.parent, expected_keys=("encoder.", "head."))
+
+
 #: (case id, a callable of the fixture context, exception type, fragment of the sentence)
 CASES = [
     ("max_steps=0", _run("trainer.max_steps=0"), ValueError, "trainer.max_steps must be a positive number"),
@@ -121,6 +144,12 @@ CASES = [
      "is a checkpoint of tools/pretrain_jafar.py (its weights have no 'encoder.' keys)"),
     ("BeV resume given to pretraining", _bev_resume_to_pretraining, ValueError,
      "is a checkpoint of tools/train_bev.py (its weights have no 'upsampler.' keys)"),
+    ("resume=auto, truncated own last.ckpt", _garbage_own_last, ValueError,
+     "last.ckpt is not a readable Lightning checkpoint (RuntimeError), so"),
+    ("resume=auto, garbage own last.ckpt (resolve)", _garbage_own_last_resolve, ValueError,
+     "resume=auto found '"),
+    ("resume=auto, own last.ckpt of the other tool", _other_tool_own_last, ValueError,
+     "is a checkpoint of tools/pretrain_jafar.py (its weights have no 'encoder.' keys)"),
     ("synthetic set made with other settings", _other_synthetic_settings, ValueError,
      "made with other settings (version='v1.0-mini' (asked 'v1.0-trainval'))"),
     ("missing camera image", _missing_image, FileNotFoundError, "1 of the 12 camera files"),
@@ -175,8 +204,25 @@ class _NanBackbone(L.Callback):
         pl_module.encoder.backbone.register_forward_hook(lambda m, args, out: out * float("nan"))
 
 
-@pytest.mark.parametrize("callback, where", [(_NanImages(1), "the images"), (_NanBackbone(), "the backbone features")],
-                         ids=["images", "backbone"])
+class _NanUpsampler(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        pl_module.encoder.upsampler.register_forward_hook(lambda m, args, out: out * float("nan"))
+
+
+class _NanLogits(L.Callback):
+    @staticmethod
+    def _nan_seg(module, args, out):
+        out = dict(out)
+        out["seg"] = out["seg"] * float("nan")
+        return out
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.head.register_forward_hook(self._nan_seg)
+
+
+@pytest.mark.parametrize("callback, where", [(_NanImages(1), "the images"), (_NanBackbone(), "the backbone features"),
+                                             (_NanUpsampler(), "the upsampled features"), (_NanLogits(), "the logits")],
+                         ids=["images", "backbone", "upsampler", "logits"])
 def test_non_finite_loss_stops_with_one_sentence(synthetic_root, tmp_path, callback, where):
     ctx = {"root": synthetic_root, "tmp": tmp_path}
     cfg = _demo(ctx, "trainer.max_steps=2", "trainer.val_check_interval=2", "upsampler=bilinear")
