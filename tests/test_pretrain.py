@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import ROOT
 from jafar import JAFAR, build_backbone, load_checkpoint
+from jafar.backbones import IMAGENET_MEAN, IMAGENET_STD
 from jafar.train.config import compose as compose_pretrain
 from jafar.train.data import (ImageFiles, StepBatchSampler, collate_skipping, find_images, resize_center_crop,
                               split_holdout)
@@ -178,6 +179,78 @@ def test_training_randomness_depends_only_on_seed_and_step():
     assert torch.equal(la, lb)
 
 
+# ------------------------------------------------------------------------------- consistency term
+def _official_add_blur_noise_by_hand(x, blur, noise):
+    """github PaulCouairon/JAFAR @ 94d4d54, train.py, add_blur_noise, written out by hand for fixed
+    draws: T.GaussianBlur(5, sigma=1.0) (a separable Gaussian of kernel 5, sigma 1, reflect padding
+    2), then ``x += 0.02 * randn`` in the units of ``x`` (the normalised image), then
+    ``x.clamp(0, 1)``."""
+    if blur:
+        g = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / 2.0)
+        g = g / g.sum()
+        weight = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 5, 5)
+        x = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), weight, groups=x.shape[1])
+    if noise is not None:
+        x = x + 0.02 * noise
+    return x.clamp(0, 1)
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps an upsampler and keeps the guidance image of each call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.images = inner, []
+
+    def forward(self, image, features, output_size):
+        self.images.append(image.detach().clone())
+        return self.inner(image, features, output_size)
+
+
+@pytest.mark.parametrize("blur", [True, False])
+def test_default_consistency_is_the_official_add_blur_noise(monkeypatch, blur):
+    """The pretraining defaults (configs/pretrain.yaml) perturb the normalised guidance image as the
+    official add_blur_noise does; with noise and no blur the official in-place ``+=`` also reaches
+    the clean target pass."""
+    cfg = _compose(["data.root=/x"])
+    assert cfg.recipe.consistency == "official" and cfg.recipe.consistency_weight == 0.1
+    r = cfg.recipe
+    module = _tiny_module(consistency=r.consistency, consistency_weight=r.consistency_weight,
+                          blur_prob=r.blur_prob, blur_kernel=r.blur_kernel, blur_sigma=r.blur_sigma,
+                          noise_prob=r.noise_prob, noise_std=r.noise_std, guidance_scale=r.guidance_scale)
+    module.log_dict = module.log = lambda *a, **k: None
+    module.upsampler = _Recorder(module.upsampler)
+    noise = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(module, "_draw_perturbation", lambda shape, gen: (blur, noise))
+    pixels = torch.rand(2, 3, 56, 56)
+    module.training_step({"image": pixels, "skipped": []}, 0)
+    guided, perturbed, clean = module.upsampler.images
+    normalised = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    guidance = F.interpolate(normalised, scale_factor=0.5, mode="bilinear")
+    torch.testing.assert_close(guided, guidance)
+    torch.testing.assert_close(perturbed, _official_add_blur_noise_by_hand(guidance, blur, noise))
+    assert perturbed.min() == 0 and (guidance < -0.1).any()  # the normalised image is cut at 0: saturated
+    torch.testing.assert_close(clean, guidance if blur else guidance + 0.02 * noise)
+
+
+def test_pixel_consistency_perturbs_in_pixel_space(monkeypatch):
+    module = _tiny_module(consistency="pixel")
+    module.log_dict = module.log = lambda *a, **k: None
+    module.upsampler = _Recorder(module.upsampler)
+    noise = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(6))
+    monkeypatch.setattr(module, "_draw_perturbation", lambda shape, gen: (True, noise))
+    pixels = torch.rand(1, 3, 56, 56)
+    module.training_step({"image": pixels, "skipped": []}, 0)
+    guided, perturbed, clean = module.upsampler.images
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    small = F.interpolate(pixels, scale_factor=0.5, mode="bilinear")
+    expected = (_official_add_blur_noise_by_hand(small, True, noise) - mean) / std  # clamp in pixel space
+    torch.testing.assert_close(perturbed, expected)
+    torch.testing.assert_close(clean, guided)
+    with pytest.raises(ValueError, match="recipe.consistency must be one of"):
+        _tiny_module(consistency="normalised")
+
+
 # ------------------------------------------------------------------------------------- configs
 def _compose(overrides):
     return compose_pretrain(*overrides)
@@ -215,6 +288,7 @@ def test_official_recipe_runs_a_step_with_the_dinov2_vits14_architecture(tmp_pat
     ("data.batch_size=0", "data.batch_size must be"),
     ("validation.ratios=[]", "validation.ratios must be"),
     ("trainer.max_steps=0", "trainer.max_steps must be"),
+    ("recipe.consistency=normalised", "recipe.consistency must be one of"),
 ])
 def test_bad_settings_are_refused_by_name(tmp_path, override, message):
     from jafar.train.run import run

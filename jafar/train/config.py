@@ -48,6 +48,7 @@ class Recipe:
     guidance_scale: float = MISSING
     lr_scale: List[float] = MISSING
     consistency_weight: float = MISSING
+    consistency: str = MISSING  # official | pixel (jafar.train.module.CONSISTENCY)
     blur_prob: float = MISSING
     blur_kernel: int = MISSING
     blur_sigma: float = MISSING

@@ -11,13 +11,26 @@ The official recipe (github PaulCouairon/JAFAR @ 94d4d54, ``train.py``), which i
 * loss: ``Cosine_MSE(pred, target)`` plus ``0.1 x Cosine_MSE`` between JAFAR guided by a
   blurred (p=0.5, Gaussian kernel 5, sigma 1) and noised (p=0.3, std 0.02) guidance image and
   a no-grad pass guided by the clean image, both upsampling the *target* features to the
-  guidance resolution (``add_blur_noise``);
+  guidance resolution (``add_blur_noise``); one blur draw and one noise draw per batch;
 * backbone and both feature extractions under the bf16 autocast of the step.
 
-Departure (a fix): the official ``add_blur_noise`` runs on the *normalised* image and clamps it
-to ``[0, 1]``, and when it adds noise without blurring it modifies the clean guidance image in
-place. Here blur and noise are applied to a copy in pixel space (``[0, 1]``), clamped there and
-normalised again.
+The consistency perturbation, ``consistency`` (``recipe.consistency``):
+
+* ``"official"`` (default): the official ``train.py``, ``add_blur_noise`` and its call in
+  ``trainer``, transcribed. It perturbs the guidance image the model sees, which is the
+  *normalised* image (the official loader ends with ``T.Normalize``, ``utils/training.py``,
+  ``get_dataloaders``): Gaussian blur of the normalised image (torchvision ``GaussianBlur(5,
+  sigma=1.0)``, reflect padding), then ``+ 0.02 x N(0, 1)`` in normalised units, then the
+  *normalised* image clamped to ``[0, 1]`` (so the model learns invariance to a saturated
+  guidance image: every value below the mean is cut). The official noise is added in place
+  (``x += ...``): when it is drawn without the blur, ``x`` is the clean guidance tensor itself,
+  so the no-grad target pass of that step sees the noised, unclamped image; this is transcribed
+  too (:func:`official_blur_noise`). The released checkpoints were trained this way.
+* ``"pixel"`` (a variant, ours): blur and noise applied to a copy of the guidance image in pixel
+  space (``[0, 1]``), clamped there and normalised again; the target pass sees the clean image.
+  Reason: the clamp then removes only out-of-range pixels instead of saturating the normalised
+  image, and the clean target is never modified. Its noise is ``0.02`` in pixel units, about
+  1/std ~ 4.4x stronger than the official ``0.02`` in normalised units.
 
 All randomness of a step comes from a generator seeded with ``(seed, step)`` (the same on every
 DDP rank), so resuming at step ``k`` replays exactly what an uninterrupted run does from ``k`` on.
@@ -43,6 +56,31 @@ from .losses import CosineMSELoss
 log = logging.getLogger(__name__)
 
 BASELINES = ("bilinear", "nearest")
+#: the consistency perturbations (``recipe.consistency``; the module docstring says what each does)
+CONSISTENCY = ("official", "pixel")
+
+
+def blur_noise(x: torch.Tensor, blur: bool, noise: Optional[torch.Tensor], kernel: int = 5, sigma: float = 1.0,
+               std: float = 0.02) -> torch.Tensor:
+    """``x`` blurred (torchvision ``gaussian_blur``: ``kernel`` x ``kernel``, ``sigma``, reflect
+    padding) when ``blur``, plus ``std x noise`` when ``noise`` is given; not clamped, ``x`` untouched."""
+    if blur:
+        x = gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+    if noise is not None:
+        x = x + std * noise.to(x)
+    return x
+
+
+def official_blur_noise(guidance: torch.Tensor, blur: bool, noise: Optional[torch.Tensor], kernel: int = 5,
+                        sigma: float = 1.0, std: float = 0.02):
+    """The official ``add_blur_noise`` (github PaulCouairon/JAFAR @ 94d4d54, ``train.py``) on the
+    normalised guidance image, with its draws given: ``(perturbed, clean)``. ``perturbed`` is the
+    blurred and noised normalised image clamped to ``[0, 1]``; ``clean`` is the image the official
+    no-grad target pass then sees: the guidance itself, or, when noise was added without blur
+    (the in-place ``x += ...`` on the caller's tensor), the guidance plus the noise, unclamped."""
+    perturbed = blur_noise(guidance, blur, noise, kernel, sigma, std)
+    clean = perturbed if (noise is not None and not blur) else guidance
+    return perturbed.clamp(0, 1), clean
 
 
 def round_to_multiple(value: float, multiple: int) -> int:
@@ -56,8 +94,11 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
                  guidance_scale: float = 0.5, lr_scale: Sequence[float] = (0.25, 0.5),
                  consistency_weight: float = 0.1, blur_prob: float = 0.5, blur_kernel: int = 5,
                  blur_sigma: float = 1.0, noise_prob: float = 0.3, noise_std: float = 0.02,
-                 seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8), picture_dir: Optional[str] = None):
+                 consistency: str = "official", seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8), picture_dir: Optional[str] = None):
         super().__init__()
+        if consistency not in CONSISTENCY:
+            raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {consistency!r}.")
+        self.consistency = consistency
         self.upsampler = upsampler
         self.add_frozen("backbone", backbone)  # moves with .to(), not part of the checkpoints
         self.loss = loss if loss is not None else CosineMSELoss()
@@ -92,13 +133,20 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
     def _guidance(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=self.guidance_scale, mode="bilinear")
 
-    def _blur_noise(self, guidance_pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = guidance_pixels
-        if torch.rand((), generator=gen).item() < self.blur_prob:
-            x = gaussian_blur(x, [self.blur_kernel, self.blur_kernel], [self.blur_sigma, self.blur_sigma])
-        if torch.rand((), generator=gen).item() < self.noise_prob:
-            x = x + self.noise_std * torch.randn(x.shape, generator=gen).to(x)
-        return self.normalize(x.clamp(0, 1))
+    def _draw_perturbation(self, shape, gen: torch.Generator):
+        """``(blur, noise)`` of one step: one blur draw, one noise draw (the official draws one of
+        each per batch, ``torch.rand(1)``), and the noise tensor (CPU) or None."""
+        blur = torch.rand((), generator=gen).item() < self.blur_prob
+        noise = torch.randn(shape, generator=gen) if torch.rand((), generator=gen).item() < self.noise_prob else None
+        return blur, noise
+
+    def _perturbed_guidance(self, guidance: torch.Tensor, pixels: torch.Tensor, gen: torch.Generator):
+        """``(perturbed, clean)`` guidance images of the consistency term (module docstring)."""
+        blur, noise = self._draw_perturbation(tuple(guidance.shape), gen)
+        args = (self.blur_kernel, self.blur_sigma, self.noise_std)
+        if self.consistency == "official":
+            return official_blur_noise(guidance, blur, noise, *args)
+        return self.normalize(blur_noise(self._guidance(pixels), blur, noise, *args).clamp(0, 1)), guidance
 
     # ---------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -124,10 +172,10 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         loss = loss_hr
         if self.consistency_weight > 0:
             size = tuple(guidance.shape[-2:])
-            noised = self._blur_noise(self._guidance(pixels), gen)
+            noised, clean = self._perturbed_guidance(guidance, pixels, gen)
             pred_u = self.upsampler(noised, hr, size)
             with torch.no_grad():
-                target_u = self.upsampler(guidance, hr, size)
+                target_u = self.upsampler(clean, hr, size)
             loss_reg = self.consistency_weight * self.loss(pred_u, target_u.detach())
             logs["train/loss_consistency"] = loss_reg
             loss = loss + loss_reg

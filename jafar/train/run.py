@@ -19,7 +19,7 @@ from .. import runs
 from ..upsamplers.jafar import save_checkpoint
 from .data import ImageFiles, StepBatchSampler, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss
-from .module import JafarPretraining
+from .module import CONSISTENCY, JafarPretraining
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"validation.ratios must be a list of positive integers, got {cfg.validation.ratios}.")
     if float(r.consistency_weight) < 0:
         raise ValueError(f"recipe.consistency_weight must be >= 0, got {r.consistency_weight}.")
+    if r.consistency not in CONSISTENCY:
+        raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {r.consistency!r}.")
     if int(cfg.checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
     if not float(cfg.optimizer.lr) > 0:
@@ -132,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
         consistency_weight=recipe.consistency_weight, blur_prob=recipe.blur_prob, blur_kernel=recipe.blur_kernel,
         blur_sigma=recipe.blur_sigma, noise_prob=recipe.noise_prob, noise_std=recipe.noise_std,
+        consistency=recipe.consistency,
         seed=int(cfg.seed), val_ratios=tuple(cfg.validation.ratios), picture_dir=str(run_dir / "pictures"))
     datamodule = PretrainData(train_files, val_files, data_cfg, recipe.image_size, total_steps, int(cfg.seed))
 
