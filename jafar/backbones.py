@@ -34,7 +34,8 @@ from . import hub
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "Backbone", "TimmViTBackbone", "MobileNetV2Backbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
+    "Backbone", "TimmViTBackbone", "MobileNetV2Backbone", "RadioBackbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
+    "RADIO_BACKBONES",
     "IMAGENET_MEAN", "IMAGENET_STD", "build_backbone", "list_backbones", "resolve_name",
     "load_mobilenet_v2", "mobilenet_v2_weights_path",
 ]
@@ -71,16 +72,24 @@ TIMM_BACKBONES: Dict[str, str] = {
     "vitb16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
     # DINOv3 (timm ``Eva`` class, RoPE, 1 class + 4 register tokens)
     "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_vits16plus": "vit_small_plus_patch16_dinov3.lvd1689m",
     "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
 }
 
 #: Short alias -> output stride of the truncated torchvision MobileNetV2 (ImageNet weights).
 MOBILENET_BACKBONES: Dict[str, int] = {"mobilenetv2_s16": 16, "mobilenetv2_s32": 32}
 
+#: RADIO v2.5 version -> width of its spatial features (the official JAFAR resolver,
+#: github PaulCouairon/JAFAR ``hydra_plugins/resolvers.py``, ``get_feature``: b 768, l 1024, h 1280)
+RADIO_BACKBONES: Dict[str, int] = {"radio_v2.5-b": 768, "radio_v2.5-l": 1024, "radio_v2.5-h": 1280}
+#: the maintained loader RADIO's authors publish: ``torch.hub.load(RADIO_HUB_REPO, "radio_model", version=...)``
+RADIO_HUB_REPO = "NVlabs/RADIO"
+
 
 def list_backbones() -> list:
-    """All registry aliases (timm ViTs and MobileNetV2), sorted."""
-    return sorted([*TIMM_BACKBONES, *MOBILENET_BACKBONES])
+    """All registry aliases (timm ViTs, MobileNetV2, RADIO), sorted."""
+    return sorted([*TIMM_BACKBONES, *MOBILENET_BACKBONES, *RADIO_BACKBONES])
 
 
 def resolve_name(name: str) -> str:
@@ -268,6 +277,61 @@ class MobileNetV2Backbone(Backbone):
 
 
 # --------------------------------------------------------------------------------------------
+# RADIO v2.5 (NVlabs), through its authors' torch.hub loader; online only
+# --------------------------------------------------------------------------------------------
+
+
+def load_radio(version: str) -> nn.Module:
+    """``torch.hub.load("NVlabs/RADIO", "radio_model", version=version, progress=True,
+    skip_validation=True)``, as the official JAFAR ``src/backbone/radio.py`` (``RadioWrapper``)
+    loads it. Its code and weights come from GitHub through torch.hub: offline (``HF_HUB_OFFLINE``)
+    this is refused in one sentence, before any socket is opened."""
+    what = f"RADIO's backbone {version!r} loads only online, through torch.hub.load({RADIO_HUB_REPO!r}, 'radio_model', version={version!r})"
+    if hub.offline():
+        raise RuntimeError(f"{what}, and HF_HUB_OFFLINE is set: unset it on a machine with internet access "
+                           f"(there is no local-file path for RADIO's backbone).")
+    try:
+        return torch.hub.load(RADIO_HUB_REPO, "radio_model", version=version, progress=True, skip_validation=True)
+    except Exception as exc:
+        raise RuntimeError(f"{what}, and that failed ({type(exc).__name__}: {exc}): run it on a machine with "
+                           f"internet access.") from None
+
+
+class RadioBackbone(Backbone):
+    """RADIO v2.5 (B, L, H): spatial features ``(B, C, h, w)`` of images in ``[0, 1]`` (RADIO
+    normalises them itself, so ``mean = 0``, ``std = 1``, as the official wrapper's config). The
+    image is resized bilinearly to the nearest resolution RADIO supports, as the official
+    ``RadioWrapper.preprocess`` does; the grid is that resolution over the patch size (16).
+
+    ``model``: an already built RADIO model (tests pass a stand-in); otherwise :func:`load_radio`.
+    """
+
+    def __init__(self, version: str = "radio_v2.5-b", model: Optional[nn.Module] = None):
+        if version not in RADIO_BACKBONES:
+            raise ValueError(f"Unknown RADIO version {version!r}; known: {', '.join(RADIO_BACKBONES)}.")
+        model = load_radio(version) if model is None else model
+        super().__init__(version, RADIO_BACKBONES[version], int(getattr(model, "patch_size", 16)),
+                         (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.model = model
+        self._freeze()
+
+    def _resolution(self, height: int, width: int) -> Tuple[int, int]:
+        h, w = self.model.get_nearest_supported_resolution(height, width)
+        return int(h), int(w)
+
+    def feature_size(self, height: int, width: int) -> Tuple[int, int]:
+        h, w = self._resolution(height, width)
+        return h // self.patch_size, w // self.patch_size
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        size = self._resolution(*images.shape[-2:])
+        if tuple(images.shape[-2:]) != size:
+            images = torch.nn.functional.interpolate(images, size, mode="bilinear", align_corners=False)
+        _, spatial = self.model(images, feature_fmt="NCHW")
+        return spatial
+
+
+# --------------------------------------------------------------------------------------------
 # Weight files
 # --------------------------------------------------------------------------------------------
 
@@ -344,6 +408,11 @@ def build_backbone(name: str, pretrained: bool = True, weights: Optional[PathLik
         ValueError: unknown name, or a weights file that does not match the model.
         RuntimeError: pretrained weights unavailable (offline, package missing), with the fix.
     """
+    if name in RADIO_BACKBONES:
+        if weights is not None or not pretrained or kwargs:
+            raise ValueError(f"{name} is built only by its authors' torch.hub loader ({RADIO_HUB_REPO}), with its "
+                             f"pretrained weights: weights=, pretrained=False and extra arguments are not supported.")
+        return RadioBackbone(name)
     if name in MOBILENET_BACKBONES:
         if kwargs:
             raise TypeError(f"{name} takes no extra arguments, got {sorted(kwargs)}.")

@@ -47,6 +47,8 @@ def test_registry_names_exist_in_timm():
         "siglip2_vitb16": "vit_base_patch16_siglip_512.v2_webli",
         "vitb16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
         "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+        "dinov3_vits16plus": "vit_small_plus_patch16_dinov3.lvd1689m",
+        "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
     }
     for alias, name in expected.items():
         assert TIMM_BACKBONES[alias] == name
@@ -379,3 +381,58 @@ def test_mobilenet_package_missing(monkeypatch):
         build_backbone("mobilenetv2_s16")
     assert "weights=" in str(e.value)
     assert build_backbone("mobilenetv2_s16", pretrained=False).embed_dim == 96  # random init still works
+
+
+# ------------------------------------------------------------------ RADIO (torch.hub, online only)
+
+
+class _FakeRadio(nn.Module):
+    """Stands in for the model torch.hub.load('NVlabs/RADIO', 'radio_model', ...) returns: patch 16,
+    resolutions in steps of 16 (rounded to the nearest), ``(summary, spatial)`` with NCHW spatial."""
+
+    patch_size = 16
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 16, stride=16)
+        self.seen = []
+
+    def get_nearest_supported_resolution(self, height, width):
+        return 16 * max(1, round(height / 16)), 16 * max(1, round(width / 16))
+
+    def forward(self, x, feature_fmt="NLC"):
+        assert feature_fmt == "NCHW"
+        self.seen.append(tuple(x.shape[-2:]))
+        spatial = self.proj(x)
+        return spatial.mean((2, 3)), spatial
+
+
+def test_radio_goes_through_its_authors_torch_hub_loader(monkeypatch):
+    calls = []
+
+    def fake_load(repo, entry, **kwargs):
+        calls.append((repo, entry, kwargs))
+        return _FakeRadio(bb.RADIO_BACKBONES[kwargs["version"]])
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "load", fake_load)
+    for version, width in (("radio_v2.5-b", 768), ("radio_v2.5-l", 1024), ("radio_v2.5-h", 1280)):
+        backbone = build_backbone(version)
+        assert calls[-1] == ("NVlabs/RADIO", "radio_model", dict(version=version, progress=True, skip_validation=True))
+        assert (backbone.embed_dim, backbone.patch_size, backbone.mean, backbone.std) == (width, 16, (0.0,) * 3,
+                                                                                           (1.0,) * 3)
+    # the image is resized to the nearest supported resolution first (official RadioWrapper.preprocess)
+    x = torch.rand(1, 3, 50, 70)
+    assert backbone(x).shape == (1, 1280, 3, 4) and backbone.model.seen[-1] == (48, 64)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    with pytest.raises(ValueError, match="only by its authors' torch.hub loader"):
+        build_backbone("radio_v2.5-b", weights="/x.pth")
+
+
+def test_radio_offline_is_one_sentence_without_network(no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "load", lambda *a, **k: pytest.fail("torch.hub.load called offline"))
+    with pytest.raises(RuntimeError, match=r"loads only online, through torch.hub.load\('NVlabs/RADIO', "
+                                           r"'radio_model', version='radio_v2.5-l'\), and HF_HUB_OFFLINE is set"):
+        build_backbone("radio_v2.5-l")
+    assert no_network == []
