@@ -218,39 +218,110 @@ def one_cycle_pct_start(pct_start: float, total_steps: int) -> float:
     return adjusted
 
 
-def prior_map(seg_maps: np.ndarray) -> np.ndarray:
-    """Per-cell frequency of vehicles over training label maps ``(S, X, Y)``."""
-    return np.asarray(seg_maps, dtype=np.float64).mean(0)
+class LabelCounts:
+    """Per-cell counts of BeV label maps, accumulated one map at a time (memory O(cells), not
+    O(samples x cells)): what the prior-map baseline needs from a whole split.
+
+    ``samples``: maps added; ``seg``: ``(X, Y)`` int64, maps where the cell is a vehicle; for each
+    level ``v`` of ``levels``: ``kept[v]`` maps where the cell counts at ``min_visibility=v``
+    (:func:`visibility_mask`) and ``positive[v]`` maps where it counts and is a vehicle. Counts of
+    disjoint parts of a split add up (:meth:`merge`), so workers may each count a share.
+    """
+
+    def __init__(self, shape: Sequence[int], levels: Sequence[int] = (1, 2)):
+        self.shape, self.levels = tuple(int(s) for s in shape), tuple(sorted({int(v) for v in levels}))
+        self.samples = 0
+        self.seg = np.zeros(self.shape, dtype=np.int64)
+        self.kept = {v: np.zeros(self.shape, dtype=np.int64) for v in self.levels}
+        self.positive = {v: np.zeros(self.shape, dtype=np.int64) for v in self.levels}
+
+    def add(self, seg: np.ndarray, visibility: np.ndarray) -> "LabelCounts":
+        """Count one label map (``seg`` and ``visibility`` of shape ``(X, Y)``)."""
+        seg, visibility = np.asarray(seg), np.asarray(visibility)
+        if seg.shape != self.shape or visibility.shape != self.shape:
+            raise ValueError(f"label maps of shape {seg.shape} / {visibility.shape} cannot be counted on the "
+                             f"{self.shape} grid.")
+        self.samples += 1
+        positive = seg > 0
+        self.seg += positive
+        for v in self.levels:
+            kept = visibility_mask(seg, visibility, v)
+            self.kept[v] += kept
+            self.positive[v] += positive & kept
+        return self
+
+    def merge(self, other: "LabelCounts") -> "LabelCounts":
+        if other.shape != self.shape or other.levels != self.levels:
+            raise ValueError(f"cannot merge counts of shape {other.shape} levels {other.levels} into "
+                             f"{self.shape} levels {self.levels}.")
+        self.samples += other.samples
+        self.seg += other.seg
+        for v in self.levels:
+            self.kept[v] += other.kept[v]
+            self.positive[v] += other.positive[v]
+        return self
+
+    def frequency(self) -> np.ndarray:
+        """Per-cell frequency of vehicles (float64: the integer count over the number of maps)."""
+        if self.samples == 0:
+            raise ValueError("no label map was counted: the prior map of an empty split is undefined.")
+        return self.seg / np.float64(self.samples)
+
+    def iou(self, predicted: np.ndarray, level: int) -> float:
+        """IoU of a fixed map ``predicted`` (bool ``(X, Y)``, the same for every sample) against every
+        counted map at ``min_visibility=level`` (:class:`VisibleIoU`'s rule, float64 quotient of the
+        integer counts; an empty union gives 0)."""
+        pos, kept = self.positive[int(level)], self.kept[int(level)]
+        tp = int(pos[predicted].sum())
+        union = int(kept[predicted].sum()) + int(pos[~predicted].sum())
+        return float(np.float64(tp) / np.float64(union)) if union > 0 else 0.0
 
 
-def prior_baseline(train_seg: np.ndarray, train_vis: np.ndarray, val_seg: np.ndarray, val_vis: np.ndarray,
-                   visibilities: Sequence[int] = (1, 2), min_visibility: int = 2) -> dict:
+def prior_map(counts: LabelCounts) -> np.ndarray:
+    """Per-cell frequency of vehicles over the training label maps."""
+    return counts.frequency()
+
+
+def best_prior_threshold(freq: np.ndarray, counts: LabelCounts, level: int):
+    """``(threshold, IoU)``: the threshold ``t`` of the map ``freq >= t`` with the best IoU against
+    the counted maps at ``level``; candidates are the positive per-cell frequencies and 0.5, the
+    smallest of equal best IoUs wins.
+
+    All thresholds at once: with the cells sorted by decreasing frequency, the map ``freq >= t``
+    is a prefix; on it the true positives are the prefix sum of ``positive``, the false positives
+    ``kept - positive`` summed on it, the false negatives the ``positive`` after it, so
+    ``IoU(t) = P(t) / (K(t) + P_total - P(t))`` with ``P``, ``K`` cumulative sums (integers, then
+    one float64 division per candidate: the same quotients as counting each threshold's map)."""
+    f = np.asarray(freq, dtype=np.float64).ravel()
+    pos = counts.positive[int(level)].ravel()
+    kept = counts.kept[int(level)].ravel()
+    order = np.argsort(-f, kind="stable")
+    f_sorted = f[order]
+    cum_p = np.cumsum(pos[order])
+    cum_k = np.cumsum(kept[order])
+    total_p = int(pos.sum())
+    candidates = np.unique(np.append(f[f > 0], 0.5))  # ascending
+    # cells with freq >= t: the prefix of the descending order up to the last cell >= t
+    prefix = np.searchsorted(-f_sorted, -candidates, side="right")
+    tp = np.where(prefix > 0, cum_p[np.maximum(prefix - 1, 0)], 0)
+    fp_and_tp = np.where(prefix > 0, cum_k[np.maximum(prefix - 1, 0)], 0)
+    union = fp_and_tp + (total_p - tp)
+    scores = np.where(union > 0, tp.astype(np.float64) / np.maximum(union, 1).astype(np.float64), 0.0)
+    best = int(np.argmax(scores))  # first of the maxima: the smallest threshold
+    return float(candidates[best]), float(scores[best])
+
+
+def prior_baseline(train: LabelCounts, val: LabelCounts, visibilities: Sequence[int] = (1, 2),
+                   min_visibility: int = 2) -> dict:
     """A model that knows only where vehicles usually are: the training labels' per-cell
     frequency, thresholded where it gives the best IoU on the *training* labels (so the
-    validation set is not used to tune it), scored on the validation labels (:class:`VisibleIoU`)."""
-    freq = prior_map(train_seg)
-
-    def scorer(seg: np.ndarray, vis: np.ndarray, level: int):
-        """``threshold -> IoU`` of the map ``freq >= threshold`` against every label map of ``seg``."""
-        seg, vis = torch.from_numpy(np.asarray(seg)), torch.from_numpy(np.asarray(vis))
-        kept = visibility_mask(seg, vis, level)  # the cells the IoU counts, found once for all thresholds
-        seg, vis = seg[kept], vis[kept]
-
-        def score(threshold: float) -> float:
-            metric = VisibleIoU(level, validate_args=False)
-            metric.update(torch.from_numpy(freq >= threshold).expand(kept.shape)[kept], seg, vis)  # 0/1: no threshold
-            return float(metric.compute())
-        return score
-
-    train_iou = scorer(train_seg, train_vis, min_visibility)
-    best_t, best = 0.5, -1.0
-    for t in np.unique(np.concatenate([freq.ravel(), [0.5]])):
-        if t <= 0:
-            continue
-        score = train_iou(t)
-        if score > best:
-            best_t, best = float(t), score
-    out = {"threshold": best_t, "train_iou": best}
+    validation set is not used to tune it), scored on the validation labels (:class:`VisibleIoU`'s
+    rule). ``train`` and ``val`` are the splits' :class:`LabelCounts` (``train`` with
+    ``min_visibility`` among its levels, ``val`` with ``visibilities``)."""
+    freq = prior_map(train)
+    threshold, train_iou = best_prior_threshold(freq, train, min_visibility)
+    out = {"threshold": threshold, "train_iou": train_iou}
+    predicted = freq >= threshold
     for v in visibilities:
-        out[f"iou_vis{v}"] = scorer(val_seg, val_vis, v)(best_t)
+        out[f"iou_vis{v}"] = val.iou(predicted, v)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ from jafar.train.data import StepBatchSampler
 from .config import apply_per_model
 from .geometry import BevGrid
 from .losses import SimpleBevLoss
-from .module import BevSegmentation, prior_baseline
+from .module import BevSegmentation, LabelCounts, prior_baseline
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,41 @@ def collate(items, cache: bool = False):
     return batch
 
 
-def build_dataset(data_cfg: DictConfig, split: str, grid: BevGrid, augment: bool):
-    from .data.nuscenes import NuScenesBev
+def build_datasets(data_cfg: DictConfig, grid: BevGrid):
+    """``(train, val)`` data sets from one load of the devkit tables per process
+    (:func:`bev.data.nuscenes.load_tables`): the tables are dropped once both sets have taken
+    their compact per-sample arrays, which are all the loader workers receive."""
+    from .data.nuscenes import NuScenesBev, check_tables, load_tables
 
+    check_tables(str(data_cfg.dataroot), str(data_cfg.version))
+    for split in (data_cfg.train_split, data_cfg.val_split):  # a bad split or scenes file: refused before the load
+        NuScenesBev.check_split(str(data_cfg.version), str(split), _split_scenes(data_cfg, str(split)))
+    nusc = load_tables(str(data_cfg.dataroot), str(data_cfg.version), checked=True)
+    train = build_dataset(data_cfg, str(data_cfg.train_split), grid, augment=bool(data_cfg.augment), nusc=nusc)
+    val = build_dataset(data_cfg, str(data_cfg.val_split), grid, augment=False, nusc=nusc)
+    del nusc
+    return train, val
+
+
+def _split_scenes(data_cfg: DictConfig, split: str):
+    """``data.scenes`` for ``split``: null, a list of scene names, or a JSON file's path."""
     scenes = data_cfg.get("scenes")
     if scenes is not None and not isinstance(scenes, str):
         scenes = OmegaConf.to_container(scenes, resolve=True)
         if isinstance(scenes, dict):
             scenes = scenes[split]
+    return scenes
+
+
+def build_dataset(data_cfg: DictConfig, split: str, grid: BevGrid, augment: bool, nusc=None):
+    from .data.nuscenes import NuScenesBev
+
     return NuScenesBev(
-        dataroot=str(data_cfg.dataroot), version=str(data_cfg.version), split=split, scenes=scenes,
+        dataroot=str(data_cfg.dataroot), version=str(data_cfg.version), split=split,
+        scenes=_split_scenes(data_cfg, split),
         cameras=list(data_cfg.cameras), grid=grid, image_size=tuple(data_cfg.image_size),
         resize_scale=data_cfg.get("resize_scale"), augment=augment,
-        zoom=tuple(data_cfg.zoom), rotation_deg=tuple(data_cfg.rotation_deg))
+        zoom=tuple(data_cfg.zoom), rotation_deg=tuple(data_cfg.rotation_deg), nusc=nusc)
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
@@ -110,15 +133,34 @@ def prepare_data(data_cfg: DictConfig) -> None:
     generate(out=str(data_cfg.dataroot), version=str(data_cfg.version), replace=False, **kwargs)
 
 
-def label_maps(dataset) -> tuple:
-    """``(seg, visibility)`` stacks of every sample's BeV labels (no images decoded when the
-    dataset can give targets alone)."""
-    segs, vis = [], []
-    for i in range(len(dataset)):
-        t = dataset.targets(i) if hasattr(dataset, "targets") else dataset.get(i, seed=0)
-        segs.append(np.asarray(t["seg"])[0])
-        vis.append(np.asarray(t["visibility"])[0])
-    return np.stack(segs), np.stack(vis)
+class _CountChunks(Dataset):
+    """Chunk ``k`` of a data set -> the :class:`bev.module.LabelCounts` of its samples' labels (no
+    image decoded when the data set gives targets alone): what each loader worker sends back."""
+
+    def __init__(self, dataset, shape, levels, chunk: int):
+        self.dataset, self.shape, self.levels, self.chunk = dataset, tuple(shape), tuple(levels), int(chunk)
+
+    def __len__(self):
+        return math.ceil(len(self.dataset) / self.chunk)
+
+    def __getitem__(self, k):
+        counts = LabelCounts(self.shape, self.levels)
+        for i in range(k * self.chunk, min((k + 1) * self.chunk, len(self.dataset))):
+            t = self.dataset.targets(i) if hasattr(self.dataset, "targets") else self.dataset.get(i, seed=0)
+            counts.add(np.asarray(t["seg"])[0], np.asarray(t["visibility"])[0])
+        return counts
+
+
+def label_counts(dataset, shape, levels=(1, 2), num_workers: int = 0, chunk: int = 256) -> LabelCounts:
+    """The per-cell :class:`bev.module.LabelCounts` of every sample's BeV labels, streamed: each
+    of ``num_workers`` loader processes counts chunks of ``chunk`` samples and sends back only the
+    counts (memory O(cells) whatever the number of samples)."""
+    loader = DataLoader(_CountChunks(dataset, shape, levels, chunk), batch_size=None, shuffle=False,
+                        num_workers=int(num_workers), collate_fn=lambda c: c)
+    total = LabelCounts(shape, levels)
+    for part in loader:
+        total.merge(part)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +223,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
         raise ValueError(f"model={cfg.model.get('name')!r} is not a BeV head; expected one of {HEADS}.")
+    every = cfg.trainer.get("val_check_interval")
+    if every is not None and not ((isinstance(every, int) and not isinstance(every, bool) and every >= 1)
+                                  or (isinstance(every, float) and 0 < every <= 1)):
+        raise ValueError(f"trainer.val_check_interval must be null (once per epoch), a fraction of an epoch in "
+                         f"(0, 1] or a positive number of steps, got {every!r}.")
     runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
 
 
@@ -207,8 +254,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
     grid = build_grid(cfg)
     data_cfg = cfg.data
     prepare_data(data_cfg)
-    train_set = build_dataset(data_cfg, str(data_cfg.train_split), grid, augment=bool(data_cfg.augment))
-    val_set = build_dataset(data_cfg, str(data_cfg.val_split), grid, augment=False)
+    train_set, val_set = build_datasets(data_cfg, grid)
     runs.claim_run_dir(run_dir, identity, cfg.resume)
     log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
 
@@ -220,15 +266,24 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_steps = trainer_kwargs.pop("max_steps", None)
+    val_every = trainer_kwargs.pop("val_check_interval", None)
+    trainer_kwargs["sync_batchnorm"] = sync_batchnorm_applies(trainer_kwargs)
     checkpointing = runs.step_checkpoints(ckpt_dir, cfg.checkpoint_every)
     trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing, callbacks=callbacks or [],
                                 run_config=identity, max_steps=-1, max_epochs=-1, use_distributed_sampler=False)
     bs = int(data_cfg.batch_size)
+    world = int(trainer.world_size)
+    steps_per_epoch = math.ceil(len(train_set) / (bs * world))
     if max_steps in (None, -1):
-        max_steps = int(cfg.epochs) * math.ceil(len(train_set) / (bs * trainer.world_size))
+        max_steps = int(cfg.epochs) * steps_per_epoch
     trainer.fit_loop.epoch_loop.max_steps = int(max_steps)  # known only now: it depends on the world size
-    if trainer_kwargs.get("val_check_interval") is not None and isinstance(trainer_kwargs["val_check_interval"], int):
-        trainer.val_check_interval = min(int(trainer_kwargs["val_check_interval"]), int(max_steps))
+    # The sampler's one pass (Lightning's "epoch") is the whole run: validation steps are counted here.
+    trainer.val_check_interval = validation_interval(val_every, steps_per_epoch, int(max_steps))
+    if world > 1 and trainer.is_global_zero:
+        log.warning(devices_sentence(world, bs, len(train_set), steps_per_epoch, int(max_steps), cfg))
+    if len(val_set) < world:
+        raise ValueError(f"{len(val_set)} validation samples cannot be shared among {world} processes (each "
+                         f"validates its own samples): use fewer devices or a larger validation split.")
 
     module = BevSegmentation(
         encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)), **cfg.optimizer,
@@ -243,28 +298,87 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
         loader_kw["prefetch_factor"] = 2
     sampler = StepBatchSampler(len(train_set), bs, int(max_steps), int(cfg.seed),
                                start_step=lambda: trainer.global_step,
-                               rank=trainer.global_rank, world_size=trainer.world_size)
+                               rank=trainer.global_rank, world_size=world)
     train_loader = DataLoader(train_items, batch_sampler=sampler,
-                              collate_fn=lambda b: collate(b, cache and not data_cfg.augment), **loader_kw)
-    val_loader = DataLoader(val_items, batch_size=bs, shuffle=False, collate_fn=lambda b: collate(b, cache),
-                            **loader_kw)
+                              collate_fn=partial(collate, cache=cache and not data_cfg.augment), **loader_kw)
+    val_loader = DataLoader(val_items, batch_size=bs, sampler=ShardSampler(len(val_set), trainer.global_rank, world),
+                            collate_fn=partial(collate, cache=cache), **loader_kw)
 
     with runs.quiet_lightning():
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         if module.validated_at != trainer.global_step:  # the final weights not validated yet
             trainer.validate(module, dataloaders=val_loader, verbose=False)
 
-    results = {"val": {"iou": module.val_results.get(f"iou_vis{int(cfg.min_visibility)}"), **module.val_results},
+    trained = int(cfg.min_visibility)
+    results = {"val": {"iou": module.val_results.get(f"iou_vis{trained}"), **module.val_results,
+                       "trained_min_visibility": trained},
                "model": str(cfg.model.name), "upsampler": str(cfg.upsampler.name),
                "backbone": str(cfg.backbone.name), "negative_control": cfg.negative_control,
-               "min_visibility": int(cfg.min_visibility), "step": trainer.global_step,
+               "min_visibility": trained, "step": trainer.global_step,
                "train_samples": len(train_set), "val_samples": len(val_set)}
+    if not trainer.is_global_zero:  # the prior baseline and results.json: the first process alone
+        return results
     if cfg.prior_baseline:
-        tr_seg, tr_vis = label_maps(train_set)
-        va_seg, va_vis = label_maps(val_set)
-        results["prior"] = prior_baseline(tr_seg, tr_vis, va_seg, va_vis, min_visibility=int(cfg.min_visibility))
-        results["prior"]["iou"] = results["prior"][f"iou_vis{int(cfg.min_visibility)}"]
-    if trainer.is_global_zero:
-        runs.write_results(run_dir, results, identity)
-        log.info("results: %s", json.dumps(results))
+        shape = tuple(int(v) for v in grid.shape)
+        tr = label_counts(train_set, shape, levels=(trained,), num_workers=workers)
+        va = label_counts(val_set, shape, levels=(1, 2), num_workers=workers)
+        results["prior"] = prior_baseline(tr, va, visibilities=(1, 2), min_visibility=trained)
+        results["prior"]["iou"] = results["prior"][f"iou_vis{trained}"]
+        results["prior"]["trained_min_visibility"] = trained
+    runs.write_results(run_dir, results, identity)
+    log.info("results: %s", json.dumps(results))
     return results
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """The validation samples of one process: ``rank, rank + world, rank + 2 world, ...``. The
+    shards are disjoint and cover the set once, without the padding of
+    ``torch.utils.data.DistributedSampler`` (which repeats samples to even the shards, and would
+    count them twice in the IoU); the IoU's counts are summed over the processes
+    (:class:`bev.module.VisibleIoU`, torchmetrics' synced state)."""
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world = int(num_items), int(rank), int(world_size)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+
+def validation_interval(value, steps_per_epoch: int, max_steps: int) -> int:
+    """``trainer.val_check_interval`` in training steps: null -> once per epoch (PointBeV:
+    ``check_val_every_n_epoch: 1``, github valeoai/PointBeV ``configs/trainer/ddp_pl.yaml``), a
+    float in (0, 1] -> that fraction of an epoch, an integer -> every that many steps; never beyond
+    the run's last step (which is validated anyway)."""
+    if value is None:
+        steps = steps_per_epoch
+    elif isinstance(value, float):
+        steps = max(1, round(value * steps_per_epoch))
+    else:
+        steps = int(value)
+    return max(1, min(steps, max_steps))
+
+
+def sync_batchnorm_applies(trainer_kwargs: dict) -> bool:
+    """``trainer.sync_batchnorm`` as it can run: PyTorch's ``SyncBatchNorm`` synchronises GPU (and
+    XPU/HPU) tensors only, so on the CPU (``accelerator: cpu``, or ``auto`` without a GPU) each
+    process normalises its own batch and the key is turned off, said in the log."""
+    wanted = bool(trainer_kwargs.get("sync_batchnorm", False))
+    accel = str(trainer_kwargs.get("accelerator", "auto"))
+    on_cpu = accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())
+    if wanted and on_cpu:
+        log.info("trainer.sync_batchnorm is off on the CPU (torch.nn.SyncBatchNorm synchronises GPU tensors "
+                 "only): under DDP each process normalises its own batch.")
+        return False
+    return wanted
+
+
+def devices_sentence(world: int, batch: int, samples: int, steps_per_epoch: int, max_steps: int, cfg) -> str:
+    """What more than one process changes (said once, before training): the global batch, the
+    steps, and that the learning rate is not scaled."""
+    return (f"{world} processes (trainer.devices x trainer.num_nodes): the global batch is data.batch_size x "
+            f"{world} = {batch * world}, an epoch of {samples} samples is {steps_per_epoch} steps and the run "
+            f"{max_steps} steps (1/{world} of one process's); the learning rate is not scaled: optimizer.lr="
+            f"{float(cfg.optimizer.lr):g} as for one process (PointBeV's setting is trainer.devices=1, batch 1).")

@@ -9,7 +9,7 @@ import torch
 
 from bev.data.targets import visibility_mask
 from bev.losses import SimpleBevLoss, balanced_mse
-from bev.module import VisibleIoU, prior_baseline
+from bev.module import LabelCounts, VisibleIoU, prior_baseline
 from bev.run import shuffle_extrinsics
 
 
@@ -75,6 +75,13 @@ def test_iou_metric_ignores_masked_cells():
         VisibleIoU(min_visibility=5)
 
 
+def _counts(seg, vis, levels):
+    counts = LabelCounts(seg.shape[1:], levels)
+    for s, v in zip(seg, vis):
+        counts.add(s, v)
+    return counts
+
+
 def test_prior_baseline_learns_where_vehicles_usually_are():
     train = np.zeros((4, 3, 3), dtype=np.uint8)
     train[:, 0, 0] = 1          # always a vehicle in the corner
@@ -83,7 +90,7 @@ def test_prior_baseline_learns_where_vehicles_usually_are():
     val[:, 0, 0] = 1
     val[1, 1, 1] = 1
     vis = np.full_like(train, 4)
-    out = prior_baseline(train, vis, val, np.full_like(val, 4))
+    out = prior_baseline(_counts(train, vis, (2,)), _counts(val, np.full_like(val, 4), (1, 2)))
     assert out["threshold"] > 0.25          # the one-off cell is not predicted
     assert abs(out["iou_vis1"] - 2 / 3) < 1e-9  # predicts the corner: 2 hits, 1 miss
 
@@ -105,7 +112,7 @@ def test_prior_baseline_equals_the_counts_in_float64():
     freq = train.mean(0, dtype=np.float64)
     scores = {float(t): numpy_iou(freq >= t, train, train_vis, 2) for t in np.unique(np.append(freq, 0.5)) if t > 0}
     best_t = max(scores, key=lambda t: (scores[t], -t))  # the first best, as the search keeps it
-    out = prior_baseline(train, train_vis, val, val_vis)
+    out = prior_baseline(_counts(train, train_vis, (2,)), _counts(val, val_vis, (1, 2)))
     assert out["threshold"] == best_t and out["train_iou"] == scores[best_t]
     assert out["iou_vis1"] == numpy_iou(freq >= best_t, val, val_vis, 1)
     assert out["iou_vis2"] == numpy_iou(freq >= best_t, val, val_vis, 2)

@@ -43,6 +43,49 @@ def _short(names: Sequence[str], n: int = 12) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
+def check_tables(dataroot, version: str) -> None:
+    """Refuse, in one sentence, a dataroot or version without the thirteen devkit tables."""
+    dataroot = Path(dataroot).expanduser()
+    if not dataroot.is_dir():
+        raise FileNotFoundError(f"nuScenes dataroot {str(dataroot)!r} does not exist "
+                                "(expected the folder that holds samples/ and the version folders).")
+    if not all((dataroot / version / f"{t}.json").is_file() for t in TABLE_NAMES):
+        found = _version_folders(dataroot)
+        raise FileNotFoundError(
+            f"nuScenes version {version!r} has no complete tables under {str(dataroot)!r} "
+            f"(expected {version}/sample.json and the other devkit tables); versions found there: "
+            f"{found or 'none'}.")
+
+
+def load_tables(dataroot, version: str, checked: bool = False):
+    """The devkit's ``nuscenes.NuScenes`` of ``version`` (after :func:`check_tables` unless
+    ``checked``). Load it once per process and hand it to every :class:`NuScenesBev` built from it
+    (``nusc=``): ``bev.run`` builds the training and validation sets from one load (each data
+    set keeps only its compact per-sample arrays; the tables are dropped once both are built)."""
+    from nuscenes.nuscenes import NuScenes
+
+    dataroot = Path(dataroot).expanduser()
+    if not checked:
+        check_tables(dataroot, version)
+    try:
+        return NuScenes(version=str(version), dataroot=str(dataroot), verbose=False)
+    except json.JSONDecodeError:
+        raise ValueError(_bad_table_sentence(dataroot, version)) from None
+
+
+def _bad_table_sentence(dataroot: Path, version: str) -> str:
+    """Names the devkit table that is not valid JSON (looked for only after the devkit failed)."""
+    for name in TABLE_NAMES:
+        path = dataroot / version / f"{name}.json"
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            why = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+            return (f"nuScenes table {str(path)} is not valid JSON ({why}), likely truncated: restore it "
+                    "from the nuScenes archive.")
+    return f"a nuScenes table under {str(dataroot / version)} is not valid JSON."
+
+
 class NuScenesBev(torch.utils.data.Dataset):
     """nuScenes key frames for BeV vehicle segmentation.
 
@@ -109,21 +152,12 @@ class NuScenesBev(torch.utils.data.Dataset):
         if not self.dataroot.is_dir():
             raise FileNotFoundError(f"nuScenes dataroot {str(self.dataroot)!r} does not exist "
                                     "(expected the folder that holds samples/ and the version folders).")
-        if nusc is None and not all((self.dataroot / self.version / f"{t}.json").is_file() for t in TABLE_NAMES):
-            found = _version_folders(self.dataroot)
-            raise FileNotFoundError(
-                f"nuScenes version {self.version!r} has no complete tables under {str(self.dataroot)!r} "
-                f"(expected {self.version}/sample.json and the other devkit tables); versions found there: "
-                f"{found or 'none'}.")
+        if nusc is None:
+            check_tables(self.dataroot, self.version)
         self.split, wanted = self._wanted_scenes(split, scenes)
 
         if nusc is None:
-            from nuscenes.nuscenes import NuScenes
-
-            try:
-                nusc = NuScenes(version=self.version, dataroot=str(self.dataroot), verbose=False)
-            except json.JSONDecodeError:
-                raise ValueError(self._bad_table_sentence()) from None
+            nusc = load_tables(self.dataroot, self.version, checked=True)
         present = {s["name"]: s for s in nusc.scene}
         if wanted is None:
             wanted = sorted(present)
@@ -135,18 +169,6 @@ class NuScenesBev(torch.utils.data.Dataset):
                 f"looked for {_short(wanted)}; the tables hold {_short(sorted(present))}.")
         self._read(nusc, [present[name] for name in self.scenes])
         self._check_files()
-
-    def _bad_table_sentence(self) -> str:
-        """Names the devkit table that is not valid JSON (looked for only after the devkit failed)."""
-        for name in TABLE_NAMES:
-            path = self.dataroot / self.version / f"{name}.json"
-            try:
-                json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                why = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-                return (f"nuScenes table {str(path)} is not valid JSON ({why}), likely truncated: restore it "
-                        "from the nuScenes archive.")
-        return f"a nuScenes table under {str(self.dataroot / self.version)} is not valid JSON."
 
     def _check_files(self) -> None:
         """Every camera file of every sample exists (one stat per file), before any training: 0.004 s
@@ -190,6 +212,14 @@ class NuScenesBev(torch.utils.data.Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
         if not 1 <= self.min_visibility <= 4:
             raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {self.min_visibility}.")
+
+    @classmethod
+    def check_split(cls, version: str, split: str, scenes=None) -> None:
+        """Refuse a bad ``split`` / ``scenes`` in one sentence without loading the tables (the
+        constructor's own check, for callers that load the tables once for several sets)."""
+        probe = cls.__new__(cls)
+        probe.version = str(version)
+        probe._wanted_scenes(split, scenes)
 
     def _wanted_scenes(self, split: str, scenes) -> Tuple[str, Optional[List[str]]]:
         """(split name, scene names or None for every scene in the tables)."""

@@ -1,0 +1,142 @@
+"""BeV at real scale (issue #15): the streamed prior baseline equals the stacked one to the float,
+the validation shards, the validation interval, the device sentence, and the trainval-sized
+tables generator at CI size (a few scenes)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bev.data.targets import visibility_mask
+from bev.module import LabelCounts, VisibleIoU, best_prior_threshold, prior_baseline
+from bev.run import ShardSampler, label_counts, validation_interval
+
+
+def stacked_prior_baseline(train_seg, train_vis, val_seg, val_vis, visibilities=(1, 2), min_visibility=2):
+    """The reference: the prior baseline as the code before issue #15 computed it, from the whole
+    stacks of label maps: the float64 mean map, then every candidate threshold (the distinct
+    positive frequencies and 0.5, ascending) scored by a fresh VisibleIoU over the stacks, the
+    first best kept."""
+    freq = np.asarray(train_seg, dtype=np.float64).mean(0)
+
+    def scorer(seg, vis, level):
+        seg, vis = torch.from_numpy(np.asarray(seg)), torch.from_numpy(np.asarray(vis))
+        kept = visibility_mask(seg, vis, level)
+        seg, vis = seg[kept], vis[kept]
+
+        def score(t):
+            metric = VisibleIoU(level, validate_args=False)
+            metric.update(torch.from_numpy(freq >= t).expand(kept.shape)[kept], seg, vis)
+            return float(metric.compute())
+        return score
+
+    train_iou = scorer(train_seg, train_vis, min_visibility)
+    best_t, best = 0.5, -1.0
+    for t in np.unique(np.concatenate([freq.ravel(), [0.5]])):
+        if t <= 0:
+            continue
+        s = train_iou(t)
+        if s > best:
+            best_t, best = float(t), s
+    out = {"threshold": best_t, "train_iou": best}
+    for v in visibilities:
+        out[f"iou_vis{v}"] = scorer(val_seg, val_vis, v)(best_t)
+    return out
+
+
+def _counts(seg, vis, levels):
+    counts = LabelCounts(seg.shape[1:], levels)
+    for s, v in zip(seg, vis):
+        counts.add(s, v)
+    return counts
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_streamed_prior_equals_the_stacked_one_to_the_float(case):
+    """Random maps with few samples (many tied frequencies), cells never covered, all visibility
+    levels; one case without any vehicle in training, one where the best threshold is 0.5 exactly."""
+    rng = np.random.default_rng(case)
+    n_train, n_val, shape = (5, 4, (9, 11)) if case % 2 else (13, 7, (16, 6))
+    often = rng.random(shape) ** 3
+    often[:, :2] = 0  # empty cells: never a vehicle
+    train = (rng.random((n_train, *shape)) < often).astype(np.float32)
+    if case == 4:
+        train[:] = 0
+    val = (rng.random((n_val, *shape)) < often).astype(np.float32)
+    train_vis = (train * rng.integers(1, 5, train.shape)).astype(np.uint8)
+    val_vis = (val * rng.integers(1, 5, val.shape)).astype(np.uint8)
+    for level in (1, 2, 3):
+        want = stacked_prior_baseline(train, train_vis, val, val_vis, min_visibility=level)
+        got = prior_baseline(_counts(train, train_vis, (level,)), _counts(val, val_vis, (1, 2)),
+                             min_visibility=level)
+        assert got == want  # every float identical, the threshold included
+
+
+def test_threshold_search_takes_the_smallest_of_tied_thresholds():
+    """Two cells, frequencies 1/4 and 3/4, one sample each way: by hand, the thresholds 3/4 and
+    0.5 give the same map ({cell 1}), and 0.5 is the smaller one."""
+    seg = np.zeros((4, 1, 2), dtype=np.float32)
+    seg[0, 0, 0] = 1
+    seg[:3, 0, 1] = 1
+    counts = _counts(seg, (seg * 4).astype(np.uint8), (2,))
+    freq = counts.frequency()
+    assert freq.tolist() == [[0.25, 0.75]]
+    # t = 1/4: predicts both cells: TP 4, FP 3 + 1, FN 0 -> 4/8; t in {0.5, 3/4}: TP 3, FP 1, FN 1 -> 3/5
+    assert best_prior_threshold(freq, counts, 2) == (0.5, 3 / 5)
+
+
+def test_label_counts_streams_with_workers():
+    """The counts of a data set, summed over chunks in two loader workers, are those of its stack."""
+    rng = np.random.default_rng(3)
+    seg = (rng.random((11, 6, 5)) < 0.3).astype(np.float32)
+    vis = (seg * rng.integers(1, 5, seg.shape)).astype(np.uint8)
+
+    class Labels:
+        def __len__(self):
+            return len(seg)
+
+        def targets(self, i):
+            return {"seg": seg[i][None], "visibility": vis[i][None]}
+
+    want = _counts(seg, vis, (1, 2))
+    got = label_counts(Labels(), (6, 5), levels=(1, 2), num_workers=2, chunk=3)
+    assert got.samples == 11 and np.array_equal(got.seg, want.seg)
+    for v in (1, 2):
+        assert np.array_equal(got.kept[v], want.kept[v]) and np.array_equal(got.positive[v], want.positive[v])
+
+
+def test_validation_shards_are_disjoint_and_not_padded():
+    shards = [list(ShardSampler(7, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(7))  # each sample once: no padding to even the shards
+    assert [len(ShardSampler(7, r, 3)) for r in range(3)] == [3, 2, 2]
+
+
+def test_validation_interval_in_steps():
+    assert validation_interval(None, 28130, 2813000) == 28130          # once per epoch
+    assert validation_interval(0.25, 28130, 2813000) == 7032           # round(0.25 x 28130)
+    assert validation_interval(100, 150, 300) == 100 and validation_interval(500, 150, 300) == 300
+
+
+def test_val_check_interval_is_checked(tmp_path):
+    from bev.config import compose
+    from bev.run import check_config
+
+    for bad in ("0", "1.5", "-3"):
+        cfg = compose("experiment=demo", f"trainer.val_check_interval={bad}")
+        with pytest.raises(ValueError, match="val_check_interval must be null"):
+            check_config(cfg)
+    defaults = compose("data.dataroot=/data/nuscenes")
+    assert defaults.trainer.devices == 1 and defaults.trainer.val_check_interval is None
+    assert defaults.trainer.sync_batchnorm is True
+
+
+def test_devices_sentence_states_the_arithmetic():
+    from omegaconf import OmegaConf
+
+    from bev.run import devices_sentence
+
+    cfg = OmegaConf.create({"optimizer": {"lr": 3e-4}})
+    text = devices_sentence(8, 1, 28130, 3517, 351700, cfg)
+    assert "global batch is data.batch_size x 8 = 8" in text and "3517 steps" in text
+    assert "351700 steps" in text and "not scaled" in text and "lr=0.0003" in text
