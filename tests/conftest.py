@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``tests.kernels`` (the kernel cases and test helpers) by its full name
     sys.path.insert(0, str(ROOT))
 
+from tests import errors_doc  # noqa: E402
 from tests.kernels import interpreter  # noqa: E402
 
 # Under TRITON_INTERPRET=1 make the interpreter's bfloat16 dot and cast behave as the GPU's; the
@@ -64,3 +65,14 @@ def compose_bev_demo(root, *overrides):
         "grid.resolution=2.0", "encoder.guidance_size=[16,32]", "pictures=1",
         "trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1", *overrides)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-errors-doc", action="store_true",
+                     help="write the messages the bad-input tables got to docs/errors.md (tests/errors_doc.py)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--write-errors-doc") and errors_doc.RECORDED:
+        written = errors_doc.write(errors_doc.RECORDED)
+        print(f"\n{errors_doc.DOC}: sections {', '.join(written)} written")

@@ -9,6 +9,7 @@ import torch
 
 import jafar
 from jafar import JAFAR, build_upsampler
+from tests.errors_doc import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,7 @@ def test_api_refuses_in_one_sentence(case, call, exc, fragment):
     msg = str(info.value)
     assert fragment in msg, msg
     assert "\n" not in msg and msg.endswith("."), msg  # one sentence
+    record("api", case, info.value)
 
 
 def test_numpy_integers_are_a_valid_output_size():
@@ -202,6 +204,7 @@ def test_tools_refuse_in_one_sentence_before_work(tmp_path, case, make, exc, fra
     assert fragment in msg, msg
     assert "\n" not in msg and msg.endswith("."), msg
     assert not (tmp_path / "run").exists() and not (tmp_path / "typo").exists() and not (tmp_path / "data").exists()
+    record("tools", case, info.value)
 
 
 def _nan_step(module, pixels):
@@ -235,6 +238,7 @@ def test_pretraining_stops_at_the_first_non_finite_loss(make, pixels, fragment):
     msg = str(info.value)
     assert "non-finite loss at step 0" in msg and fragment in msg and "a.png, b.png" in msg, msg
     assert "\n" not in msg and msg.endswith("."), msg
+    record("pretrain_nonfinite", "NaN in the images" if "images" in fragment else "NaN upsampler weights", info.value)
 
 
 def test_a_run_that_trains_no_step_fails_and_writes_nothing(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_bev_demo
+from tests.errors_doc import record
 
 pytest.importorskip("nuscenes")
 
@@ -169,6 +170,7 @@ def test_bad_input_gets_one_sentence(synthetic_root, tmp_path, case, call, kind,
     assert "\n" not in message and message.endswith("."), message
     if callable(call) and getattr(call, "__name__", "") == "<lambda>":  # run() cases: refused before any work
         assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    record("bev", case, info.value)
 
 
 def test_missing_image_names_file_and_token(synthetic_root, tmp_path):
@@ -233,3 +235,4 @@ def test_non_finite_loss_stops_with_one_sentence(synthetic_root, tmp_path, callb
     assert f"at step {step}" in message and f"first non-finite input: {where}." in message, message
     token = json.loads((synthetic_root / "splits.json").read_text())  # noqa: F841 - the set has tokens
     assert "batch of samples ['" in message and "\n" not in message and message.endswith(".")
+    record("bev_nonfinite", f"NaN in {where}", info.value)
