@@ -119,6 +119,19 @@ class HeadAveragedAttention(nn.Module):
         self.out_proj.requires_grad_(False)
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # nn.MultiheadAttention packs q, k and v into one (3E, E) ``in_proj_weight`` when
+        # kdim == vdim == embed_dim (``_qkv_same_embed_dim``): an official checkpoint whose features
+        # are qk_dim wide (128) stores that and no q/k/v_proj_weight. Unpacked here, in its row order.
+        packed = state_dict.pop(prefix + "in_proj_weight", None)
+        if packed is not None:
+            if packed.shape != (3 * self.embed_dim, self.embed_dim) or self.v_proj_weight.shape[1] != self.embed_dim:
+                raise ValueError(f"a packed in_proj_weight {tuple(packed.shape)} fits only features of width "
+                                 f"qk_dim={self.embed_dim}; this model has v_dim={self.v_proj_weight.shape[1]}.")
+            for i, name in enumerate(("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                state_dict.setdefault(prefix + name, packed[i * self.embed_dim:(i + 1) * self.embed_dim])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # nn.MultiheadAttention._reset_parameters
@@ -436,11 +449,14 @@ class Release:
         return _RELEASE_URL.format(self.filename)
 
 
-#: The official releases (README of github PaulCouairon/JAFAR @ 94d4d54, "Available Models").
-#: The README labels ``vit_base_patch16_224.dino.pth`` "ViT-B-16" and ``vit_base_patch16_224.pth``
-#: "ViT-B-16-DINO"; the file names are timm model names (the official training config takes
-#: ``backbone.name`` from timm), so the first is DINO ViT-B/16 and the second the supervised
-#: ViT-B/16: the labels are swapped and we key the table by the files' backbones.
+#: The official releases: the seven of June 2025 (README of github PaulCouairon/JAFAR @ 94d4d54,
+#: "Available Models") and the DINOv3 and RADIO v2.5 files added later under the same release URL
+#: (the official ``hubconf.py``, ``WEIGHTS_URLS``; widths from its ``hydra_plugins/resolvers.py``,
+#: ``get_feature``). The README labels ``vit_base_patch16_224.dino.pth`` "ViT-B-16" and
+#: ``vit_base_patch16_224.pth`` "ViT-B-16-DINO"; the file names are timm model names (the official
+#: training config takes ``backbone.name`` from timm), so the first is DINO ViT-B/16 and the second
+#: the supervised ViT-B/16: the labels are swapped and we key the table by the files' backbones.
+#: RADIO's backbones are not timm models: their key is the RADIO version (``jafar.backbones.RADIO_BACKBONES``).
 OFFICIAL_RELEASES: Dict[str, Release] = {
     r.backbone: r
     for r in (
@@ -455,7 +471,33 @@ OFFICIAL_RELEASES: Dict[str, Release] = {
                 "ViT-B-16-CLIP"),
         Release("vit_base_patch16_siglip_512.v2_webli.pth", "vit_base_patch16_siglip_512.v2_webli", 768,
                 "ViT-B-16-SigLIP2"),
+        Release("vit_small_patch16_dinov3.lvd1689m.pth", "vit_small_patch16_dinov3.lvd1689m", 384, "DINOv3-S"),
+        Release("vit_small_plus_patch16_dinov3.lvd1689m.pth", "vit_small_plus_patch16_dinov3.lvd1689m", 384,
+                "DINOv3-S+"),
+        Release("vit_base_patch16_dinov3.lvd1689m.pth", "vit_base_patch16_dinov3.lvd1689m", 768, "DINOv3-B"),
+        Release("vit_large_patch16_dinov3.lvd1689m.pth", "vit_large_patch16_dinov3.lvd1689m", 1024, "DINOv3-L"),
+        Release("radio_v2.5-b.pth", "radio_v2.5-b", 768, "RADIO v2.5-B"),
+        Release("radio_v2.5-l.pth", "radio_v2.5-l", 1024, "RADIO v2.5-L"),
+        Release("radio_v2.5-h.pth", "radio_v2.5-h", 1280, "RADIO v2.5-H"),
     )
+}
+
+#: The official hub's short names (its ``hubconf.py``, ``load``'s name mapping) -> our release key.
+HUB_NAMES: Dict[str, str] = {
+    "dinov2_s": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_b": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_reg4_s": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov3_s": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_s_plus": "vit_small_plus_patch16_dinov3.lvd1689m",
+    "dinov3_b": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_l": "vit_large_patch16_dinov3.lvd1689m",
+    "dino_b": "vit_base_patch16_224.dino",
+    "clip_b": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "siglip2_b": "vit_base_patch16_siglip_512.v2_webli",
+    "vit_b": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "radio_b": "radio_v2.5-b",
+    "radio_l": "radio_v2.5-l",
+    "radio_h": "radio_v2.5-h",
 }
 
 
@@ -549,11 +591,13 @@ def save_checkpoint(model: JAFAR, path: PathLike, metadata: Optional[Dict[str, s
 
 
 def find_release(name: str) -> Optional[Release]:
-    """The release for ``name``: a backbone's timm name or short alias (``jafar.backbones``'s
-    table, e.g. ``dinov2_vits14``) or the release file's name without ``.pth``; None if none."""
+    """The release for ``name``: the official hub's short name (:data:`HUB_NAMES`, e.g.
+    ``dinov3_l``), a backbone's timm name or short alias (``jafar.backbones``'s table, e.g.
+    ``dinov2_vits14``), a RADIO version, or the release file's name with or without ``.pth``
+    (the official ``WEIGHTS_URLS`` keys); None if none."""
     from ..backbones import resolve_name
 
-    key = resolve_name(name)
+    key = HUB_NAMES.get(name) or resolve_name(name)
     if key in OFFICIAL_RELEASES:
         return OFFICIAL_RELEASES[key]
     return next((r for r in OFFICIAL_RELEASES.values() if r.filename in (name, f"{name}.pth")), None)
@@ -562,8 +606,9 @@ def find_release(name: str) -> Optional[Release]:
 def resolve_release(name: str) -> Release:
     release = find_release(name)
     if release is None:
-        raise ValueError(f"no official JAFAR release named {name!r}; known: {', '.join(sorted(OFFICIAL_RELEASES))} "
-                         f"(or their backbones' short names, e.g. dinov2_vits14, or the file names).")
+        raise ValueError(f"no official JAFAR release named {name!r}; known: {', '.join(HUB_NAMES)} (the official "
+                         f"hub's names), or {', '.join(sorted(OFFICIAL_RELEASES))} (their backbones), or the file "
+                         f"names.")
     return release
 
 
