@@ -308,10 +308,14 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def claim_run_dir(run_dir: Path, config: dict, resume, artefacts: Sequence[str] = RUN_ARTEFACTS) -> None:
+def claim_run_dir(run_dir: Path, config: dict, resume, artefacts: Sequence[str] = RUN_ARTEFACTS,
+                  record: Optional[DictConfig] = None) -> None:
     """Record ``config`` as the run directory's configuration (after :func:`check_run_dir`, when
     the inputs are known to be good). With ``resume=null`` the previous run's ``artefacts`` are
-    removed first, so nothing of it is reused or mixed in. First process of a job only."""
+    removed first, so nothing of it is reused or mixed in. ``record`` (the tool's composed config)
+    is written to ``.hydra/`` as Hydra would (:func:`save_hydra_record`): the tools' configs set
+    ``hydra.output_subdir: null``, so a rerun refused by :func:`check_run_dir` leaves the finished
+    run's ``.hydra/config.yaml`` as it was. First process of a job only."""
     if not is_global_zero():
         return
     run_dir = Path(run_dir)
@@ -323,6 +327,27 @@ def claim_run_dir(run_dir: Path, config: dict, resume, artefacts: Sequence[str] 
             elif path.exists():
                 path.unlink()
     write_json(run_dir / RUN_CONFIG, {"config": config})
+    if record is not None:
+        save_hydra_record(run_dir, record)
+
+
+def save_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """``<run_dir>/.hydra/{config,overrides,hydra}.yaml``: the composed config (unresolved, as
+    Hydra saves it), the command-line overrides and, inside a Hydra app, Hydra's own config;
+    each written atomically."""
+    folder = Path(run_dir) / ".hydra"
+    files = {"config.yaml": OmegaConf.to_yaml(cfg),
+             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(command_line_overrides()))}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        files["hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": HydraConfig.get()}))
+    except (ImportError, ValueError):  # composed outside a Hydra app (tests, notebooks)
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text)
 
 
 class RecordRunConfig(Callback):
