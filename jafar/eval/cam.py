@@ -1,4 +1,4 @@
-"""Grad-CAM faithfulness of upsampled features (``task=cam``, the paper's appendix A.1).
+"""Grad-CAM faithfulness of upsampled features (``task=cam``, the paper's Table 2 and appendix A.1).
 
 A frozen classifier is split at a spatial feature map ``A`` (``(B, C, h, w)``): the part before
 gives ``A``, the part after (the *head*) maps ``A`` to the class logits. For each image the
@@ -6,11 +6,18 @@ Grad-CAM of the target class ``c`` (Selvaraju et al., ICCV 2017) is computed fro
 *upsampled* to the image size by the row's upsampler ``U``::
 
     alpha_k = mean_ij d y_c / d A_kij                       (the gradient at the feature grid)
-    L       = ReLU(sum_k alpha_k U(image, A)_k)              (H x W), then scaled to [0, 1]
+    L       = ReLU(sum_k alpha_k U(image, A)_k)              (H x W)
 
 so the bilinear row is the usual Grad-CAM (bilinear interpolation commutes with the channel sum),
-and an image-guided upsampler sharpens it. Only correctly classified images are scored (the issue
-that specified this task; the paper's appendix says the same), with ``c`` their label.
+and an image-guided upsampler sharpens it. The re-encoding rows (Large Image, Strided) replace
+``U(image, A)`` by the same layer ``A`` of the classifier run again on the enlarged image, or at
+the reduced patch stride, resized bilinearly (:class:`CamReencode`); ``alpha`` stays the
+gradient at the original grid.
+
+Images scored: the paper scores 2,000 images drawn at random *among the correctly classified*
+ImageNet validation images. Here every validation image is classified first (top-1 = label),
+then ``task.images`` of the correct ones are drawn with ``task.sample_seed``
+(:func:`draw_correct`); ``c`` is their label.
 
 Classifiers (:func:`build_cam_classifier`):
 
@@ -23,36 +30,46 @@ Classifiers (:func:`build_cam_classifier`):
   reaches the head, so the patch tokens after the last block carry no gradient. ``A`` is the
   patch tokens entering the last block's attention (the output of ``blocks[-1].norm1``), the
   usual Grad-CAM target layer of a ViT (jacobgil/pytorch-grad-cam's ViT tutorial), and the head
-  is that block, the final norm and the classifier. The official JAFAR code has no CAM
-  evaluation, and the paper's appendix text could not be read offline: how the paper connects
-  the upsampled features to the class token is our reading, said in docs/eval_2d.md.
+  is that block, the final norm and the classifier. The official JAFAR code (github
+  PaulCouairon/JAFAR @ 94d4d54) has no CAM evaluation; which layer the paper upsamples is not
+  given there, and this one is our reading, said in docs/eval_2d.md.
 
-Metrics (per image, then averaged over the correctly classified images; ``Y`` is the softmax
-probability of ``c`` on the image, ``O`` on the explanation map ``E = x * L``):
+Metrics (per image, then averaged; ``Y`` is the softmax probability of ``c`` on the image ``x``,
+``O`` on the explanation image ``E``), two definitions (``task.definition``):
 
-* Average Drop (Chattopadhay et al., Grad-CAM++, WACV 2018): ``max(0, Y - O) / Y``;
-* Average Increase (ibid., "increase in confidence"): ``1[O > Y]``;
-* Average Gain (Zhang et al., Opti-CAM, 2024): ``max(0, O - Y) / (1 - Y)``;
-* Coherency (Poppi et al., "Revisiting the evaluation of class activation mapping for
-  explainability", CVPR-W 2021; reference code github aimagelab/ADCC ``metrics/coherency.py``):
-  the Pearson correlation of ``L(x)`` and ``L(E)`` (the CAM of the explanation map for the same
-  class), mapped to [0, 1] as ``(r + 1) / 2``; 0 when it is undefined (a constant map), as there;
-* Complexity (ibid., ``metrics/complexity.py``): the mean of ``|L|`` over the pixels (its L1
-  norm divided by ``H W``);
-* ADCC (ibid., ``metrics/adcc.py``): the harmonic mean of Coherency, 1 - Complexity and
-  1 - Average Drop, ``3 / (1/Coherency + 1/(1 - Complexity) + 1/(1 - AverageDrop))``, per image,
-  and 0 when one of the three is 0. ``results.json`` also gives ``adcc_of_means``, the same
-  formula on the averaged metrics.
+``paper`` (default): appendix A.1 of the paper (arXiv 2506.11136, equations 4-10, as transcribed
+in issue #16: the stored copy of the paper this code was written from gives only its opening):
 
-The explanation map multiplies the *normalised* image by ``L`` (the reference ADCC code
-multiplies the normalised input tensor by the saliency map: ``image_utils.py``
-``images_to_tensors``); ``mask_space=pixels`` multiplies the image in [0, 1] instead.
+* the explanation image keeps the pixels where the CAM is positive: ``E = x * 1[L > 0]``;
+* Average Drop ``max(0, Y - O) / Y`` (Chattopadhay et al., Grad-CAM++, WACV 2018);
+* Average Increase ``1[O > Y]`` (ibid., "increase in confidence");
+* Average Gain ``max(0, O - Y) / (1 - Y)`` (Zhang et al., Opti-CAM, 2024);
+* Coherency: the Pearson correlation of ``L(x)`` and ``L(E)`` (the CAM of the explanation image
+  for the same class and row), as ``(r + 1) / 2``; 0 where it is undefined (a constant map);
+* Complexity: the l0 norm of the CAM as a fraction of the pixels, ``#{L > 0} / (H W)``;
+* ADCC: the harmonic mean of Coherency, 1 - Complexity and 1 - Average Drop,
+  ``3 / (1/Coherency + 1/(1 - Complexity) + 1/(1 - AverageDrop))``, per image (0 when one of the
+  three is 0); ``results.json`` also gives ``adcc_of_means``, the same formula on the averages.
+
+``adcc_reference``: the reference code of ADCC (Poppi et al., "Revisiting the evaluation of class
+activation mapping for explainability", CVPR-W 2021; github aimagelab/ADCC @ e52dadf): the
+image multiplied by the min-max scaled saliency map, ``E = x * L`` (``main.py``:
+``explanation_map = image * saliency_map``), Complexity the mean of ``|L|`` (``metrics/
+complexity.py``: its L1 norm over ``H W``); A.D, Coherency and ADCC as above (``metrics/
+average_drop.py``, ``coherency.py``, ``adcc.py``).
+
+The CAM is scaled to [0, 1] for the pictures and the soft mask: by its maximum under ``paper``
+(so ``L > 0`` is the Grad-CAM's own support), min-max under ``adcc_reference`` (torchcam's
+normalisation, which the reference code uses); Coherency does not depend on the scaling. The mask
+multiplies the *normalised* image (``mask_space: normalized``, as the reference code, whose
+``image`` is the normalised tensor: ``image_utils.py`` ``apply_transform``); ``mask_space: pixels``
+multiplies the image in [0, 1] instead.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +83,14 @@ log = logging.getLogger(__name__)
 
 #: the per-image metrics, in the order of the paper's table
 CAM_METRICS = ("average_drop", "average_increase", "average_gain", "coherency", "complexity", "adcc")
+#: ``task.definition``: the paper's appendix A.1 (binary mask, l0 complexity) or the ADCC reference code
+DEFINITIONS = ("paper", "adcc_reference")
+
+
+def _check_definition(definition: str) -> None:
+    if definition not in DEFINITIONS:
+        raise ValueError(f"task.definition must be 'paper' (appendix A.1: binary mask, l0 complexity) or "
+                         f"'adcc_reference' (aimagelab/ADCC: soft mask, L1 complexity), got {definition!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +128,13 @@ def coherency(cam: torch.Tensor, cam_of_explanation: torch.Tensor) -> torch.Tens
     return torch.where(den > 0, out, torch.zeros_like(out)).to(cam.dtype)
 
 
-def complexity(cam: torch.Tensor) -> torch.Tensor:
-    """The mean of ``|cam|`` over the pixels, per image (``(B, H, W)``, maps in [0, 1])."""
+def complexity(cam: torch.Tensor, definition: str = "paper") -> torch.Tensor:
+    """Per image (``(B, H, W)`` maps in [0, 1]): the fraction of pixels where ``cam > 0`` (its l0
+    norm over ``H W``, ``paper``), or the mean of ``|cam|`` (its L1 norm over ``H W``,
+    ``adcc_reference``)."""
+    _check_definition(definition)
+    if definition == "paper":
+        return (cam > 0).to(cam.dtype).flatten(1).mean(1)
     return cam.abs().flatten(1).mean(1)
 
 
@@ -117,11 +147,12 @@ def adcc(average_drop_: torch.Tensor, coherency_: torch.Tensor, complexity_: tor
     return torch.where(ok, value, torch.zeros_like(value)).to(average_drop_.dtype)
 
 
-def cam_metrics(y: torch.Tensor, o: torch.Tensor, cam: torch.Tensor, cam_of_explanation: torch.Tensor) -> Dict[str, torch.Tensor]:
+def cam_metrics(y: torch.Tensor, o: torch.Tensor, cam: torch.Tensor, cam_of_explanation: torch.Tensor,
+                definition: str = "paper") -> Dict[str, torch.Tensor]:
     """Every per-image metric of :data:`CAM_METRICS` (fractions, ``(B,)`` each)."""
     drop = average_drop(y, o)
     coh = coherency(cam, cam_of_explanation)
-    com = complexity(cam)
+    com = complexity(cam, definition)
     return {"average_drop": drop, "average_increase": average_increase(y, o), "average_gain": average_gain(y, o),
             "coherency": coh, "complexity": com, "adcc": adcc(drop, coh, com)}
 
@@ -221,10 +252,23 @@ class TimmViTClassifier(CamClassifier):
         self.npt = int(model.num_prefix_tokens)
         self.target = f"{type(model).__name__}: blocks[-1].norm1 output (patch tokens entering the last attention)"
 
-    def split(self, image):
+    def split(self, image, stride: Optional[int] = None):
+        """``stride``: the patch embedding run at that stride (the Strided row), restored after."""
         m = self.model
+        proj = m.patch_embed.proj
+        old = proj.stride
+        try:
+            if stride is not None:
+                proj.stride = (int(stride), int(stride))
+            with torch.no_grad():
+                x = m.patch_embed(image)
+        finally:
+            proj.stride = old
+        if x.ndim == 4:  # dynamic_img_size: (B, h, w, C)
+            h, w = x.shape[1], x.shape[2]
+        else:
+            h, w = image.shape[-2] // m.patch_embed.patch_size[0], image.shape[-1] // m.patch_embed.patch_size[1]
         with torch.no_grad():
-            x = m.patch_embed(image)
             x = m._pos_embed(x)
             x = m.patch_drop(x)
             x = m.norm_pre(x)
@@ -232,7 +276,6 @@ class TimmViTClassifier(CamClassifier):
                 x = blk(x)
             t = m.blocks[-1].norm1(x)
         b, _, c = t.shape
-        h, w = image.shape[-2] // m.patch_embed.patch_size[0], image.shape[-1] // m.patch_embed.patch_size[1]
         patches = t[:, self.npt:].transpose(1, 2).reshape(b, c, h, w)
         return patches, (x, t[:, :self.npt])
 
@@ -264,6 +307,17 @@ def build_cam_classifier(backbone, backbone_cfg=None) -> CamClassifier:
 # ---------------------------------------------------------------------------------------------
 
 
+def _max_scaled(cam: torch.Tensor) -> torch.Tensor:
+    """Each non-negative ``(H, W)`` map divided by its maximum (its support ``cam > 0`` kept); an
+    all-zero map stays 0."""
+    hi = cam.flatten(1).max(1).values
+    return torch.where((hi > 0)[:, None, None], cam / hi.clamp_min(1e-30)[:, None, None], torch.zeros_like(cam))
+
+
+#: how a Grad-CAM is brought to [0, 1]: by its maximum (``paper``) or min-max (``adcc_reference``)
+_SCALINGS = {"max": _max_scaled}
+
+
 def _unit_range(cam: torch.Tensor) -> torch.Tensor:
     """Each ``(H, W)`` map scaled to [0, 1] (min-max); a constant map becomes 0."""
     flat = cam.flatten(1)
@@ -274,11 +328,15 @@ def _unit_range(cam: torch.Tensor) -> torch.Tensor:
 
 
 def grad_cam(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tensor, classes: torch.Tensor,
-             size: Sequence[int], return_low_res: bool = False):
+             size: Sequence[int], return_low_res: bool = False, scaling: str = "min_max"):
     """Grad-CAMs ``(B, H, W)`` in [0, 1] of ``classes`` for the normalised ``image``, from the
-    classifier's target features upsampled by ``upsampler`` to ``size``.
+    classifier's target features upsampled by ``upsampler`` to ``size``; ``scaling``: ``min_max``
+    or ``max`` (divided by the maximum: ``L > 0`` stays the Grad-CAM's support).
 
-    ``return_low_res``: also the Grad-CAM at the feature grid (``(B, h, w)``, [0, 1])."""
+    ``return_low_res``: also the Grad-CAM at the feature grid (``(B, h, w)``, min-max, [0, 1])."""
+    if scaling not in ("min_max", "max"):
+        raise ValueError(f"scaling must be 'min_max' or 'max', got {scaling!r}.")
+    scale = _SCALINGS.get(scaling, _unit_range)
     features, state = classifier.split(image)
     with torch.enable_grad():
         leaf = features.detach().float().requires_grad_(True)
@@ -290,7 +348,7 @@ def grad_cam(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tenso
         hr = upsampler(image, features.detach(), tuple(size)).float()
         if tuple(hr.shape[-2:]) != tuple(size):  # an upsampler that overshoots
             hr = F.interpolate(hr, size=tuple(size), mode="bilinear", align_corners=False)
-        cam = _unit_range(F.relu(torch.einsum("bc,bchw->bhw", alpha, hr)))
+        cam = scale(F.relu(torch.einsum("bc,bchw->bhw", alpha, hr)))
         if not return_low_res:
             return cam
         low = _unit_range(F.relu(torch.einsum("bc,bchw->bhw", alpha, features.float())))
@@ -298,15 +356,81 @@ def grad_cam(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tenso
 
 
 def explanation_map(normalized: torch.Tensor, image01: torch.Tensor, cam: torch.Tensor, normalize,
-                    mask_space: str = "normalized") -> torch.Tensor:
-    """The image masked by its CAM, as the classifier's (normalised) input: ``normalized * cam``
-    (``mask_space="normalized"``, the reference ADCC code) or ``normalize(image01 * cam)``
-    (``"pixels"``)."""
+                    mask_space: str = "normalized", definition: str = "paper") -> torch.Tensor:
+    """The image masked by its CAM, as the classifier's (normalised) input. The mask: ``1[cam > 0]``
+    (``definition="paper"``, appendix A.1) or ``cam`` itself (``"adcc_reference"``); applied as
+    ``normalized * mask`` (``mask_space="normalized"``, the reference ADCC code) or
+    ``normalize(image01 * mask)`` (``"pixels"``)."""
+    _check_definition(definition)
+    mask = (cam > 0).to(normalized.dtype) if definition == "paper" else cam
     if mask_space == "normalized":
-        return normalized * cam[:, None]
+        return normalized * mask[:, None]
     if mask_space == "pixels":
-        return normalize(image01 * cam[:, None])
+        return normalize(image01 * mask[:, None])
     raise ValueError(f"task.mask_space must be 'normalized' or 'pixels', got {mask_space!r}.")
+
+
+class CamReencode(nn.Module):
+    """The Large Image and Strided rows for a classifier whose Grad-CAM layer is not the backbone's
+    output (a ViT: the input of its last block): that layer of the classifier run again on the
+    image enlarged as the row says (:class:`jafar.upsamplers.LargeImage`, ``input_size``) or at the
+    row's patch stride (:class:`jafar.upsamplers.Strided`), then resized bilinearly to the output
+    size. The features given are ignored, as by the rows themselves."""
+
+    def __init__(self, classifier: "TimmViTClassifier", row: nn.Module):
+        super().__init__()
+        from ..upsamplers.reencode import LargeImage, Strided
+
+        if not isinstance(row, (LargeImage, Strided)):
+            raise TypeError(f"CamReencode wraps the large_image and strided rows, got {type(row).__name__}.")
+        self.classifier, self.row = classifier, row
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
+        from ..upsamplers.reencode import LargeImage
+
+        if isinstance(self.row, LargeImage):
+            big = F.interpolate(image, size=self.row.input_size(*image.shape[-2:]), mode="bilinear", align_corners=False)
+            feats, _ = self.classifier.split(big)
+        else:
+            feats, _ = self.classifier.split(image, stride=self.row.stride)
+        return F.interpolate(feats, size=tuple(output_size), mode="bilinear", align_corners=False)
+
+    def describe(self) -> str:
+        return self.row.describe().replace("the encoder", "the classifier up to its Grad-CAM layer")
+
+
+def cam_row(classifier: CamClassifier, upsampler: nn.Module) -> nn.Module:
+    """The row's upsampler as the Grad-CAM sees it: a re-encoding row (Large Image, Strided) with a
+    ViT classifier reads the Grad-CAM layer (:class:`CamReencode`); every other row as it is (with
+    MobileNetV2 the backbone's output *is* the Grad-CAM layer)."""
+    from ..upsamplers.reencode import LargeImage, Strided
+
+    if isinstance(classifier, TimmViTClassifier) and isinstance(upsampler, (LargeImage, Strided)):
+        return CamReencode(classifier, upsampler)
+    return upsampler
+
+
+def draw_correct(correct: Sequence[int], images: Optional[int], seed: int) -> List[int]:
+    """``images`` of the correctly classified indices ``correct``, drawn without replacement with
+    ``seed`` and returned sorted (all of them when ``images`` is None or not smaller)."""
+    correct = list(correct)
+    if images is None or int(images) >= len(correct):
+        return sorted(correct)
+    gen = torch.Generator().manual_seed(int(seed))
+    pick = torch.randperm(len(correct), generator=gen)[:int(images)].tolist()
+    return sorted(correct[i] for i in pick)
+
+
+def score_explanations(classifier: CamClassifier, x: torch.Tensor, image01: torch.Tensor, label: torch.Tensor,
+                       cam: torch.Tensor, cam_of, normalize, definition: str = "paper",
+                       mask_space: str = "normalized") -> Dict[str, torch.Tensor]:
+    """The metrics of :data:`CAM_METRICS` for images ``x`` (normalised) whose CAMs of ``label`` are
+    ``cam`` (``(B, H, W)``, [0, 1]): ``Y`` and ``O`` the softmax probabilities of the label on ``x``
+    and on its explanation image ``E``; ``cam_of(E)`` gives the CAMs of ``E`` (Coherency)."""
+    y = classifier.logits(x).double().softmax(1).gather(1, label[:, None])[:, 0]
+    e = explanation_map(x, image01, cam, normalize, mask_space, definition)
+    o = classifier.logits(e).double().softmax(1).gather(1, label[:, None])[:, 0]
+    return cam_metrics(y, o, cam, cam_of(e), definition)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,14 +453,17 @@ class CamTask(Task):
     needs_train = False
 
     def check(self, cfg) -> None:
-        from ..backbones import MOBILENET_BACKBONES
-
         t = cfg.task
         if int(t.batch_size) < 1:
             raise ValueError(f"task.batch_size must be a positive integer, got {t.batch_size}.")
         if str(t.mask_space) not in ("normalized", "pixels"):
             raise ValueError(f"task.mask_space must be 'normalized' (the reference ADCC code) or 'pixels', "
                              f"got {t.mask_space!r}.")
+        _check_definition(str(t.definition))
+        images = t.get("images")
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
+            raise ValueError(f"task.images must be a positive integer (the paper: 2000) or null (every correctly "
+                             f"classified image), got {images!r}.")
         for key in t.datasets:
             target = str(cfg.dataset.get(key, {}).get("_target_", ""))
             if target.rsplit(".", 1)[-1] in _NOT_CLASSIFICATION:
@@ -345,19 +472,23 @@ class CamTask(Task):
         if t.get("target_size") not in (None, t.image_size):
             raise ValueError(f"task=cam computes its maps at the image size: leave task.target_size null "
                              f"(got {t.target_size} for task.image_size={t.image_size}).")
-        if str(cfg.backbone.get("name")) not in MOBILENET_BACKBONES:
-            rows = [r for r in cfg.compare if str(cfg.upsamplers[r].get("name", r)) in ("large_image", "strided")]
-            if rows:
-                raise ValueError(f"compare includes {rows[0]}, which encodes the image again with the backbone's "
-                                 f"last layer, while task=cam takes a ViT's Grad-CAM at the input of its last "
-                                 f"block: drop it (compare=[...]).")
 
     def table_notes(self, ctx: EvalContext) -> List[str]:
+        from ..backbones import MobileNetV2Backbone
+
         clf = self.classifier(ctx)
         t = ctx.cfg.task
-        return [f"Classifier {ctx.backbone.name}, Grad-CAM target: {clf.target}; explanation map = the "
-                f"{'normalised' if t.mask_space == 'normalized' else '[0, 1]'} image times the CAM. Scores "
-                f"over the correctly classified images only (counts in results.json)."]
+        space = "normalised" if t.mask_space == "normalized" else "[0, 1]"
+        mask = "1[CAM > 0]" if t.definition == "paper" else "the CAM"
+        drawn = ("every correctly classified image" if t.get("images") is None else
+                 f"{int(t.images)} images drawn (seed {int(t.sample_seed)}) among the correctly classified ones")
+        notes = [f"Classifier {ctx.backbone.name}, Grad-CAM target: {clf.target}. Definitions: {t.definition} "
+                 f"(explanation image = the {space} image x {mask}; Complexity = "
+                 f"{'fraction of pixels with CAM > 0' if t.definition == 'paper' else 'mean |CAM|'}). "
+                 f"Scores over {drawn} (counts in results.json)."]
+        if isinstance(ctx.backbone, MobileNetV2Backbone):
+            notes.append("No Strided row: MobileNetV2 is a CNN, with no patch embedding whose stride could be reduced.")
+        return notes
 
     def classifier(self, ctx: EvalContext) -> CamClassifier:
         if "cam_classifier" not in ctx.extras:
@@ -367,50 +498,72 @@ class CamTask(Task):
                 ctx.backbone, OmegaConf.to_container(ctx.cfg.backbone, resolve=True))
         return ctx.extras["cam_classifier"]
 
+    def classified(self, ctx: EvalContext, data: DatasetSplits) -> Tuple[List[int], int]:
+        """The indices of ``data.val`` the classifier gets right (top-1 = label) and the number of
+        images classified: one pass per data set, shared by every row."""
+        cache = ctx.extras.setdefault("cam_correct", {})
+        if data.key not in cache:
+            from torch.utils.data import DataLoader
+            from tqdm.auto import tqdm
+
+            t, device = ctx.cfg.task, eval_device(ctx.cfg)
+            clf = self.classifier(ctx).to(device)
+            ctx.backbone.to(device)
+            loader = DataLoader(data.val, batch_size=int(t.batch_size), shuffle=False, num_workers=int(t.num_workers))
+            correct, seen = [], 0
+            for batch in tqdm(loader, desc=f"{data.key}: classifying",
+                              disable=not bool(ctx.cfg.trainer.get("enable_progress_bar", True))):
+                image01 = batch["image"].to(device)
+                label = torch.as_tensor(batch["label"]).view(-1).long().to(device)
+                keep = (clf.logits(ctx.backbone.normalize(image01)).argmax(1) == label).cpu()
+                correct += [int(i) for i, k in zip(batch["index"].tolist(), keep.tolist()) if k]
+                seen += int(label.numel())
+            cache[data.key] = (correct, seen)
+            log.info("%s: %d of %d images classified correctly", data.key, len(correct), seen)
+        return cache[data.key]
+
     def evaluate(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: nn.Module, out_dir) -> dict:
         import time
 
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, Subset
         from tqdm.auto import tqdm
 
         cfg, t = ctx.cfg, ctx.cfg.task
+        definition, mask_space = str(t.definition), str(t.mask_space)
+        scaling = "max" if definition == "paper" else "min_max"
         device = eval_device(cfg)
+        start = time.time()
+        correct, seen = self.classified(ctx, data)
+        chosen = draw_correct(correct, t.get("images"), int(t.sample_seed))
+        if t.get("images") is not None and len(chosen) < int(t.images):
+            log.warning("%s: %d correctly classified images, fewer than task.images=%d: scoring them all.",
+                        data.key, len(chosen), int(t.images))
         clf = self.classifier(ctx).to(device)
         ctx.backbone.to(device)
-        upsampler = upsampler.to(device).eval()
+        up = cam_row(clf, upsampler.to(device).eval())
         size = (int(t.image_size), int(t.image_size))
-        wanted = set(picture_indices(len(data.val), int(t.pictures)))
-        loader = DataLoader(data.val, batch_size=int(t.batch_size), shuffle=False, num_workers=int(t.num_workers))
-        meter, pictures, seen, correct = CamMeter(), [], 0, 0
-        start = time.time()
+        wanted = {chosen[i] for i in picture_indices(len(chosen), int(t.pictures))}
+        loader = DataLoader(Subset(data.val, chosen), batch_size=int(t.batch_size), shuffle=False,
+                            num_workers=int(t.num_workers))
+        meter, pictures = CamMeter(), []
         bar = tqdm(loader, desc=f"{data.key} / {row}", disable=not bool(cfg.trainer.get("enable_progress_bar", True)))
         for batch in bar:
             image01 = batch["image"].to(device)
             label = torch.as_tensor(batch["label"]).view(-1).long().to(device)
             x = ctx.backbone.normalize(image01)
-            logits = clf.logits(x)
-            keep = logits.argmax(1) == label
-            seen += int(label.numel())
-            correct += int(keep.sum())
-            if not bool(keep.any()):
-                continue
-            x, image01, label, probs = x[keep], image01[keep], label[keep], logits[keep].softmax(1)
-            index = batch["index"][keep.cpu()].tolist()
-            names = [n for n, k in zip(batch["name"], keep.tolist()) if k]
-            cam, low = grad_cam(clf, upsampler, x, label, size, return_low_res=True)
-            e = explanation_map(x, image01, cam, ctx.backbone.normalize, str(t.mask_space))
-            o = clf.logits(e).softmax(1).gather(1, label[:, None])[:, 0]
-            y = probs.gather(1, label[:, None])[:, 0]
-            cam_e = grad_cam(clf, upsampler, e, label, size)
-            meter.update(cam_metrics(y.double(), o.double(), cam, cam_e))
-            for j, i in enumerate(index):
+            cam, low = grad_cam(clf, up, x, label, size, return_low_res=True, scaling=scaling)
+            metrics = score_explanations(clf, x, image01, label, cam,
+                                         lambda e: grad_cam(clf, up, e, label, size, scaling=scaling),
+                                         ctx.backbone.normalize, definition, mask_space)
+            meter.update(metrics)
+            for j, i in enumerate(batch["index"].tolist()):
                 if i in wanted:
-                    pictures.append({"index": int(i), "name": names[j], "image": image01[j].cpu(),
+                    pictures.append({"index": int(i), "name": batch["name"][j], "image": image01[j].cpu(),
                                      "target": low[j].cpu(), "prediction": cam[j].cpu()})
-            bar.set_postfix(correct=f"{correct}/{seen}")
         metrics = meter.compute()
         metrics["classified_images"] = seen
-        metrics["accuracy"] = correct / max(seen, 1)
+        metrics["correct_images"] = len(correct)
+        metrics["accuracy"] = len(correct) / max(seen, 1)
         if meter.images == 0:
             log.warning("%s / %s: no image was classified correctly; nothing to score.", data.key, row)
         return {"metrics": metrics, "pictures": pictures, "seconds": round(time.time() - start, 1),
