@@ -33,13 +33,47 @@ def tiny(task, data_dir, *overrides):
 def test_configs_compose_for_every_task_and_the_demo():
     seg = compose_eval()
     assert list(seg.task.datasets) == ["coco", "voc", "ade20k", "cityscapes"]
-    assert seg.task.probe.batch_size == 4 and seg.task.probe.scheduler_interval == "epoch"
+    assert seg.task.probe.batch_size == 4 and seg.task.probe.scheduler == "official" and seg.task.normalize_input
+    # the paper's epochs: 5 on COCO-Stuff (the data set's own), 20 on the others (the task's)
+    assert seg.task.probe.epochs == 20 and seg.dataset.coco.epochs == 5
+    assert all(seg.dataset[k].epochs is None for k in ("voc", "ade20k", "cityscapes"))
+    assert seg.upsamplers.large_image.scale == 8 and compose_eval("task=ovseg").upsamplers.large_image.scale == 2
     assert seg.dataset.cityscapes.num_classes == 19 and seg.upsamplers.jafar.checkpoint == seg.backbone.name
     assert compose_eval("dataset.cityscapes.classes=27").dataset.cityscapes.num_classes == 27
     depth = compose_eval("task=depth", "experiment=demo")
     assert list(depth.task.datasets) == ["demo_depth"] and depth.backbone.name == "mobilenetv2_s16"
     assert "recipe" not in depth  # the eval demo, not the pretraining demo (configs/experiment/pretrain/demo.yaml)
     assert "strided" not in depth.compare and "strided" in seg.compare
+
+
+def test_depth_presets_paper_and_the_authors_command():
+    paper = compose_eval("task=depth")  # the paper: COCO images, 5 epochs, batch 4
+    assert list(paper.task.datasets) == ["coco"] and paper.task.probe.epochs == 5 and paper.dataset.coco.epochs == 5
+    assert paper.task.probe.batch_size == 4 and paper.task.normalize_input and paper.task.gradient_weight == 0.5
+    # github PaulCouairon/JAFAR issue #5: optimizer.lr=5e-3 dataset_evaluation=coco
+    # train_dataloader.batch_size=2 num_epochs=5, on train_probes.py's unnormalised depth images
+    cmd = compose_eval("task=depth", "experiment=official_command")
+    assert list(cmd.task.datasets) == ["coco"] and cmd.task.probe.lr == 5e-3 and cmd.task.probe.batch_size == 2
+    assert cmd.task.probe.epochs == 5 and cmd.dataset.coco.epochs is None and cmd.task.probe.scheduler == "official"
+    assert cmd.task.normalize_input is False and cmd.task.gradient_weight == 0
+    seg = compose_eval("task=seg", "experiment=official_command")  # config/eval.yaml as released
+    assert seg.task.probe.batch_size == 2 and seg.task.probe.epochs == 20 and seg.dataset.coco.epochs is None
+
+
+def test_epochs_per_data_set_in_one_run(tmp_path):
+    """The paper's COCO-Stuff 5 / others 20 in one invocation, at test size: one data set at its
+    own 2 epochs, the other at the task's 1."""
+    cfg = tiny("seg", tmp_path / "data", "compare=[bilinear]")
+    with open_dict(cfg):
+        cfg.dataset.demo_seg_b = OmegaConf.merge(cfg.dataset.demo_seg, {"name": "Demo B", "epochs": 2})
+        cfg.task.datasets = ["demo_seg", "demo_seg_b"]
+    res = run(cfg, tmp_path / "run")
+    assert res["results"]["demo_seg"]["bilinear"]["epochs"] == 1 and res["results"]["demo_seg_b"]["bilinear"]["epochs"] == 2
+    # what Lightning ran: 3 training images in batches of 2 = 2 steps per epoch
+    steps = {k: torch.load(tmp_path / "run" / k / "bilinear" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+             for k in ("demo_seg", "demo_seg_b")}
+    assert steps == {"demo_seg": 2, "demo_seg_b": 4}
+    assert res["datasets"]["demo_seg_b"]["epochs"] == 2 and "epochs" not in res["datasets"]["demo_seg"]
 
 
 def test_seg_end_to_end_then_reuse(tmp_path):
@@ -102,7 +136,9 @@ def test_depth_end_to_end(tmp_path):
     ("compare=[bilinear,carafe]", "compare lists 'carafe'"),
     ("task.datasets=[pascal_context]", "task.datasets names 'pascal_context'"),
     ("task.probe.epochs=0", "task.probe.epochs"),
-    ("task.probe.scheduler_interval=batch", "scheduler_interval"),
+    ("task.probe.scheduler=batch", "task.probe.scheduler must be official"),
+    ("task.normalize_input=maybe", "task.normalize_input must be true"),
+    ("dataset.demo_seg.epochs=0", "dataset.demo_seg.epochs must be a positive integer"),
     ("resume=always", "resume must be"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, override, message):
@@ -234,19 +270,57 @@ def test_frozen_parts_move_with_the_probe_but_are_neither_trained_nor_saved():
     assert not any(k.startswith("pseudo_labeler") for k in depth.state_dict())
 
 
-def test_schedules_per_epoch_and_per_step():
+@pytest.mark.parametrize("scheduler", ["official", "naf", "per_epoch"])
+def test_the_three_schedules_against_their_formulas(tmp_path, scheduler):
+    """The learning rate of every training step of a 3-epoch, 2-batch run, against the cosine
+    0.5 lr (1 + cos(pi t / T_max)) written out per source: official (train_probes.py: T_max =
+    num_epochs, t = batches done), naf (valeoai/NAF: T_max = epochs x batches), per_epoch (t =
+    epochs done)."""
+    import math
+
     from jafar import build_upsampler
 
-    probe = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, epochs=20)
-    conf = probe.configure_optimizers()
-    assert conf["lr_scheduler"]["interval"] == "epoch" and conf["lr_scheduler"]["scheduler"].T_max == 20
-    official = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, epochs=20,
-                                 scheduler_interval="step", t_max=20)  # the official code: T_max=num_epochs, per batch
-    conf = official.configure_optimizers()
-    assert conf["lr_scheduler"]["interval"] == "step" and conf["lr_scheduler"]["scheduler"].T_max == 20
-    with pytest.raises(ValueError, match="scheduler_interval"):
-        SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32,
-                          scheduler_interval="batch")
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    probe = SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, lr=1.0,
+                              epochs=3, scheduler=scheduler, hflip=0.0)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[Record()],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(probe, DataLoader(Halves(), batch_size=4))  # 8 images: 2 batches per epoch, 6 steps
+    cos = lambda t, T: 0.5 * (1 + math.cos(math.pi * t / T))  # noqa: E731
+    expected = {"official": [cos(k, 3) for k in range(6)],  # period 2 x 3 batches: back up after step 3
+                "naf": [cos(k, 6) for k in range(6)],
+                "per_epoch": [cos(k // 2, 3) for k in range(6)]}[scheduler]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        SegmentationProbe(PooledPixels(), build_upsampler("bilinear"), num_classes=2, target_size=32, scheduler="step")
+
+
+def test_normalize_input_false_feeds_the_image_in_0_1():
+    """The official depth run: backbone and upsampler get the image as it is (mean 0, std 1)."""
+    from jafar import build_upsampler
+
+    seen = []
+
+    class Shifted(PooledPixels):
+        def __init__(self):
+            super().__init__()
+            self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+        def _features(self, images):
+            seen.append(images.clone())
+            return super()._features(images)
+
+    image = torch.rand(1, 3, 32, 32)
+    for flag, expected in ((True, (image - 0.5) / 0.25), (False, image)):
+        probe = SegmentationProbe(Shifted(), build_upsampler("bilinear"), num_classes=2, target_size=32,
+                                  normalize_input=flag)
+        probe.upsampled(image)
+        assert torch.allclose(seen[-1], expected)
 
 
 def test_the_tool_runs_from_the_command_line(tmp_path):

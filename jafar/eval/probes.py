@@ -6,7 +6,7 @@ convolution, as in the official evaluation (github PaulCouairon/JAFAR @ 94d4d54,
   size; logits resized bilinearly to the label size when an upsampler overshoots;
 * training: AdamW on the probe only (lr 5e-4, betas (0.9, 0.999), weight decay 1e-5:
   ``config/eval.yaml`` overriding ``config/optimizer/adamw.yaml``), a horizontal flip of the
-  whole batch with probability 0.5, a cosine schedule (``CosineAnnealingLR``);
+  whole batch with probability 0.5, a cosine schedule (``CosineAnnealingLR``, see below);
 * segmentation (:class:`SegmentationProbe`): ``Conv2d(C, K, 1)``, cross-entropy over the
   pixels not labelled 255; mIoU and pixel accuracy (:mod:`jafar.eval.metrics`);
 * depth (:class:`DepthProbe`): the features concatenated with the L2-normalised class token
@@ -14,13 +14,27 @@ convolution, as in the official evaluation (github PaulCouairon/JAFAR @ 94d4d54,
   depth = the bins' expectation (bins ``linspace(min_depth, max_depth, 256)``); loss
   ``SigLoss`` (with its 100-step warm-up) + 0.5 ``GradientLoss``; delta_1, RMSE and the others.
 
-Departures, each a config key: the schedule is stepped per epoch by default (the official code
-calls ``scheduler.step()`` after every batch with ``T_max = num_epochs``: ``scheduler_interval:
-step`` with ``t_max`` equal to the epochs reproduces that), batch size 4 by default (official 2).
-The official ``GradientLoss`` slices the batch and channel dimensions (``x[0:-2, :]``) instead of
-the image's rows and columns, which makes it zero at batch size 2; the intended multi-scale
-gradient-matching loss (MegaDepth) is used here, on rows and columns. Backbones without a class
-token (MobileNetV2) use the mean of their features instead (``global_token``).
+The learning-rate schedule (``scheduler``; the paper names none) is one of three cosines
+(``CosineAnnealingLR`` down to 0):
+
+* ``official``: ``T_max = epochs`` stepped after every *batch*, as the official
+  ``UpsamplerEvaluator.set_optimizer`` / ``train`` (``self.scheduler.step()`` inside the batch
+  loop): a cosine with a period of ``2 x epochs`` batches. The released probes and logs (VOC
+  84.45, ADE20K 40.29, Cityscapes 61.27 mIoU) came from it, so it is the default;
+* ``naf``: ``T_max = epochs x batches per epoch`` stepped per batch, one half-cosine over the run
+  (the authors' later code, github valeoai/NAF ``evaluation/eval_seg_probing.py``,
+  ``set_optimizer``);
+* ``per_epoch``: ``T_max = epochs`` stepped once per epoch.
+
+``normalize_input``: the backbone (and the upsampler) get the image normalised with the
+backbone's mean/std (True, as the official segmentation run), or the image in [0, 1] as it is
+(False: the official depth run builds its loaders with mean 0 and std 1, ``main`` of
+``train_probes.py``). Batch size 4 by default (the paper; official 2). The official
+``GradientLoss`` slices the batch and channel dimensions (``x[0:-2, :]``) instead of the image's
+rows and columns, which makes it zero at batch size 2; the intended multi-scale gradient-matching
+loss (MegaDepth) is used here, on rows and columns (``gradient_weight: 0`` is the official run at
+batch 2). Backbones without a class token (MobileNetV2) use the mean of their features instead
+(``global_token``).
 
 The randomness of a step (the flip) is a function of ``(seed, step)`` and the shuffling of a
 function of ``(seed, epoch)``, so a run resumed from its last epoch checkpoint replays the rest.
@@ -46,6 +60,22 @@ from ..train.data import step_seed
 from .metrics import IGNORE_INDEX, DepthMetrics, segmentation_metrics
 
 log = logging.getLogger(__name__)
+
+
+#: the probes' learning-rate schedules (module docstring): official, naf, per_epoch
+SCHEDULERS = ("official", "naf", "per_epoch")
+
+
+def scheduler_plan(scheduler: str, epochs: int, total_steps) -> tuple:
+    """``(T_max, interval)`` of the cosine named ``scheduler`` for a run of ``epochs`` epochs;
+    ``total_steps``: a callable giving the run's number of optimiser steps (``naf`` only)."""
+    if scheduler == "official":
+        return int(epochs), "step"
+    if scheduler == "naf":
+        return int(total_steps()), "step"
+    if scheduler == "per_epoch":
+        return int(epochs), "epoch"
+    raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
 
 
 class EpochShuffleSampler(Sampler):
@@ -93,19 +123,19 @@ class LinearProbe(FrozenChildren, L.LightningModule):
 
     def __init__(self, backbone, upsampler: nn.Module, target_size: int, lr: float = 5e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5, epochs: int = 20,
-                 scheduler_interval: str = "epoch", t_max: Optional[int] = None, hflip: float = 0.5,
-                 seed: int = 0, picture_indices: Sequence[int] = (), cache_features: bool = False):
+                 scheduler: str = "official", hflip: float = 0.5, seed: int = 0, picture_indices: Sequence[int] = (),
+                 cache_features: bool = False, normalize_input: bool = True):
         super().__init__()
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
         # frozen and shared between runs: moved with the probe, kept out of its checkpoints; the
         # upsampler's dropout / batch norm (FeatUp, LiFT) stay in inference mode
         self.add_frozen("backbone", backbone)
         self.add_frozen("upsampler", upsampler)
         self.target_size = int(target_size)
         self.lr, self.betas, self.weight_decay = float(lr), tuple(float(b) for b in betas), float(weight_decay)
-        self.epochs, self.scheduler_interval = int(epochs), scheduler_interval
-        self.t_max = None if t_max is None else int(t_max)
+        self.epochs, self.schedule = int(epochs), scheduler
+        self.normalize_input = bool(normalize_input)
         self.hflip, self.seed = float(hflip), int(seed)
         self.picture_indices = set(int(i) for i in picture_indices)
         self.pictures: List[dict] = []
@@ -123,7 +153,7 @@ class LinearProbe(FrozenChildren, L.LightningModule):
     def upsampled(self, image: torch.Tensor):
         """Image in [0, 1] -> upsampled features ``(B, C, T, T)`` and the global token ``(B, C)``
         (None unless the probe uses one)."""
-        x = self.backbone.normalize(image)
+        x = self.backbone.normalize(image) if self.normalize_input else image
         feats, token = encode(self.backbone, x, getattr(self, "global_token", "none"))
         with torch.no_grad():
             hr = self.upsampler(x, feats, (self.target_size, self.target_size))
@@ -174,14 +204,10 @@ class LinearProbe(FrozenChildren, L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, betas=self.betas,
                                 weight_decay=self.weight_decay)
-        if self.t_max is not None:
-            t_max = self.t_max
-        elif self.scheduler_interval == "epoch":
-            t_max = self.epochs
-        else:
-            t_max = int(self.trainer.estimated_stepping_batches)
+        t_max, interval = scheduler_plan(self.schedule, self.epochs,
+                                         lambda: int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t_max))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 #: data-set config keys read by this module (the rest goes to the data set's constructor)
 _DATASET_KEYS = ("name", "prepare", "prepare_args", "train_split", "val_split", "max_train_images",
-                 "max_val_images", "num_classes")
+                 "max_val_images", "num_classes", "epochs")
 #: upsampler config keys read by this module
 _UPSAMPLER_KEYS = ("pretrain_if_missing",)
 #: keys that do not change an evaluation's numbers (besides :data:`jafar.runs.NOT_IDENTITY`): where
@@ -91,6 +91,8 @@ class DatasetSplits:
     num_classes: Optional[int]
     class_names: Optional[Sequence[str]]
     info: dict
+    #: this data set's probe epochs (``dataset.<key>.epochs``), None: the task's ``probe.epochs``
+    epochs: Optional[int] = None
 
 
 class Task:
@@ -149,13 +151,18 @@ def get_task(name: str) -> Task:
 class ProbeTask(Task):
     """A linear probe trained on the training split and scored on the validation split."""
 
+    @staticmethod
+    def epochs(cfg: DictConfig, data: DatasetSplits) -> int:
+        """The probe's epochs on ``data``: the data set's own ``epochs`` (the paper: 5 on COCO-Stuff,
+        ``configs/dataset/coco.yaml``), else the task's ``probe.epochs``."""
+        return int(data.epochs) if data.epochs is not None else int(cfg.task.probe.epochs)
+
     def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits) -> dict:
         t = ctx.cfg.task
         p = t.probe
         return dict(target_size=int(t.target_size or t.image_size), lr=float(p.lr), betas=tuple(p.betas),
-                    weight_decay=float(p.weight_decay), epochs=int(p.epochs),
-                    scheduler_interval=str(p.scheduler_interval),
-                    t_max=None if p.get("t_max") is None else int(p.t_max), hflip=float(p.hflip),
+                    weight_decay=float(p.weight_decay), epochs=self.epochs(ctx.cfg, data),
+                    scheduler=str(p.scheduler), hflip=float(p.hflip), normalize_input=bool(t.normalize_input),
                     seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)),
                     cache_features=bool(p.get("cache_features", False)))
 
@@ -169,9 +176,19 @@ class ProbeTask(Task):
         if int(p.batch_size) < 1 or int(p.val_batch_size) < 1:
             raise ValueError(f"task.probe.batch_size and val_batch_size must be positive, got "
                              f"{p.batch_size}, {p.val_batch_size}.")
-        if str(p.scheduler_interval) not in ("epoch", "step"):
-            raise ValueError(f"task.probe.scheduler_interval must be 'epoch' (the paper) or 'step' (the official "
-                             f"code), got {p.scheduler_interval!r}.")
+        from .probes import SCHEDULERS
+
+        if str(p.scheduler) not in SCHEDULERS:
+            raise ValueError(f"task.probe.scheduler must be official (the official code: T_max=epochs stepped per "
+                             f"batch), naf (T_max=all steps, per batch) or per_epoch, got {p.scheduler!r}.")
+        if not isinstance(cfg.task.get("normalize_input"), bool):
+            raise ValueError(f"task.normalize_input must be true (the backbone's mean/std) or false (the image in "
+                             f"[0, 1], the official depth run), got {cfg.task.get('normalize_input')!r}.")
+        for key in cfg.task.datasets:
+            e = cfg.dataset.get(key, {}).get("epochs")
+            if e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 1):
+                raise ValueError(f"dataset.{key}.epochs must be a positive integer or null (the task's "
+                                 f"probe.epochs), got {e!r}.")
         if not 0 <= float(p.hflip) <= 1:
             raise ValueError(f"task.probe.hflip must be a probability, got {p.hflip}.")
         if not float(p.lr) > 0:
@@ -179,6 +196,7 @@ class ProbeTask(Task):
 
     def evaluate(self, ctx, data, row, upsampler, out_dir):
         cfg, p = ctx.cfg, ctx.cfg.task.probe
+        epochs = self.epochs(cfg, data)
         feature_dim = int(ctx.backbone.embed_dim)
         module = self.build_probe(ctx, data, upsampler, feature_dim)
         from .probes import EpochShuffleSampler
@@ -193,7 +211,7 @@ class ProbeTask(Task):
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         fit_kwargs = {**trainer_kwargs, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # scored once, after
         trainer = runs.make_trainer(out_dir, fit_kwargs, checkpointing=runs.epoch_checkpoints(ckpt_dir),
-                                    run_config=ctx.pair_configs.get((data.key, row)), max_epochs=int(p.epochs))
+                                    run_config=ctx.pair_configs.get((data.key, row)), max_epochs=epochs)
         start = time.time()
         with runs.quiet_lightning(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*validation_step` but have no `val_dataloader.*")  # scored after
@@ -204,7 +222,7 @@ class ProbeTask(Task):
             val_trainer.validate(module, dataloaders=val, verbose=False)
         module._cache.clear()  # the cached features of this pair are not needed any more
         return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
-                "seconds": round(time.time() - start, 1), "epochs": int(p.epochs),
+                "seconds": round(time.time() - start, 1), "epochs": epochs,
                 "train_images": len(data.train), "val_images": len(data.val)}
 
 
@@ -331,8 +349,11 @@ def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
     base = val.dataset if isinstance(val, Subset) else val
     info = {"name": extra["name"] or key, "train_images": len(train) if train is not None else 0,
             "val_images": len(val), "num_classes": extra["num_classes"]}
+    if extra["epochs"] is not None and task.needs_train:
+        info["epochs"] = int(extra["epochs"])
     return DatasetSplits(key, extra["name"] or key, train, val, extra["num_classes"],
-                         getattr(base, "class_names", None), info)
+                         getattr(base, "class_names", None), info,
+                         None if extra["epochs"] is None else int(extra["epochs"]))
 
 
 def _run_pretraining_demo(checkpoint: Path) -> None:
