@@ -131,6 +131,13 @@ def _other_tool_own_last(ctx):
     return runs.resolve_resume("auto", last.parent, expected_keys=("encoder.", "head."))
 
 
+def _extend_finished_run(ctx):
+    """A finished run continued with a larger trainer.max_steps: its OneCycle schedule was laid
+    out for the old length (Lightning stopped with 'Tried to step 7 times'), so it is refused."""
+    run(_demo(ctx, "trainer.max_steps=1"), ctx["tmp"] / "done")
+    return run(_demo(ctx, "trainer.max_steps=2"), ctx["tmp"] / "done")
+
+
 #: (case id, a callable of the fixture context, exception type, fragment of the sentence)
 CASES = [
     ("max_steps=0", _run("trainer.max_steps=0"), ValueError, "trainer.max_steps must be a positive number"),
@@ -151,6 +158,8 @@ CASES = [
      "resume=auto found '"),
     ("resume=auto, own last.ckpt of the other tool", _other_tool_own_last, ValueError,
      "is a checkpoint of tools/pretrain_jafar.py (its weights have no 'encoder.' keys)"),
+    ("extend a finished run's max_steps", _extend_finished_run, ValueError,
+     "holds a run of another configuration (trainer.max_steps: 1 -> 2)"),
     ("synthetic set made with other settings", _other_synthetic_settings, ValueError,
      "made with other settings (version='v1.0-mini' (asked 'v1.0-trainval'))"),
     ("missing camera image", _missing_image, FileNotFoundError, "1 of the 12 camera files"),
