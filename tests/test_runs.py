@@ -249,3 +249,31 @@ def test_the_eval_trains_a_missing_jafar_with_the_pretraining_library_leaving_it
     assert seen["run_dir"] == tmp_path / "pre" and cfg.data.root == str(tmp_path / "pre" / "photos")
     assert cfg.name == "demo" and cfg.trainer.max_steps == 300 and cfg.recipe.image_size == 224  # the pretraining demo
     assert compose_eval("experiment=demo").compare[0] == "nearest"  # the evaluation's experiments are back
+
+
+def test_a_refused_rerun_leaves_the_finished_runs_hydra_record(tmp_path):
+    """Issue #17: Hydra wrote .hydra/config.yaml before the identity check, so a refused rerun
+    under an existing name overwrote the finished run's record. The tools' configs set
+    ``hydra.output_subdir: null`` and the record is written by claim_run_dir, after the checks."""
+    import subprocess
+    import sys
+
+    for root in ("pretrain", "train_bev", "eval_2d"):
+        cfg = OmegaConf.load(ROOT / "configs" / f"{root}.yaml")
+        assert cfg.hydra.output_subdir is None, root
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("finished: run\n")
+    runs.write_json(run_dir / runs.RUN_CONFIG, {"config": {"seed": 12345}})  # a run of another configuration
+    proc = subprocess.run([sys.executable, "tools/pretrain_jafar.py", "experiment=demo", f"hydra.run.dir={run_dir}",
+                           f"data.root={tmp_path / 'photos'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a run of another configuration" in proc.stderr, proc.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "finished: run\n"
+    assert not (tmp_path / "photos").exists()  # refused before any work
+
+
+def test_claim_run_dir_writes_the_hydra_record(tmp_path):
+    cfg = OmegaConf.create({"seed": 3, "name": "${seed}_x"})
+    runs.claim_run_dir(tmp_path, {"seed": 3}, "auto", record=cfg)
+    assert OmegaConf.load(tmp_path / ".hydra" / "config.yaml") == cfg  # unresolved, as Hydra saves it
+    assert OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml") == []

@@ -475,7 +475,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                          f"(drop it: compare=[...]).")
     data = {key: build_datasets(cfg, key, task) for key in cfg.task.datasets}
     rows = {row: build_upsampler_row(cfg, row, backbone) for row in cfg.compare}
-    runs.claim_run_dir(run_dir, shared, cfg.resume, artefacts=())
+    runs.claim_run_dir(run_dir, shared, cfg.resume, artefacts=(), record=cfg)
     ctx = EvalContext(cfg=cfg, run_dir=run_dir, backbone=backbone, resume=resume, pair_configs=configs)
     summary = {
         "task": task.name, "title": task.title, "backbone": str(backbone.name),

@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         train_files, val_files = split_holdout(files, int(data_cfg.val_images), int(cfg.seed))
     check_readable(train_files, data_cfg.root)
-    runs.claim_run_dir(run_dir, identity, cfg.resume, ARTEFACTS)
+    runs.claim_run_dir(run_dir, identity, cfg.resume, ARTEFACTS, record=cfg)
     log.info("%d training images, %d validation images; run directory %s", len(train_files), len(val_files), run_dir)
 
     runs.seed_everything(cfg.seed)
