@@ -121,6 +121,6 @@ def test_help_lists_the_groups_and_options(tool, script):
                          cwd=ROOT, timeout=120).stdout
     groups = {line.split(":")[0]: line.split(": ")[1] for line in out.split("== Config ==")[0].splitlines()
               if ": " in line}
-    assert groups["experiment"] == ("demo, official" if tool == "pretrain" else "demo")
+    assert groups["experiment"] == {"pretrain": "demo, official", "eval_2d": "demo, official_command"}.get(tool, "demo")
     assert "jafar" in groups["upsampler"] and "mobilenetv2_s16" in groups["backbone"]
     assert groups["model"] == "bevformer, pointbev, simplebev" and groups["task"] == "cam, depth, ovseg, seg"
