@@ -29,6 +29,10 @@ class BevData:
     augment: bool = MISSING
     zoom: List[float] = MISSING
     rotation_deg: List[float] = MISSING
+    raster: str = MISSING  # polygon | center (bev.data.targets.rasterize_footprints)
+    bev_augment: str = MISSING  # none | pointbev | simplebev (bev.data.nuscenes.NuScenesBev.bev_motion)
+    bev_translation: List[float] = MISSING
+    bev_yaw_deg: float = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
     pin_memory: bool = MISSING

@@ -115,7 +115,9 @@ def build_dataset(data_cfg: DictConfig, split: str, grid: BevGrid, augment: bool
         scenes=_split_scenes(data_cfg, split),
         cameras=list(data_cfg.cameras), grid=grid, image_size=tuple(data_cfg.image_size),
         resize_scale=data_cfg.get("resize_scale"), augment=augment,
-        zoom=tuple(data_cfg.zoom), rotation_deg=tuple(data_cfg.rotation_deg), nusc=nusc)
+        zoom=tuple(data_cfg.zoom), rotation_deg=tuple(data_cfg.rotation_deg),
+        raster=str(data_cfg.raster), bev_augment=str(data_cfg.bev_augment),  # BeV motion: training only (augment)
+        bev_translation=tuple(data_cfg.bev_translation), bev_yaw_deg=float(data_cfg.bev_yaw_deg), nusc=nusc)
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
@@ -209,6 +211,10 @@ def check_config(cfg: DictConfig) -> None:
     size = list(cfg.data.image_size)
     if len(size) != 2 or min(int(s) for s in size) < 8:
         raise ValueError(f"data.image_size must be [height, width] of at least 8 pixels, got {size}.")
+    from .data.nuscenes import check_label_options
+
+    check_label_options(cfg.data.raster, cfg.data.bev_augment, cfg.data.bev_translation, cfg.data.bev_yaw_deg,
+                        prefix="data.")
     if cfg.negative_control not in (None, "shuffle_extrinsics"):
         raise ValueError(f"negative_control must be null or 'shuffle_extrinsics', got {cfg.negative_control!r}.")
     max_steps = cfg.trainer.get("max_steps")

@@ -178,7 +178,8 @@ def test_targets_visibility_levels_and_mask_rule():
     grid = G.BevGrid()
     # box A: level 1, 2 m wide x 4 m long at (10, -5): rows 116..123, columns 88..91 (32 cells);
     # box B: level 3, 2 m x 2 m at (12, -5): rows 122..125, columns 88..91, overlapping A on rows 122..123
-    t = bev_targets([((10.0, -5.0), (2.0, 4.0), 0.0, 1), ((12.0, -5.0), (2.0, 2.0), 0.0, 3)], grid)
+    # (raster="center"; the polygon rule's cells: tests/test_bev_targets.py)
+    t = bev_targets([((10.0, -5.0), (2.0, 4.0), 0.0, 1), ((12.0, -5.0), (2.0, 2.0), 0.0, 3)], grid, raster="center")
     seg, vis, cent, off = t["seg"][0], t["visibility"][0], t["centerness"][0], t["offset"]
     assert t["seg"].dtype == np.float32 and vis.dtype == np.uint8 and off.shape == (2, 200, 200)
     assert seg.sum() == 32 + 8
@@ -304,3 +305,72 @@ def test_clear_errors(root, tmp_path):
         NuScenesBev(root, "v1.0-mini", "train", cameras=["CAM_FRONT", "CAM_TOP"])
     with pytest.raises(ValueError, match="zoom"):
         NuScenesBev(root, "v1.0-mini", "train", zoom=(1.1, 0.9))
+
+
+def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_path):
+    """data.bev_augment: blobs drawn at the raw projections of ego points land where the moved
+    BeV frame's points project through the returned cam2ego and intrinsics (the same pixels as
+    without BeV augmentation, or mirrored where SimpleBEV's flip turned the image); the labels
+    are the boxes moved by the drawn motion; validation (augment=False) is never moved."""
+    from PIL import Image
+
+    aug_root = tmp_path / "aug"
+    shutil.copytree(root, aug_root)
+    sd = nusc.get("sample_data", nusc.sample[0]["data"]["CAM_FRONT"])
+    ref = _pose(nusc.get("ego_pose", nusc.get("sample_data", nusc.sample[0]["data"]["LIDAR_TOP"])["ego_pose_token"]))
+    cam2ego = np.linalg.inv(ref) @ _pose(nusc.get("ego_pose", sd["ego_pose_token"])) @ _pose(
+        nusc.get("calibrated_sensor", sd["calibrated_sensor_token"]))
+    K_raw = np.array(nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])["camera_intrinsic"])
+    points = np.array([[20.0, 0.0, 1.0], [12.0, -3.5, 0.0], [25.0, 5.0, 2.5]])
+    cam = (np.linalg.inv(cam2ego) @ np.c_[points, np.ones(3)].T)[:3]
+    Image.fromarray(_blob_image(view_points(cam, K_raw, normalize=True)[:2].T)).save(aug_root / sd["filename"],
+                                                                                    quality=95)
+    yy, xx = np.mgrid[0:224, 0:476] + 0.5
+    cameras = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK"]  # CAM_FRONT first: never SimpleBEV's reference camera
+    plain = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=True, seed=7)
+    for mode in ("pointbev", "simplebev"):
+        ds = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=True, seed=7, bev_augment=mode)
+        flipped_seen = set()
+        for seed in range(4):
+            s, base = ds.get(0, seed=seed), plain.get(0, seed=seed)
+            M, flips = ds.bev_motion(0, seed=seed)
+            inv = np.linalg.inv(M)
+            assert not np.allclose(M, np.eye(4))
+            flipped_seen.add(bool(flips[0]))
+            if mode == "pointbev":  # PointBeV's ranges: |t| <= (30, 20, 0) m, |yaw| <= 20 degrees, no flip
+                assert abs(M[0, 3]) <= 30 and abs(M[1, 3]) <= 20 and M[2, 3] == 0 and not flips.any()
+                assert abs(math.degrees(math.atan2(M[1, 0], M[0, 0]))) <= 20
+            # the cameras move with the frame: cam2ego' = M^-1 cam2ego
+            np.testing.assert_allclose(s["cam2ego"].double().numpy(), inv @ base["cam2ego"].double().numpy(), atol=1e-4)
+            moved = (inv @ np.c_[points, np.ones(3)].T)[:3].T  # the points in the BeV frame
+            uv, _ = G.project_points(G.apply_transform(torch.linalg.inv(s["cam2ego"][0].double()),
+                                                       torch.tensor(moved)), s["intrinsics"][0].double())
+            uv0, _ = G.project_points(G.apply_transform(torch.linalg.inv(base["cam2ego"][0].double()),
+                                                        torch.tensor(points)), base["intrinsics"][0].double())
+            expected = uv0.numpy().copy()
+            if flips[0]:
+                expected[:, 0] = 476 - expected[:, 0]
+            np.testing.assert_allclose(uv.numpy(), expected, atol=1e-3)
+            img = s["images"][0].mean(0).numpy()
+            for u, v in uv.numpy():
+                w = (np.hypot(xx - u, yy - v) < 9) * np.clip(img - 0.02, 0, None)
+                found = np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+                assert np.hypot(*(found - (u, v))) < 0.05, (mode, seed, found, (u, v))
+            # the labels: every box moved by M^-1 (centre; heading by the rotation part), by hand
+            moved_boxes = []
+            for b in ds.boxes(0):
+                c = inv @ np.r_[b[:3], 1.0]
+                h = inv[:3, :3] @ np.array([math.cos(b[6]), math.sin(b[6]), 0.0])
+                moved_boxes.append(((c[0], c[1]), (b[3], b[4]), math.atan2(h[1], h[0])))
+            np.testing.assert_array_equal(s["seg"][0].numpy(), rasterize_footprints(moved_boxes, ds.grid))
+            assert s["seg"].sum() > 0
+        if mode == "simplebev":
+            assert flipped_seen == {True, False}  # both draws met in four seeds
+        # reproducible from (seed, index); off without augment (validation)
+        np.testing.assert_array_equal(ds.bev_motion(0, seed=3)[0], ds.bev_motion(0, seed=3)[0])
+        val = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=False, bev_augment=mode)
+        np.testing.assert_array_equal(val.bev_motion(0, seed=3)[0], np.eye(4))
+    with pytest.raises(ValueError, match="bev_augment must be one of"):
+        NuScenesBev(root, "v1.0-mini", "train", bev_augment="lss")
+    with pytest.raises(ValueError, match="raster must be one of"):
+        NuScenesBev(root, "v1.0-mini", "train", raster="corners")

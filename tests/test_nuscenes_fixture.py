@@ -63,3 +63,27 @@ def test_truck_is_at_its_ego_position(nusc):
     centres = [(global2ego @ np.r_[a["translation"], 1])[:2] for a in trucks]
     nearest = min(centres, key=lambda c: np.hypot(c[0] - 16.2, c[1] - 4.5))
     assert nearest == pytest.approx([16.19, 4.53], abs=0.02)
+
+
+def test_dataset_labels_are_polygons_by_default(nusc):
+    """NuScenesBev(root, "v1.0-mini", split="all") on the real key frame: PointBeV's polygon labels
+    by default (382 cells; tests/test_bev_targets.py derives the rule), today's centre rule with
+    raster="center" (293 cells), the truck's footprint at ego (16.2, +4.5) m either way."""
+    from scipy import ndimage
+
+    from bev.data.nuscenes import NuScenesBev
+
+    root = nusc.dataroot
+    counts = {}
+    for raster in ("polygon", "center"):
+        kwargs = {} if raster == "polygon" else {"raster": "center"}
+        seg = NuScenesBev(root, "v1.0-mini", split="all", nusc=nusc, **kwargs).targets(0)["seg"][0]
+        counts[raster] = int(seg.sum())
+        labels, _ = ndimage.label(seg > 0)
+        truck = labels == labels[132, 109]  # ego (16.2, 4.5) m -> cell (132.4, 109.0)
+        rows, cols = np.nonzero(truck)
+        assert labels[132, 109] > 0
+        assert -50 + 0.5 * (rows.mean() + 0.5) == pytest.approx(16.2, abs=0.3)
+        assert -50 + 0.5 * (cols.mean() + 0.5) == pytest.approx(4.5, abs=0.3)
+        assert seg[132, 91] == 0 and seg[67, 109] == 0  # not mirrored
+    assert counts == {"polygon": 382, "center": 293}

@@ -13,6 +13,7 @@ ego pose at the camera's own timestamp (the ego moves 0.1-0.4 m during the camer
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,7 +23,10 @@ import torch
 
 from .. import geometry as G
 from .tables import CAMERAS, TABLE_NAMES
-from .targets import bev_targets
+from .targets import RASTERS, bev_targets
+
+#: ``data.bev_augment``: the random BeV-frame motions of training (:meth:`NuScenesBev.bev_motion`)
+BEV_AUGMENTS = ("none", "pointbev", "simplebev")
 
 #: a split name that selects every scene in the tables (not an official split)
 ALL_SCENES = "all"
@@ -86,6 +90,20 @@ def _bad_table_sentence(dataroot: Path, version: str) -> str:
     return f"a nuScenes table under {str(dataroot / version)} is not valid JSON."
 
 
+def check_label_options(raster: str, bev_augment: str, bev_translation: Sequence[float], bev_yaw_deg: float,
+                        prefix: str = "") -> None:
+    """Refuse, in one sentence, a label rule or BeV augmentation :class:`NuScenesBev` does not
+    know (``prefix``: how the caller names the keys, e.g. ``"data."``)."""
+    if str(raster) not in RASTERS:
+        raise ValueError(f"{prefix}raster must be one of {list(RASTERS)}, got {raster!r}.")
+    if str(bev_augment) not in BEV_AUGMENTS:
+        raise ValueError(f"{prefix}bev_augment must be one of {list(BEV_AUGMENTS)}, got {bev_augment!r}.")
+    trans = [float(v) for v in bev_translation]
+    if len(trans) != 3 or min(trans) < 0 or not float(bev_yaw_deg) >= 0:
+        raise ValueError(f"{prefix}bev_translation must be 3 ranges (x, y, z) >= 0 in metres and {prefix}bev_yaw_deg "
+                         f"a range >= 0 in degrees, got {trans} and {bev_yaw_deg}.")
+
+
 class NuScenesBev(torch.utils.data.Dataset):
     """nuScenes key frames for BeV vehicle segmentation.
 
@@ -95,7 +113,9 @@ class NuScenesBev(torch.utils.data.Dataset):
       the pixel frame of ``images``; ``cam2ego`` float32 ``(N, 4, 4)``, camera -> reference ego;
     * ``seg``, ``visibility``, ``centerness``, ``offset``: :func:`bev.data.targets.bev_targets` of
       the sample's ``vehicle.*`` boxes (every visibility level; ``min_visibility`` is kept as an
-      attribute for :func:`bev.data.targets.visibility_mask`, the cells the loss and IoU count);
+      attribute for :func:`bev.data.targets.visibility_mask`, the cells the loss and IoU count),
+      rasterised by ``raster``, in the BeV frame of the sample (the reference ego frame, or the
+      randomly moved one of ``bev_augment``);
     * ``token``: the sample token.
 
     Args:
@@ -123,6 +143,19 @@ class NuScenesBev(torch.utils.data.Dataset):
             :meth:`set_epoch` each epoch (with ``persistent_workers=True`` the workers keep the
             epoch they were started with).
         sigma: the centerness Gaussian's standard deviation in cells.
+        raster: the label rule (:func:`bev.data.targets.rasterize_footprints`): ``"polygon"``,
+            PointBeV's filled footprint polygon (the default), or ``"center"``, the cells whose
+            centre lies inside the footprint.
+        bev_augment: the random motion of the BeV frame while augmenting (``augment=True``; off
+            otherwise, so off at validation), :meth:`bev_motion`: ``"none"``, ``"pointbev"``
+            (a random translation and yaw of the BeV frame) or ``"simplebev"`` (SimpleBEV's
+            random reference camera and flips). The labels are built in the moved frame and every
+            ``cam2ego`` is moved with it, so the task stays consistent.
+        bev_translation: PointBeV's translation range ``(x, y, z)`` in metres: each component
+            uniform in ``[-r, r]`` (github valeoai/PointBeV ``configs/data/nuscenes.yaml``
+            ``coeffs.bev_aug.trans_rot[:3]`` = 30, 20, 0).
+        bev_yaw_deg: PointBeV's yaw range in degrees, uniform in ``[-r, r]``
+            (``trans_rot[3]`` = 20; its pitch and roll ranges are 0).
         nusc: an already loaded ``nuscenes.NuScenes`` of ``version`` to read instead of loading it.
     """
 
@@ -132,7 +165,8 @@ class NuScenesBev(torch.utils.data.Dataset):
                  min_visibility: int = 2, image_size: Sequence[int] = (224, 476),
                  resize_scale: Optional[float] = None, augment: bool = False,
                  zoom: Sequence[float] = (0.95, 1.05), rotation_deg: Sequence[float] = (-2.5, 2.5),
-                 seed: int = 0, sigma: float = 3.0, nusc=None):
+                 seed: int = 0, sigma: float = 3.0, raster: str = "polygon", bev_augment: str = "none",
+                 bev_translation: Sequence[float] = (30.0, 20.0, 0.0), bev_yaw_deg: float = 20.0, nusc=None):
         self.dataroot = Path(dataroot).expanduser()
         self.version = str(version)
         self.cameras = tuple(cameras)
@@ -145,6 +179,10 @@ class NuScenesBev(torch.utils.data.Dataset):
         self.rotation_deg = tuple(float(v) for v in rotation_deg)
         self.seed = int(seed)
         self.sigma = float(sigma)
+        self.raster = str(raster)
+        self.bev_augment = str(bev_augment)
+        self.bev_translation = tuple(float(v) for v in bev_translation)
+        self.bev_yaw_deg = float(bev_yaw_deg)
         self.epoch = 0
         self._check_arguments()
 
@@ -212,6 +250,7 @@ class NuScenesBev(torch.utils.data.Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
         if not 1 <= self.min_visibility <= 4:
             raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {self.min_visibility}.")
+        check_label_options(self.raster, self.bev_augment, self.bev_translation, self.bev_yaw_deg)
 
     @classmethod
     def check_split(cls, version: str, split: str, scenes=None) -> None:
@@ -329,11 +368,75 @@ class NuScenesBev(torch.utils.data.Dataset):
                                           rotation_deg=rng.uniform(*self.rotation_deg), crop_x_frac=rng.uniform()))
         return np.stack(out)
 
-    def targets(self, index: int) -> Dict[str, np.ndarray]:
+    def bev_motion(self, index: int, seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(M, flips)``: the BeV frame of sample ``index`` as a ``4 x 4`` transform BeV frame ->
+        reference ego (identity when not augmenting, or with ``bev_augment="none"``), and the
+        ``(N,)`` booleans of the cameras whose image is flipped left-right. Drawn from
+        ``(seed, index)`` if ``seed`` is given, else from ``(self.seed, epoch, index)``, on a stream
+        of its own (the image draws of :meth:`image_affines` stay the same).
+
+        * ``"pointbev"``: a translation uniform in ``[-r, r]`` per axis (``bev_translation``) and
+          a yaw uniform in ``[-r, r]`` (``bev_yaw_deg``), ``M = [[R_z(yaw), t], [0, 1]]``: PointBeV's
+          ``get_random_ref_matrix`` (``pointbev/utils/geom.py``), whose matrix maps the query
+          (BeV) frame to the ego frame (``pointbev/models/projector/common.py``
+          ``from_spatial_to_seqaug`` applies it to the voxels; the labels get its inverse,
+          ``nuscenes_common.py`` ``_prepare_points_to_gtimg``).
+        * ``"simplebev"``: SimpleBEV's random reference camera (github aharley/simple_bev,
+          ``nuscenesdataset.py`` ``__getitem__``: one of the cameras but the first,
+          ``randint(1, len(cams))``; at validation ours stays the ego frame) as a level frame: the
+          camera's ground position and the heading of its optical axis (our heights stay the
+          ego's, the grid's ``z_bounds`` being ego heights); then SimpleBEV's flips
+          (``nets/segnet.py`` ``rand_flip``): the BeV mirrored across each of its two axes with
+          probability 1/2 each (about the grid's centre), and each camera image flipped
+          left-right with probability 1/2. SimpleBEV flips the lifted features and the image
+          features inside the network and flips them back; we flip the data instead (the mirrored
+          frame and the flipped image's intrinsics), which sets the same problem to every
+          head.
+        """
+        n = len(self.cameras)
+        flips = np.zeros(n, dtype=bool)
+        if not self.augment or self.bev_augment == "none":
+            return np.eye(4), flips
+        if seed is not None:
+            rng = np.random.default_rng([int(seed), int(index), 1])
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])
+        if self.bev_augment == "pointbev":
+            t = (rng.random(3) * 2 - 1) * np.asarray(self.bev_translation)
+            yaw = math.radians((rng.random() * 2 - 1) * self.bev_yaw_deg)
+            return G.transform_matrix(t, G.yaw_to_quaternion(yaw)), flips
+        # simplebev
+        ref = int(rng.integers(1, n)) if n > 1 else 0
+        cam2ego = self._cam2ego[index, ref]
+        axis = cam2ego[:3, 2]  # the optical axis in the ego frame
+        pose = G.transform_matrix((cam2ego[0, 3], cam2ego[1, 3], 0.0),
+                                  G.yaw_to_quaternion(math.atan2(axis[1], axis[0])))
+        mirror = np.where(rng.random(2) < 0.5, -1.0, 1.0)
+        centre = np.array([sum(self.grid.x_bounds) / 2, sum(self.grid.y_bounds) / 2])
+        F = np.eye(4)
+        F[0, 0], F[1, 1] = mirror
+        F[:2, 3] = centre - mirror * centre  # the mirror about the grid's centre
+        flips = rng.random(n) < 0.5
+        return pose @ F, flips
+
+    def _moved_boxes(self, index: int, motion: np.ndarray) -> list:
+        """The boxes of sample ``index`` as ``bev_targets`` takes them, in the frame ``motion``
+        (BeV frame -> reference ego) maps to the ego: centres by its inverse, headings by its
+        rotation part (a mirror turns a footprint into the mirrored footprint)."""
+        inv = np.linalg.inv(motion)
+        out = []
+        for b in self.boxes(index):
+            x, y = (inv @ np.array([b[0], b[1], b[2], 1.0]))[:2]
+            h = inv[:3, :3] @ np.array([math.cos(b[6]), math.sin(b[6]), 0.0])
+            out.append(((x, y), (b[3], b[4]), math.atan2(h[1], h[0]), int(b[7])))
+        return out
+
+    def targets(self, index: int, motion: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
         """The BeV targets of sample ``index`` alone (no image is read): ``seg``, ``visibility``,
-        ``centerness``, ``offset`` as numpy arrays."""
-        boxes = self.boxes(index)
-        return bev_targets([((b[0], b[1]), (b[3], b[4]), b[6], int(b[7])) for b in boxes], self.grid, self.sigma)
+        ``centerness``, ``offset`` as numpy arrays, in the reference ego frame or, given
+        ``motion`` (:meth:`bev_motion`), in the moved BeV frame."""
+        motion = np.eye(4) if motion is None else np.asarray(motion, dtype=np.float64)
+        return bev_targets(self._moved_boxes(index, motion), self.grid, self.sigma, raster=self.raster)
 
     def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
         return self.get(index)
@@ -348,6 +451,10 @@ class NuScenesBev(torch.utils.data.Dataset):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples.")
         index = index % len(self)
         affines = self.image_affines(index, seed)
+        motion, flips = self.bev_motion(index, seed)
+        width = float(self.image_size[1])
+        for k in np.flatnonzero(flips):  # a left-right flip of the returned image: u -> W - u
+            affines[k] = np.array([[-1.0, 0.0, width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ affines[k]
         images = []
         for rel, A in zip(self._paths[index], affines):
             path = self.dataroot / rel
@@ -361,11 +468,12 @@ class NuScenesBev(torch.utils.data.Dataset):
                 raise ValueError(f"camera image {str(path)} of sample {self.tokens[index]} cannot be decoded "
                                  f"({type(err).__name__}); replace the file from the nuScenes archive.") from None
             images.append(torch.from_numpy(np.asarray(warped, dtype=np.uint8).copy()).permute(2, 0, 1))
-        targets = self.targets(index)
+        targets = self.targets(index, motion)
         sample = {
             "images": torch.stack(images).float().div_(255.0),
             "intrinsics": torch.from_numpy(G.augment_intrinsics(self._intrinsics[index], affines)).float(),
-            "cam2ego": torch.from_numpy(self._cam2ego[index]).float(),
+            # camera -> BeV frame: the moved frame's inverse after camera -> reference ego
+            "cam2ego": torch.from_numpy(np.linalg.inv(motion) @ self._cam2ego[index]).float(),
         }
         sample.update({k: torch.from_numpy(v) for k, v in targets.items()})
         sample["token"] = self.tokens[index]
@@ -373,4 +481,5 @@ class NuScenesBev(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"NuScenesBev({len(self)} samples, {self.version} {self.split!r}, {len(self.scenes)} scenes, "
-                f"{len(self.cameras)} cameras, images {self.image_size}, augment={self.augment})")
+                f"{len(self.cameras)} cameras, images {self.image_size}, augment={self.augment}, "
+                f"raster={self.raster!r}, bev_augment={self.bev_augment!r})")
