@@ -286,7 +286,8 @@ def load_radio(version: str) -> nn.Module:
     skip_validation=True)``, as the official JAFAR ``src/backbone/radio.py`` (``RadioWrapper``)
     loads it. Its code and weights come from GitHub through torch.hub: offline (``HF_HUB_OFFLINE``)
     this is refused in one sentence, before any socket is opened."""
-    what = f"RADIO's backbone {version!r} loads only online, through torch.hub.load({RADIO_HUB_REPO!r}, 'radio_model', version={version!r})"
+    what = (f"RADIO's backbone {version!r} loads only online, through torch.hub.load({RADIO_HUB_REPO!r}, "
+            f"'radio_model', version={version!r})")
     if hub.offline():
         raise RuntimeError(f"{what}, and HF_HUB_OFFLINE is set: unset it on a machine with internet access "
                            f"(there is no local-file path for RADIO's backbone).")

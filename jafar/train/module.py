@@ -94,7 +94,8 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
                  guidance_scale: float = 0.5, lr_scale: Sequence[float] = (0.25, 0.5),
                  consistency_weight: float = 0.1, blur_prob: float = 0.5, blur_kernel: int = 5,
                  blur_sigma: float = 1.0, noise_prob: float = 0.3, noise_std: float = 0.02,
-                 consistency: str = "official", seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8), picture_dir: Optional[str] = None):
+                 consistency: str = "official", seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8),
+                 picture_dir: Optional[str] = None):
         super().__init__()
         if consistency not in CONSISTENCY:
             raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {consistency!r}.")
