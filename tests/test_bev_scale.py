@@ -140,3 +140,58 @@ def test_devices_sentence_states_the_arithmetic():
     text = devices_sentence(8, 1, 28130, 3517, 351700, cfg)
     assert "global batch is data.batch_size x 8 = 8" in text and "3517 steps" in text
     assert "351700 steps" in text and "not scaled" in text and "lr=0.0003" in text
+
+
+@pytest.fixture(scope="module")
+def trainval_root(tmp_path_factory):
+    """The trainval-sized tables at CI size: 3 training and 1 validation scene of the official
+    splits (scale 0.004), the real key frame's six images shared by every camera record."""
+    pytest.importorskip("nuscenes")
+    from conftest import FIXTURES
+
+    from bev.data.tables import CAMERAS
+    from bev.data.trainval_tables import write_trainval_tables
+
+    frame = FIXTURES / "nuscenes_frame"
+    images = {ch: str(next(frame.glob(f"*__{ch}__*.jpg"))) for ch in CAMERAS}
+    root = tmp_path_factory.mktemp("trainval") / "nuscenes"
+    counts = write_trainval_tables(root, scale=0.004, images=images)
+    return root, counts
+
+
+def test_trainval_tables_have_the_real_splits_and_record_ratios(trainval_root):
+    from nuscenes.utils.splits import create_splits_scenes
+
+    from bev.data.nuscenes import NuScenesBev
+
+    root, counts = trainval_root
+    official = create_splits_scenes(verbose=False)
+    train = NuScenesBev(root, "v1.0-trainval", "train")
+    val = NuScenesBev(root, "v1.0-trainval", "val")
+    assert train.scenes == official["train"][:3] and val.scenes == official["val"][:1]
+    # v1.0-trainval's 28,130 samples over 700 training scenes: 130 scenes of 41, then 40
+    assert len(train) == 41 * 3 and len(val) == 41 and counts["sample"] == 164 and counts["scene"] == 4
+    assert counts["sample_data"] == counts["ego_pose"] == 76 * 164  # 12 key frames + 64 sweeps per sample
+    assert 20 * 164 <= counts["sample_annotation"] <= 48 * 164
+    sample = train[0]
+    assert sample["images"].shape == (6, 3, 224, 476) and len(train.boxes(0)) > 0
+    assert sample["intrinsics"][1, 0, 2] == pytest.approx(816.2670 * 476 / 1600, rel=1e-5)
+
+
+def test_tables_are_loaded_once_for_train_and_val(trainval_root, monkeypatch):
+    import nuscenes.nuscenes
+
+    from bev.config import compose
+    from bev.run import build_datasets, build_grid
+
+    loads = []
+    real = nuscenes.nuscenes.NuScenes
+    monkeypatch.setattr(nuscenes.nuscenes, "NuScenes", lambda *a, **k: loads.append(1) or real(*a, **k))
+    root, _ = trainval_root
+    cfg = compose(f"data.dataroot={root}")
+    train, val = build_datasets(cfg.data, build_grid(cfg))
+    assert len(loads) == 1 and (len(train), len(val)) == (123, 41)
+    assert not any(hasattr(d, "nusc") for d in (train, val))  # workers get the compact arrays only
+    with pytest.raises(ValueError, match="unknown nuScenes split 'vall'"):
+        build_datasets(compose(f"data.dataroot={root}", "data.val_split=vall").data, build_grid(cfg))
+    assert len(loads) == 1  # refused before loading the tables
