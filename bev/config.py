@@ -56,6 +56,7 @@ class Encoder:
     guidance_size: Any = MISSING  # "output", null, or [H, W]
     freeze_upsampler: bool = MISSING
     cache_dir: Optional[str] = MISSING
+    cache_dtype: str = MISSING  # float16 | float32 (as computed: exact)
 
 
 @dataclass

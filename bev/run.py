@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from functools import partial
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,8 +49,9 @@ class SeededSamples(Dataset):
     with that seed (augmentation and the negative control are functions of it: a resumed run
     replays the same draws). Plain integer indices (validation) use ``seed`` and the index."""
 
-    def __init__(self, dataset, seed: int = 0, shuffle_extrinsics: bool = False):
+    def __init__(self, dataset, seed: int = 0, shuffle_extrinsics: bool = False, cache_keys: bool = False):
         self.dataset, self.seed, self.shuffle_extrinsics = dataset, int(seed), bool(shuffle_extrinsics)
+        self.cache_keys = bool(cache_keys)
 
     def __len__(self):
         return len(self.dataset)
@@ -60,7 +61,24 @@ class SeededSamples(Dataset):
         sample = self.dataset.get(int(index), seed=int(seed))
         if self.shuffle_extrinsics:
             sample = shuffle_extrinsics(sample, seed)
+        if self.cache_keys:
+            sample["cache_key"] = feature_cache_key(self.dataset, int(index))
         return sample
+
+
+def feature_cache_key(dataset, index: int) -> str:
+    """The feature-cache file name of sample ``index`` (un-augmented): its token and a hash of what
+    makes its camera images, in order: the camera names, the image files, and each camera's pixel
+    affine raw -> network input (which holds the image size, the resize scale and the crop). The
+    encoder's cache folder adds the rest (backbone name and weights, input size, stored dtype:
+    :meth:`bev.encoder.MultiCameraEncoder.cache_fingerprint`), so no setting that changes the
+    features can read another setting's file."""
+    import hashlib
+
+    affines = np.round(np.asarray(dataset.image_affines(index), dtype=np.float64), 9)
+    view = json.dumps({"cameras": list(dataset.cameras), "files": list(dataset._paths[index]),
+                       "image_size": list(dataset.image_size), "affines": affines.tolist()})
+    return f"{dataset.tokens[index]}-{hashlib.sha256(view.encode()).hexdigest()[:16]}"
 
 
 def shuffle_extrinsics(sample: dict, seed: int) -> dict:
@@ -74,10 +92,11 @@ def shuffle_extrinsics(sample: dict, seed: int) -> dict:
     return {**sample, "cam2ego": sample["cam2ego"][perm]}
 
 
-def collate(items, cache: bool = False):
+def collate(items):
+    keys = [item.pop("cache_key") for item in items if "cache_key" in item]
     batch = default_collate(items)
-    if cache:
-        batch["cache_keys"] = list(batch["token"])
+    if keys:
+        batch["cache_keys"] = keys
     return batch
 
 
@@ -174,8 +193,52 @@ def build_grid(cfg: DictConfig) -> BevGrid:
     return BevGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
 
 
-def build_model(cfg: DictConfig, grid: BevGrid):
-    """``(encoder, head)`` from the config groups ``backbone``, ``upsampler``, ``model``."""
+#: ``encoder.cache_dtype`` -> the stored dtype (None: as computed, float32 outside autocast: exact)
+CACHE_DTYPES = {"float16": torch.float16, "float32": None}
+
+
+def feature_cache_dir(cfg: DictConfig) -> Optional[Path]:
+    """Where the frozen backbone's features are cached: None without ``data.cache_features``;
+    ``encoder.cache_dir``, or by default ``<data.dataroot>/cache/bev_features`` (said in the log).
+    A folder that cannot be created is refused in one sentence."""
+    if not cfg.data.get("cache_features"):
+        return None
+    given = cfg.encoder.get("cache_dir")
+    folder = Path(str(given) if given else Path(str(cfg.data.dataroot)) / "cache" / "bev_features").expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise ValueError(f"data.cache_features=true but the feature cache folder {str(folder)!r} cannot be written "
+                         f"({'encoder.cache_dir' if given else 'the default under data.dataroot'}): set "
+                         "encoder.cache_dir to a writable folder, or data.cache_features=false.")
+    if not given:
+        log.info("data.cache_features=true without encoder.cache_dir: caching features under %s", folder)
+    return folder
+
+
+def cache_size_sentence(encoder, data_cfg, samples: int) -> str:
+    """The feature cache's size, estimated before the first epoch."""
+    h, w = (int(v) for v in data_cfg.image_size)
+    patch = int(getattr(encoder.backbone, "patch_size", 1) or 1)
+    per_camera = int(encoder.backbone.embed_dim) * (h // patch) * (w // patch)
+    nbytes = 2 if encoder.cache_dtype == torch.float16 else 4
+    total = samples * len(data_cfg.cameras) * per_camera * nbytes
+    return (f"feature cache at {encoder.cache_dir}: {samples} samples x {len(data_cfg.cameras)} cameras x "
+            f"{int(encoder.backbone.embed_dim)} x {h // patch} x {w // patch} x {nbytes} bytes = "
+            f"{total / 1e9:.2f} GB ({'float16' if nbytes == 2 else 'float32'}; training samples only when "
+            f"data.augment is false)")
+
+
+def trainer_is_zero() -> bool:
+    return runs.is_global_zero()
+
+
+def build_model(cfg: DictConfig, grid: BevGrid, cache_dir: Optional[Path] = None):
+    """``(encoder, head)`` from the config groups ``backbone``, ``upsampler``, ``model``; the
+    backbone's features cached in ``cache_dir`` (:func:`feature_cache_dir`) when given."""
     from .encoder import build_multicamera_encoder
 
     backbone = instantiate(cfg.backbone)
@@ -187,6 +250,8 @@ def build_model(cfg: DictConfig, grid: BevGrid):
     for key in ("output_size", "guidance_size"):
         if enc.get(key) is not None and enc[key] != "output":
             enc[key] = tuple(enc[key])
+    enc["cache_dir"] = cache_dir
+    enc["cache_dtype"] = CACHE_DTYPES[str(enc.pop("cache_dtype", "float16"))]
     encoder = build_multicamera_encoder(backbone, upsampler, **enc)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     name = model_cfg.pop("name")
@@ -229,6 +294,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
         raise ValueError(f"model={cfg.model.get('name')!r} is not a BeV head; expected one of {HEADS}.")
+    if str(cfg.encoder.get("cache_dtype")) not in CACHE_DTYPES:
+        raise ValueError(f"encoder.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.encoder.get('cache_dtype')!r}.")
     every = cfg.trainer.get("val_check_interval")
     if every is not None and not ((isinstance(every, int) and not isinstance(every, bool) and every >= 1)
                                   or (isinstance(every, float) and 0 < every <= 1)):
@@ -260,15 +327,20 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
     grid = build_grid(cfg)
     data_cfg = cfg.data
     prepare_data(data_cfg)
+    cache_dir = feature_cache_dir(cfg)
     train_set, val_set = build_datasets(data_cfg, grid)
-    runs.claim_run_dir(run_dir, identity, cfg.resume)
+    runs.claim_run_dir(run_dir, identity, cfg.resume, record=cfg)
     log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
 
     runs.seed_everything(cfg.seed)
-    encoder, head = build_model(cfg, grid)
+    encoder, head = build_model(cfg, grid, cache_dir)
     control = cfg.negative_control == "shuffle_extrinsics"
-    train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control)
-    val_items = SeededSamples(val_set, int(cfg.seed) + 1, shuffle_extrinsics=control)
+    cache = encoder.cache_dir is not None
+    train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control,
+                                cache_keys=cache and not data_cfg.augment)
+    val_items = SeededSamples(val_set, int(cfg.seed) + 1, shuffle_extrinsics=control, cache_keys=cache)
+    if cache and trainer_is_zero():
+        log.info(cache_size_sentence(encoder, data_cfg, (0 if data_cfg.augment else len(train_set)) + len(val_set)))
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_steps = trainer_kwargs.pop("max_steps", None)
@@ -297,7 +369,6 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
         total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
         pictures=int(cfg.pictures))
 
-    cache = bool(data_cfg.get("cache_features"))
     workers = int(data_cfg.num_workers)
     loader_kw = dict(num_workers=workers, pin_memory=bool(data_cfg.pin_memory), persistent_workers=False)
     if workers > 0:
@@ -306,9 +377,9 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
                                start_step=lambda: trainer.global_step,
                                rank=trainer.global_rank, world_size=world)
     train_loader = DataLoader(train_items, batch_sampler=sampler,
-                              collate_fn=partial(collate, cache=cache and not data_cfg.augment), **loader_kw)
+                              collate_fn=collate, **loader_kw)
     val_loader = DataLoader(val_items, batch_size=bs, sampler=ShardSampler(len(val_set), trainer.global_rank, world),
-                            collate_fn=partial(collate, cache=cache), **loader_kw)
+                            collate_fn=collate, **loader_kw)
 
     with runs.quiet_lightning():
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)

@@ -195,3 +195,47 @@ def test_tables_are_loaded_once_for_train_and_val(trainval_root, monkeypatch):
     with pytest.raises(ValueError, match="unknown nuScenes split 'vall'"):
         build_datasets(compose(f"data.dataroot={root}", "data.val_split=vall").data, build_grid(cfg))
     assert len(loads) == 1  # refused before loading the tables
+
+
+def test_feature_cache_never_hits_across_settings_that_change_the_features(synthetic_root, tmp_path, caplog):
+    """Changing data.image_size, the resize scale or the camera order gives another cache file (a
+    miss), the same settings read their own file back (a hit); without encoder.cache_dir the cache
+    goes under the data root, said in the log; float16 is stored by default."""
+    import logging
+
+    from conftest import compose_bev_demo
+
+    from bev.run import SeededSamples, build_datasets, build_grid, build_model, collate, feature_cache_dir
+
+    cache = tmp_path / "cache"
+
+    def features(*overrides):
+        cfg = compose_bev_demo(synthetic_root, "data.cache_features=true", f"encoder.cache_dir={cache}",
+                               "data.augment=false", *overrides)
+        _, val = build_datasets(cfg.data, build_grid(cfg))
+        encoder, _ = build_model(cfg, build_grid(cfg), feature_cache_dir(cfg))
+        batch = collate([SeededSamples(val, cache_keys=True)[0]])
+        before = set(cache.rglob("*.pt"))
+        with torch.no_grad():
+            feats = encoder._cached_features(encoder.backbone.normalize(batch["images"].flatten(0, 1)).unflatten(
+                0, batch["images"].shape[:2]), batch["cache_keys"])
+        return feats, set(cache.rglob("*.pt")) - before
+
+    base, new = features()
+    assert len(new) == 1 and torch.load(next(iter(new)))["features"].dtype == torch.float16
+    again, new = features()
+    assert not new and torch.equal(again, base)  # a hit: the stored features
+    for change in ("data.image_size=[48,96]", "data.resize_scale=0.05",
+                   "data.cameras=[CAM_FRONT,CAM_FRONT_LEFT,CAM_FRONT_RIGHT,CAM_BACK_LEFT,CAM_BACK,CAM_BACK_RIGHT]"):
+        _, new = features(change)
+        assert len(new) == 1, change  # a miss: computed and stored under another name
+
+    cfg = compose_bev_demo(synthetic_root, "data.cache_features=true")
+    with caplog.at_level(logging.INFO, logger="bev.run"):
+        assert feature_cache_dir(cfg) == synthetic_root / "cache" / "bev_features"
+    assert "without encoder.cache_dir" in caplog.text
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="cannot be written"):
+        feature_cache_dir(compose_bev_demo(synthetic_root, "data.cache_features=true",
+                                           f"encoder.cache_dir={blocked / 'sub'}"))
