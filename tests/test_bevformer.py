@@ -230,7 +230,8 @@ def test_gradients_reach_queries_offsets_weights_and_head():
     """The positional embedding enters only the offsets and attention weights (BEVFormer), whose
     weight matrices start at zero: it gets gradients once they have moved (after a step), as here."""
     torch.manual_seed(4)
-    head = BEVFormer(6, GRID, latent_dim=16, num_layers=2, num_heads=2, self_points=2, cross_points=2, ffn_dim=8)
+    head = BEVFormer(6, GRID, latent_dim=16, num_layers=2, num_heads=2, self_points=2, cross_points=2, ffn_dim=8,
+                     layer_query="chained")
     with torch.no_grad():
         for name, p in head.named_parameters():
             if name.endswith(("sampling_offsets.weight", "attention_weights.weight")):
@@ -261,7 +262,8 @@ def test_no_camera_sees_the_grid():
 
 
 def test_uncounted_flops_counts_the_sampling_taps():
-    head = BEVFormer(6, GRID, latent_dim=16, num_layers=3, num_heads=2, self_points=4, cross_points=2, ffn_dim=8)
+    head = BEVFormer(6, GRID, latent_dim=16, num_layers=3, num_heads=2, self_points=4, cross_points=2, ffn_dim=8,
+                     layer_query="chained")
     q = 12 * 8
     per_tap = 4 * 2 * 16  # 4 taps x 2 FLOPs x (heads x head dim)
     assert head.uncounted_flops(6) == 3 * (q * 4 * per_tap + q * 6 * 2 * per_tap)  # before any forward: every camera
@@ -270,6 +272,45 @@ def test_uncounted_flops_counts_the_sampling_taps():
         head(f, K, T, size)
     assert head.last_cross_pairs < q * 6
     assert head.uncounted_flops(6) == 3 * (q * 4 * per_tap + head.last_cross_pairs * 2 * per_tap)
+    # layer_query="pointbev": one layer runs
+    single = BEVFormer(6, GRID, latent_dim=16, num_layers=3, num_heads=2, self_points=4, cross_points=2, ffn_dim=8)
+    assert single.uncounted_flops(6) == q * 4 * per_tap + q * 6 * 2 * per_tap
+
+
+def test_layer_query_pointbev_is_the_last_layer_on_the_initial_query():
+    """layer_query="pointbev" against a transcription of PointBeV's loop (pointbev/models/
+    view_transform/attention.py, DefAttnVT.forward: ``for i in range(n_layers): queries =
+    layer_i(query, query_pos)``, every layer on the initial ``query``; pointbev/models/
+    bevformer.py: ``query_pos`` is the same query parameter; pointbev/models/layers/
+    attention.py, SADefnAttn: the values are ``query + query_pos``), run with the layers of a
+    chained head; and "chained" against the plain sequence."""
+    torch.manual_seed(5)
+    kw = dict(latent_dim=16, num_layers=3, num_heads=2, self_points=2, cross_points=2, ffn_dim=8)
+    chained = BEVFormer(6, GRID, layer_query="chained", **kw).eval()
+    with torch.no_grad():
+        for name, p in chained.named_parameters():
+            if name.endswith(("sampling_offsets.weight", "attention_weights.weight")):
+                p.normal_(0, 0.05)  # away from the zero init, so that the positional embedding matters
+    f, K, T, size = _inputs(batch=1)
+    with torch.no_grad():
+        query, _, context = chained.layer_inputs(f, K, T, size)
+        q0 = chained.bev_queries[None]
+        for layer in chained.layers:  # PointBeV's loop
+            queries = layer(query, q0, *context, value_with_pos=True)
+        expected = chained.dense(queries)
+        pointbev = BEVFormer(6, GRID, layer_query="pointbev", **kw).eval()
+        assert len(pointbev.layers) == 1 and not hasattr(pointbev, "row_embed")
+        own = {k: v for k, v in chained.state_dict().items() if not k.startswith(("layers.", "row_embed", "col_embed"))}
+        own.update({f"layers.0.{k}": v for k, v in chained.layers[-1].state_dict().items()})
+        pointbev.load_state_dict(own)
+        got = pointbev(f, K, T, size)
+        for key in ("seg", "centerness", "offset"):
+            torch.testing.assert_close(got[key], expected[key])
+        # the earlier layers do not reach PointBeV's output; they do reach the chained head's
+        assert not torch.allclose(chained(f, K, T, size)["seg"], got["seg"])
+        # values without the positional embedding (BEVFormer) would give another output
+        other = chained.dense(chained.layers[-1](query, q0, *context, value_with_pos=False))
+        assert not torch.allclose(other["seg"], got["seg"])
 
 
 def test_bad_settings_are_refused():
@@ -283,6 +324,8 @@ def test_bad_settings_are_refused():
         BEVFormer(6, GRID, cross_points=2, deform_attn_impl="cuda")
     with pytest.raises(ValueError, match="latent_dim"):
         BEVFormer(6, GRID, cross_points=2, latent_dim=18, num_heads=4)
+    with pytest.raises(ValueError, match="layer_query must be one of"):
+        BEVFormer(6, GRID, cross_points=2, layer_query="last")
     head = BEVFormer(6, GRID, latent_dim=8, num_heads=2, cross_points=2, num_layers=1)
     f, K, T, size = _inputs(channels=5)
     with pytest.raises(ValueError, match="features"):
@@ -343,8 +386,9 @@ def test_bevformer_trains_and_validates_through_run(synthetic_root, tmp_path):
     from bev.run import run
 
     cfg = compose_bev_demo(synthetic_root, "model=bevformer", "model.latent_dim=16", "model.num_layers=2",
-                           "model.num_heads=2", "model.ffn_dim=16", "model.self_points=2", "model.cross_points=8")
-    assert cfg.model.name == "bevformer"
+                           "model.num_heads=2", "model.ffn_dim=16", "model.self_points=2", "model.cross_points=8",
+                           "model.layer_query=chained")
+    assert cfg.model.name == "bevformer" and cfg.data.bev_augment == "pointbev"
     results = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["model"] == "bevformer" and saved["step"] == 1

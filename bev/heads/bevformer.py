@@ -59,6 +59,24 @@ and PointBeV (github valeoai/PointBeV, ``pointbev/models/bevformer.py``,
   decoder (:class:`bev.heads.simplebev.BevDecoder`) on the queries first. Outputs: segmentation
   logits (1), centerness (1, sigmoid), offset (2).
 
+**What each layer takes** (``layer_query``):
+
+* ``"pointbev"`` (the default, and ``configs/model/bevformer.yaml``'s): the code behind the
+  paper's Table 4. PointBeV's ``DefAttnVT.forward`` (``pointbev/models/view_transform/
+  attention.py``) hands the *initial* query to every layer's self-attention and keeps only the
+  last layer's output (its loop reads ``query``, never the previous ``queries``), and its
+  ``BeVFormer.forward`` (``pointbev/models/bevformer.py``) passes the query parameter itself as
+  ``query_pos`` (its ``query_gen`` returns the same ``nn.Parameter`` twice), which its
+  ``SADefnAttn`` adds to the query before sampling (so the values are ``2 q``). The output is
+  therefore one encoder layer applied to the learned queries, with ``q + q`` for offsets,
+  weights and values; the other ``num_layers - 1`` layers of PointBeV's model never reach the
+  output (nor get a gradient), so we build only that one layer: the same function and the
+  same trained weights, without PointBeV's dead layers and their compute.
+* ``"chained"``: BEVFormer's encoder as BEVFormer and SimpleBEV's ``Bevformernet`` run it,
+  ``num_layers`` layers in sequence, each on the previous one's output, with the learned
+  row/column positional embedding above and values without it: a deeper model than the one
+  behind Table 4's BEVFormer column.
+
 Departures, deliberate: the self-attention's reference points are ``(x = (col + 0.5) / cols,
 y = (row + 0.5) / rows)`` of the query map (SimpleBEV and PointBeV stack them as (row, col),
 which transposes the map on their square grids); one pixel convention everywhere (pixel
@@ -80,7 +98,7 @@ module does) and refuses to build, in one sentence, when mmcv's ops cannot be im
 
 Sizes: ``latent_dim = 128`` (PointBeV's ``query_gen: 128`` and SimpleBEV's ``latent_dim=128``,
 the re-implementations the paper's table is comparable with; BEVFormer's own is 256). On the
-default 200 x 200 grid the head has 7,724,060 + 128 * C parameters (7,773,212 for DINOv2 ViT-S,
+default 200 x 200 grid, with ``layer_query="chained"``, the head has 7,724,060 + 128 * C parameters (7,773,212 for DINOv2 ViT-S,
 C = 384), of which the 40,000 queries are 5,120,000. One forward with six 32 x 68 feature maps
 of 384 channels: 201 GFLOPs seen by ``torch.utils.flop_counter`` (the FFNs are 126 of them)
 plus about 4 GFLOPs of bilinear taps (:meth:`BEVFormer.uncounted_flops`); forward + backward
@@ -114,6 +132,8 @@ from .simplebev import MIN_DEPTH, BevDecoder, _head, check_camera_inputs
 
 DEFORM_ATTN_IMPLS = ("pytorch", "mmcv")
 DECODERS = ("conv", "simplebev")
+#: what each encoder layer takes as its query (``layer_query``; module docstring)
+LAYER_QUERIES = ("pointbev", "chained")
 
 #: normalised sampling location given to reference points behind a camera: a whole feature map
 #: to the left of and above it, so that learned offsets of a few pixels still sample zeros
@@ -285,11 +305,15 @@ class BevSelfAttention(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query: torch.Tensor, query_pos: torch.Tensor, reference: torch.Tensor,
-                shape: Tuple[int, int]) -> torch.Tensor:
+                shape: Tuple[int, int], value_with_pos: bool = False) -> torch.Tensor:
+        """``value_with_pos``: the values are ``query + query_pos`` (PointBeV's ``SADefnAttn``,
+        ``pointbev/models/layers/attention.py``, samples the query after adding the positional
+        embedding), else ``query`` (BEVFormer's ``TemporalSelfAttention``)."""
         b = query.shape[0]
         offsets, weights = self.attn.offsets_and_weights(query + query_pos)
         loc = self.attn.locations(reference.expand(b, -1, -1, -1), offsets, [shape])
-        out = self.attn.sample(self.attn.value_proj(query), [shape], loc, weights)
+        out = self.attn.sample(self.attn.value_proj(query + query_pos if value_with_pos else query), [shape], loc,
+                               weights)
         return query + self.dropout(self.output_proj(out))
 
 
@@ -370,8 +394,9 @@ class EncoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim))
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, query, query_pos, ref_2d, query_shape, values, spatial_shapes, ref_cam, rebatch, views):
-        query = self.norm1(self.self_attn(query, query_pos, ref_2d, query_shape))
+    def forward(self, query, query_pos, ref_2d, query_shape, values, spatial_shapes, ref_cam, rebatch, views,
+                value_with_pos: bool = False):
+        query = self.norm1(self.self_attn(query, query_pos, ref_2d, query_shape, value_with_pos))
         query = self.norm2(self.cross_attn(query, query_pos, values, spatial_shapes, ref_cam, rebatch, views))
         return self.norm3(query + self.ffn(query))
 
@@ -459,6 +484,9 @@ class BEVFormer(nn.Module):
         decoder: ``"conv"`` (PointBeV's heads on the queries) or ``"simplebev"`` (SimpleBEV's
             ResNet-18 BeV decoder and heads).
         deform_attn_impl: ``"pytorch"`` or ``"mmcv"`` (see the module docstring).
+        layer_query: ``"pointbev"`` (each layer on the initial query, the query as its own
+            positional embedding: PointBeV's static BEVFormer; one layer built) or ``"chained"``
+            (``num_layers`` layers in sequence, learned row/column embedding); module docstring.
 
     Call: ``head(features (B, N, C, h, w), intrinsics (B, N, 3, 3) in the input image's pixels,
     cam2ego (B, N, 4, 4), image_size (H, W))`` -> ``dict(seg (B, 1, X, Y) logits, centerness
@@ -469,7 +497,7 @@ class BEVFormer(nn.Module):
                  num_heads: int = 4, self_points: int = 8, cross_points: int = 8,
                  num_heights: Optional[int] = None, num_levels: int = 1, ffn_dim: int = 1028,
                  dropout: float = 0.1, query_downsample: int = 1, decoder: str = "conv",
-                 deform_attn_impl: str = "pytorch"):
+                 deform_attn_impl: str = "pytorch", layer_query: str = "pointbev"):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("latent_dim", latent_dim), ("num_layers", num_layers),
                         ("num_heads", num_heads), ("self_points", self_points), ("cross_points", cross_points),
@@ -490,6 +518,8 @@ class BEVFormer(nn.Module):
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
         if deform_attn_impl not in DEFORM_ATTN_IMPLS:
             raise ValueError(f"deform_attn_impl must be one of {DEFORM_ATTN_IMPLS}, got {deform_attn_impl!r}.")
+        if layer_query not in LAYER_QUERIES:
+            raise ValueError(f"layer_query must be one of {LAYER_QUERIES}, got {layer_query!r}.")
         nx, ny = grid.shape
         if nx % query_downsample or ny % query_downsample:
             raise ValueError(f"query_downsample must divide the grid's {nx} x {ny} cells, got {query_downsample}.")
@@ -497,6 +527,7 @@ class BEVFormer(nn.Module):
         self.num_layers, self.num_heads, self.num_levels = num_layers, num_heads, num_levels
         self.self_points, self.cross_points = self_points, cross_points
         self.query_downsample, self.decoder_kind, self.deform_attn_impl = query_downsample, decoder, deform_attn_impl
+        self.layer_query = layer_query
         self.query_grid = dataclasses.replace(grid, resolution=grid.resolution * query_downsample)
         self.query_shape = (nx // query_downsample, ny // query_downsample)
         assert self.query_grid.shape == self.query_shape
@@ -505,11 +536,15 @@ class BEVFormer(nn.Module):
 
         self.neck = nn.Conv2d(in_channels, latent_dim, 1)
         self.bev_queries = nn.Parameter(0.1 * torch.randn(xq * yq, latent_dim))
-        self.row_embed = nn.Parameter(torch.rand(xq, latent_dim // 2))
-        self.col_embed = nn.Parameter(torch.rand(yq, latent_dim // 2))
+        if layer_query == "chained":
+            self.row_embed = nn.Parameter(torch.rand(xq, latent_dim // 2))
+            self.col_embed = nn.Parameter(torch.rand(yq, latent_dim // 2))
+        # "pointbev": only the last of PointBeV's num_layers layers reaches the output; it is the
+        # one built (the others would hold weights that never get a gradient)
+        built = num_layers if layer_query == "chained" else 1
         self.layers = nn.ModuleList([
             EncoderLayer(latent_dim, num_heads, self_points, cross_points, num_levels, len(heights), ffn_dim,
-                         float(dropout), deform_attn_impl) for _ in range(num_layers)])
+                         float(dropout), deform_attn_impl) for _ in range(built)])
         if decoder == "simplebev":
             self.decoder = BevDecoder(latent_dim)
         else:
@@ -544,7 +579,12 @@ class BEVFormer(nn.Module):
         return self._geometry[device]
 
     def query_pos(self) -> torch.Tensor:
-        """``(Q, C)`` BEVFormer's learned positional embedding: column half, then row half."""
+        """``(Q, C)`` the positional embedding: with ``layer_query="chained"``, BEVFormer's
+        learned one (column half, then row half); with ``"pointbev"``, the query parameter itself
+        (PointBeV's ``BeVFormer.forward`` calls its ``query_gen`` twice, for the query and for
+        ``query_pos``, and both return the one ``nn.Parameter``)."""
+        if self.layer_query == "pointbev":
+            return self.bev_queries
         xq, yq = self.query_shape
         half = self.latent_dim // 2
         return torch.cat([self.col_embed[None, :, :].expand(xq, yq, half),
@@ -553,6 +593,19 @@ class BEVFormer(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, features: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
                 image_size) -> Dict[str, torch.Tensor]:
+        query, query_pos, context = self.layer_inputs(features, intrinsics, cam2ego, image_size)
+        if self.layer_query == "pointbev":
+            # every PointBeV layer starts again from the initial query, so the output is the last
+            # layer's on it (DefAttnVT.forward); the self-attention samples query + query_pos
+            query = self.layers[-1](query, query_pos, *context, value_with_pos=True)
+        else:
+            for layer in self.layers:
+                query = layer(query, query_pos, *context)
+        return self.dense(query)
+
+    def layer_inputs(self, features: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_size):
+        """``(query (B, Q, C), query_pos (1, Q, C), context)``: what every encoder layer takes,
+        ``layer(query, query_pos, *context)``."""
         image_size = check_camera_inputs(features, intrinsics, cam2ego, image_size, self.in_channels)
         b, n, _, h, w = features.shape
         latent = self.neck(features.flatten(0, 1))  # (B*N, C', h, w)
@@ -572,11 +625,12 @@ class BEVFormer(nn.Module):
 
         query = self.bev_queries[None].repeat(b, 1, 1).to(latent.dtype)  # a copy: a view of a parameter under no_grad still requires grad
         query_pos = self.query_pos()[None].to(latent.dtype)
-        for layer in self.layers:
-            query = layer(query, query_pos, ref_2d, self.query_shape, values, spatial_shapes, ref_cam, rebatch, views)
+        return query, query_pos, (ref_2d, self.query_shape, values, spatial_shapes, ref_cam, rebatch, views)
 
+    def dense(self, query: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The BeV outputs of the encoder's queries ``(B, Q, C)``."""
         xq, yq = self.query_shape
-        bev = query.transpose(1, 2).reshape(b, self.latent_dim, xq, yq)
+        bev = query.transpose(1, 2).reshape(query.shape[0], self.latent_dim, xq, yq)
         if self.query_downsample > 1:
             bev = F.interpolate(bev, size=self.grid.shape, mode="bilinear", align_corners=False)
         if self.decoder is not None:
@@ -600,9 +654,10 @@ class BEVFormer(nn.Module):
         pairs = self.last_cross_pairs if self.last_cross_pairs is not None else q * int(num_cameras)
         taps = 4 * 2 * self.latent_dim  # heads x head dim = latent_dim
         per_layer = q * self.self_points * taps + pairs * self.num_levels * self.cross_points * taps
-        return self.num_layers * per_layer
+        return len(self.layers) * per_layer
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, latent_dim={self.latent_dim}, query_shape={self.query_shape}, "
                 f"heights={[round(float(z), 3) for z in self.heights]}, decoder={self.decoder_kind!r}, "
+                f"layer_query={self.layer_query!r}, "
                 f"deform_attn_impl={self.deform_attn_impl!r}")
