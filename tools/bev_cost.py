@@ -5,6 +5,7 @@ not depend on them), the default 200 x 200 x 8 grid.
 
     python tools/bev_cost.py                                  # every head x upsampler, table on stdout
     python tools/bev_cost.py --models simplebev --upsamplers none bilinear jafar --out docs/bev_cost.md
+    python tools/bev_cost.py --models bevformer --layer-queries pointbev chained   # a BEVFormer row per mode
 
 Each configuration runs in its own process (so the CPU peak memory of one does not hide
 another's): ``--warmup`` untimed steps, then the median of ``--repeats`` timed steps (forward,
@@ -37,13 +38,19 @@ MODEL_CONFIGS = ROOT / "configs" / "model"
 MODELS = tuple(sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml")))
 
 
-def build_head(model: str, in_channels: int, grid):
-    """The head of ``configs/model/<model>.yaml`` with its default settings."""
+#: BEVFormer's model.layer_query modes (bev.heads.bevformer.LAYER_QUERIES)
+LAYER_QUERIES = ("pointbev", "chained")
+
+
+def build_head(model: str, in_channels: int, grid, options=None):
+    """The head of ``configs/model/<model>.yaml`` with its default settings (``options``
+    override model keys, e.g. ``{"layer_query": "chained"}``)."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{model}.yaml"), resolve=True)
     cfg.pop("name", None)
+    cfg.update(options or {})
     return get_class(cfg.pop("_target_"))(in_channels=in_channels, grid=grid, **cfg)
 
 
@@ -53,7 +60,7 @@ def _rss_mb() -> float:
 
 
 def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int, repeats: int, device: str,
-            guidance="output") -> dict:
+            guidance="output", options=None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -68,7 +75,7 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
     backbone = jafar.build_backbone("vit_small_patch14_dinov2.lvd142m", pretrained=False)
     encoder = build_multicamera_encoder(backbone, upsampler, guidance_size=guidance)
     grid = BevGrid()
-    head = build_head(model, encoder.out_channels, grid)
+    head = build_head(model, encoder.out_channels, grid, options)
     encoder, head, loss = encoder.to(dev), head.to(dev), SimpleBevLoss().to(dev)
     params = [p for m in (encoder, head, loss) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-7)
@@ -120,7 +127,8 @@ def measure(model: str, upsampler: str, image_size, grid_cells: int, warmup: int
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss) / 1024
-    return {"model": model, "upsampler": upsampler, "features": f"{h}x{w}",
+    label = model + "".join(f" ({v})" for v in (options or {}).values())
+    return {"model": label, "upsampler": upsampler, "features": f"{h}x{w}",
             "gflops": (counter.get_total_flops() + uncounted) / 1e9, "step_s": statistics.median(times),
             "peak_gb": peak, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"}
 
@@ -129,6 +137,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--upsamplers", nargs="+", default=list(UPSAMPLERS), choices=UPSAMPLERS)
+    p.add_argument("--layer-queries", nargs="+", default=list(LAYER_QUERIES), choices=LAYER_QUERIES,
+                   help="BEVFormer's model.layer_query modes, one row each (default: both)")
     p.add_argument("--image-size", nargs=2, type=int, default=[224, 476], metavar=("H", "W"))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -139,24 +149,26 @@ def main(argv=None) -> int:
     if args.warmup < 0 or args.repeats < 1:
         p.error(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}.")
     if args.one:
+        options = {"layer_query": args.layer_queries[0]} if args.models[0] == "bevformer" else None
         res = measure(args.models[0], args.upsamplers[0], args.image_size, 200, args.warmup, args.repeats,
-                      args.device or "cpu")
+                      args.device or "cpu", options=options)
         print(json.dumps(res))
         return 0
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for model in args.models:
+    runs = [(m, q) for m in args.models for q in (args.layer_queries if m == "bevformer" else [None])]
+    for model, layer_query in runs:
         for up in args.upsamplers:
             cmd = [sys.executable, __file__, "--one", "--models", model, "--upsamplers", up, "--image-size",
                    *map(str, args.image_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                   "--device", args.device]
+                   "--device", args.device] + (["--layer-queries", layer_query] if layer_query else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{model} x {up} failed:\n{out.stderr[-2000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"{model:10s} {up:9s} {rows[-1]['step_s']:.2f} s", file=sys.stderr)
+            print(f"{rows[-1]['model']:21s} {up:9s} {rows[-1]['step_s']:.2f} s", file=sys.stderr)
     base = {r["model"]: r["gflops"] for r in rows if r["upsampler"] == "none"}
     lines = [f"One training step, six {args.image_size[0]}x{args.image_size[1]} images, batch 1, DINOv2 ViT-S/14 "
              f"architecture, 200x200x8 grid, on {rows[0]['device']} (median of {args.repeats} steps after "

@@ -8,7 +8,10 @@ from it (paths in that repository):
   40,000 of the 200 x 200 grid, ``mode: rnd_pillars``), then a fine pass, with the same weights,
   on ``N_fine = 2500`` cells around the ``N_anchor = 100`` cells of highest coarse segmentation
   score, each anchor opening a ``fine_patch_size = 9`` square window (``fine_thresh = 0.1``
-  replaces the top-``N_anchor`` rule when ``N_anchor`` is ``"dyna"``); where both passes predict
+  replaces the top-``N_anchor`` rule when ``N_anchor`` is ``"dyna"``; PointBeV's released runs,
+  ``logs/PointBeV/effb4/*/.hydra/config.yaml``, used 7 and 0.2, the values of
+  ``configs/model/pointbev.yaml``), the random cells filling the fine pass up to ``N_fine``
+  (their ``reinject_pts: true``); where both passes predict
   a cell their outputs are averaged, and the loss is masked by the union of the two passes'
   cells. Evaluation is dense (``val_mode: dense``, no fine pass: ``valid_fine: False``);
 * lifting (``pointbev/models/view_transform/gridsample.py``, ``grid_sample_mode: sparse_optim``):
