@@ -624,7 +624,9 @@ class BEVFormer(nn.Module):
         self.last_cross_pairs = b * n * rebatch.max_len
 
         query = self.bev_queries[None].repeat(b, 1, 1).to(latent.dtype)  # a copy: a view of a parameter under no_grad still requires grad
-        query_pos = self.query_pos()[None].to(latent.dtype)
+        # "pointbev": PointBeV's second query_gen call, a copy of the same parameter (a view of it
+        # under no_grad would still require grad, which torch's flop counter refuses)
+        query_pos = query if self.layer_query == "pointbev" else self.query_pos()[None].to(latent.dtype)
         return query, query_pos, (ref_2d, self.query_shape, values, spatial_shapes, ref_cam, rebatch, views)
 
     def dense(self, query: torch.Tensor) -> Dict[str, torch.Tensor]:
