@@ -481,7 +481,8 @@ class CamTask(Task):
         space = "normalised" if t.mask_space == "normalized" else "[0, 1]"
         mask = "1[CAM > 0]" if t.definition == "paper" else "the CAM"
         drawn = ("every correctly classified image" if t.get("images") is None else
-                 f"{int(t.images)} images drawn (seed {int(t.sample_seed)}) among the correctly classified ones")
+                 f"{int(t.images)} images drawn (seed {int(t.sample_seed)}) among the correctly classified ones, "
+                 f"or all of them where there are fewer")
         notes = [f"Classifier {ctx.backbone.name}, Grad-CAM target: {clf.target}. Definitions: {t.definition} "
                  f"(explanation image = the {space} image x {mask}; Complexity = "
                  f"{'fraction of pixels with CAM > 0' if t.definition == 'paper' else 'mean |CAM|'}). "
