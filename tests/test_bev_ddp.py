@@ -68,7 +68,8 @@ def test_bev_ddp_trains_resumes_and_validates_like_one_process(odd_val_root, tmp
     assert not (run_dir / "results.json").exists()
 
     (rec / "steps_rank0.json").unlink(missing_ok=True)
-    _launch("bev", run_dir, rec, *over, *DDP)  # the same command: resumes from last.ckpt
+    proc = _launch("bev", run_dir, rec, *over, *DDP)  # the same command: resumes from last.ckpt
+    assert proc.stderr.count("the learning rate is not scaled") == 1  # said once, by rank 0, before training
     for rank in (0, 1):
         done = json.loads((rec / f"steps_rank{rank}.json").read_text())
         assert done["steps"] == 1 and done["world_size"] == 2  # one step left, on both processes
