@@ -374,3 +374,16 @@ def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_pat
         NuScenesBev(root, "v1.0-mini", "train", bev_augment="lss")
     with pytest.raises(ValueError, match="raster must be one of"):
         NuScenesBev(root, "v1.0-mini", "train", raster="corners")
+
+
+def test_run_refuses_unknown_label_rule_or_bev_augment_before_any_work():
+    pytest.importorskip("hydra")
+    from bev.config import compose
+    from bev.run import check_config
+
+    for override, match in (("data.raster=corners", "data.raster must be one of"),
+                            ("data.bev_augment=lss", "data.bev_augment must be one of"),
+                            ("data.bev_yaw_deg=-5", "data.bev_yaw_deg")):
+        with pytest.raises(ValueError, match=match):
+            check_config(compose("experiment=demo", override))
+    check_config(compose("experiment=demo"))  # the defaults pass
