@@ -179,8 +179,13 @@ def label_counts(dataset, shape, levels=(1, 2), num_workers: int = 0, chunk: int
     loader = DataLoader(_CountChunks(dataset, shape, levels, chunk), batch_size=None, shuffle=False,
                         num_workers=int(num_workers), collate_fn=lambda c: c)
     total = LabelCounts(shape, levels)
-    for part in loader:
-        total.merge(part)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the labels' small tensor ops only lose to threads (loader workers use one too)
+    try:
+        for part in loader:
+            total.merge(part)
+    finally:
+        torch.set_num_threads(threads)
     return total
 
 

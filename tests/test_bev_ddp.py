@@ -3,8 +3,10 @@ process started as Lightning's launcher starts it (the script run again, as torc
 would): training, checkpoints, a killed run resumed, ``results.json`` written once by rank 0, and
 the BeV validation IoU of a fixed checkpoint identical under two processes and one.
 
-Slower than the other tests (about a minute: each launch starts two Python processes that import
-torch and Lightning); the cases share launches."""
+Slower than the other tests, for a reason: each launch starts two Python processes that import
+torch and Lightning, and DDP needs them (270 s for both tests on 2 cores shared with other jobs
+at load average ~8); the cases share launches (BeV: 2 launches + one in-process run; pretraining:
+2 launches)."""
 
 import json
 import os
