@@ -237,10 +237,6 @@ def cache_size_sentence(encoder, data_cfg, samples: int) -> str:
             f"data.augment is false)")
 
 
-def trainer_is_zero() -> bool:
-    return runs.is_global_zero()
-
-
 def build_model(cfg: DictConfig, grid: BevGrid, cache_dir: Optional[Path] = None):
     """``(encoder, head)`` from the config groups ``backbone``, ``upsampler``, ``model``; the
     backbone's features cached in ``cache_dir`` (:func:`feature_cache_dir`) when given."""
@@ -344,7 +340,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dic
     train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control,
                                 cache_keys=cache and not data_cfg.augment)
     val_items = SeededSamples(val_set, int(cfg.seed) + 1, shuffle_extrinsics=control, cache_keys=cache)
-    if cache and trainer_is_zero():
+    if cache and runs.is_global_zero():
         log.info(cache_size_sentence(encoder, data_cfg, (0 if data_cfg.augment else len(train_set)) + len(val_set)))
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
