@@ -387,7 +387,8 @@ def test_bevformer_trains_and_validates_through_run(synthetic_root, tmp_path):
 
     cfg = compose_bev_demo(synthetic_root, "model=bevformer", "model.latent_dim=16", "model.num_layers=2",
                            "model.num_heads=2", "model.ffn_dim=16", "model.self_points=2", "model.cross_points=8",
-                           "model.layer_query=chained")
+                           "model.layer_query=chained", "data.bev_augment=pointbev")
+    # the demo turns BeV augmentation off; this run trains through PointBeV's moved frame
     assert cfg.model.name == "bevformer" and cfg.data.bev_augment == "pointbev"
     results = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
