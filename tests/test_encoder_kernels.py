@@ -37,6 +37,9 @@ def _interpreted() -> dict:
 @pytest.mark.skipif(CUDA, reason="CUDA available: the compiled kernels are tested instead")
 @pytest.mark.parametrize("key", KEYS)
 def test_fused_encoders_match_pytorch_in_the_interpreter(key):
+    """All 15 keys share one subprocess (``_interpreted``): the first key pays ~90 s, the others
+    nothing. Over the 30 s rule for a reason: Triton's interpreter runs every kernel program in
+    Python (~0.1 s a launch), and these are the only checks of the fused kernels without a GPU."""
     errors = _interpreted()[key]
     assert not kc.failures({key: errors}), errors
     # the queries and keys really come out of the fused path: same order of error as PyTorch's in

@@ -114,7 +114,7 @@ PAPER_MEMORY_GB: dict = {}
 FULL = dict(size=448, large=896, dim=384, warmup=3, repeats=20, tune_candidates=4,
             backbone_kwargs={}, bev_image=(224, 476), bev_grid={}, bev_heads={}, bev_warmup=2, bev_repeats=10,
             bev_max_s=10.0, pre_batch=4, pre_size=448, pre_steps=20, pre_warmup=3)
-SMOKE = dict(size=32, large=64, dim=32, warmup=0, repeats=2, tune_candidates=1,
+SMOKE = dict(size=32, large=48, dim=32, warmup=0, repeats=2, tune_candidates=1,
              backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2), bev_image=(28, 56),
              bev_grid=dict(resolution=4.0, z_bins=2),
              bev_heads={"simplebev": dict(latent_dim=16),
