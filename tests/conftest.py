@@ -55,6 +55,28 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
+def refuse_network(monkeypatch, tmp_path, hf_offline: bool) -> list:
+    """Every socket connection / DNS lookup raises (and is recorded in the returned list), empty
+    Hugging Face and torch.hub caches under ``tmp_path``, HF_HUB_OFFLINE as given."""
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    return calls
+
+
 def compose_bev_demo(root, *overrides):
     """``configs/train_bev.yaml`` with ``experiment=demo`` shrunk to test size, on ``root``."""
     from bev.config import compose

@@ -2,7 +2,6 @@
 
 import importlib.util
 import math
-import socket
 import time
 
 import pytest
@@ -10,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from conftest import refuse_network
 from jafar import backbones as bb
 from jafar.backbones import (IMAGENET_MEAN, IMAGENET_STD, MOBILENET_BACKBONES, TIMM_BACKBONES,
                              build_backbone, list_backbones, load_mobilenet_v2, mobilenet_v2_weights_path)
@@ -161,20 +161,7 @@ def test_normalize():
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """Every socket connection / DNS lookup raises (and is recorded); empty HF cache; no proxy."""
-    import huggingface_hub.constants as hf_constants
-
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    calls = refuse_network(monkeypatch, tmp_path, hf_offline=False)
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     return calls

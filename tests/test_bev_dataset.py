@@ -217,10 +217,9 @@ def _blob_image(points_uv, size=(1600, 900), sigma=10.0):
     return np.repeat((img * 255).round().astype(np.uint8)[..., None], 3, -1)
 
 
-def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
-    """Blobs drawn at the raw projections of ego points land, after the random zoom, rotation and
-    crop, at the projections through the returned intrinsics and cam2ego (measured: within 0.01 px;
-    a half-pixel convention slip would be 0.35 px off)."""
+def _root_with_blobs(root, nusc, tmp_path):
+    """A copy of the data root whose first CAM_FRONT image shows a blob at the raw projection of
+    each of three ego points; returns the copy and the points."""
     from PIL import Image
 
     aug_root = tmp_path / "aug"
@@ -234,6 +233,21 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
     cam = (np.linalg.inv(cam2ego) @ np.c_[points, np.ones(3)].T)[:3]
     raw_uv = view_points(cam, K_raw, normalize=True)[:2].T
     Image.fromarray(_blob_image(raw_uv)).save(aug_root / sd["filename"], quality=95)
+    return aug_root, points
+
+
+def _blob_centre(img, u, v):
+    """The brightness-weighted centre of ``img`` within 9 px of (u, v), pixel centres at +0.5."""
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]] + 0.5
+    w = (np.hypot(xx - u, yy - v) < 9) * np.clip(img - 0.02, 0, None)
+    return np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+
+
+def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
+    """Blobs drawn at the raw projections of ego points land, after the random zoom, rotation and
+    crop, at the projections through the returned intrinsics and cam2ego (measured: within 0.01 px;
+    a half-pixel convention slip would be 0.35 px off)."""
+    aug_root, points = _root_with_blobs(root, nusc, tmp_path)
 
     ds = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=["CAM_FRONT"], augment=True, seed=7)
     seen = []
@@ -244,11 +258,9 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
         uv, _ = G.project_points(G.apply_transform(torch.linalg.inv(s["cam2ego"][0].double()),
                                                     torch.tensor(points)), s["intrinsics"][0].double())
         img = s["images"][0].mean(0).numpy()
-        yy, xx = np.mgrid[0:224, 0:476] + 0.5
         for (u, v) in uv.numpy():
             assert 10 < u < 466 and 10 < v < 214
-            w = (np.hypot(xx - u, yy - v) < 9) * np.clip(img - 0.02, 0, None)
-            found = np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+            found = _blob_centre(img, u, v)
             assert np.hypot(*(found - (u, v))) < 0.05, (epoch, found, (u, v))
     # the draws differ between epochs (zoom and rotation change K beyond a pixel), and repeat
     assert min(np.abs(seen[a] - seen[b]).max() for a in range(3) for b in range(a)) > 1.0
@@ -312,20 +324,7 @@ def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_pat
     BeV frame's points project through the returned cam2ego and intrinsics (the same pixels as
     without BeV augmentation, or mirrored where SimpleBEV's flip turned the image); the labels
     are the boxes moved by the drawn motion; validation (augment=False) is never moved."""
-    from PIL import Image
-
-    aug_root = tmp_path / "aug"
-    shutil.copytree(root, aug_root)
-    sd = nusc.get("sample_data", nusc.sample[0]["data"]["CAM_FRONT"])
-    ref = _pose(nusc.get("ego_pose", nusc.get("sample_data", nusc.sample[0]["data"]["LIDAR_TOP"])["ego_pose_token"]))
-    cam2ego = np.linalg.inv(ref) @ _pose(nusc.get("ego_pose", sd["ego_pose_token"])) @ _pose(
-        nusc.get("calibrated_sensor", sd["calibrated_sensor_token"]))
-    K_raw = np.array(nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])["camera_intrinsic"])
-    points = np.array([[20.0, 0.0, 1.0], [12.0, -3.5, 0.0], [25.0, 5.0, 2.5]])
-    cam = (np.linalg.inv(cam2ego) @ np.c_[points, np.ones(3)].T)[:3]
-    Image.fromarray(_blob_image(view_points(cam, K_raw, normalize=True)[:2].T)).save(aug_root / sd["filename"],
-                                                                                    quality=95)
-    yy, xx = np.mgrid[0:224, 0:476] + 0.5
+    aug_root, points = _root_with_blobs(root, nusc, tmp_path)
     cameras = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK"]  # CAM_FRONT first: never SimpleBEV's reference camera
     plain = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=True, seed=7)
     for mode in ("pointbev", "simplebev"):
@@ -353,8 +352,7 @@ def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_pat
             np.testing.assert_allclose(uv.numpy(), expected, atol=1e-3)
             img = s["images"][0].mean(0).numpy()
             for u, v in uv.numpy():
-                w = (np.hypot(xx - u, yy - v) < 9) * np.clip(img - 0.02, 0, None)
-                found = np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+                found = _blob_centre(img, u, v)
                 assert np.hypot(*(found - (u, v))) < 0.05, (mode, seed, found, (u, v))
             # the labels: every box moved by M^-1 (centre; heading by the rotation part), by hand
             moved_boxes = []

@@ -1,12 +1,11 @@
 """jafar.load / hubconf.py: the official hub's 14 names, the offline sentence, and a local-weights
 load that runs end to end (tiny random backbones; no network)."""
 
-import socket
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import refuse_network
 import hubconf
 import jafar
 from jafar import JAFAR, HUB_NAMES, build_backbone
@@ -36,20 +35,7 @@ TINY = dict(depth=1, embed_dim=32, num_heads=2)
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """HF_HUB_OFFLINE=1, every socket refused (and recorded), empty caches."""
-    import huggingface_hub.constants as hf_constants
-
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    calls = refuse_network(monkeypatch, tmp_path, hf_offline=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "load", lambda *a, **k: pytest.fail("torch.hub.load called offline"))
     return calls
