@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -75,6 +76,28 @@ def refuse_network(monkeypatch, tmp_path, hf_offline: bool) -> list:
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     return calls
+
+
+class CountSteps(L.Callback):
+    """A Lightning callback that counts the training steps it sees (``steps``)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, *args):
+        self.steps += 1
+
+
+class KillAt(L.Callback):
+    """A Lightning callback that dies at the start of step ``at`` (after that step's checkpoint),
+    like a killed job."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")
 
 
 def compose_bev_demo(root, *overrides):

@@ -3,12 +3,11 @@ and validation steps, results.json is written, and a rerun resumes from the last
 
 import json
 
-import lightning as L
 import pytest
 import torch
 
 from bev.run import run
-from conftest import compose_bev_demo
+from conftest import CountSteps, KillAt, compose_bev_demo
 
 pytest.importorskip("nuscenes")
 
@@ -30,25 +29,6 @@ def test_simplebev_trains_with_each_upsampler(synthetic_root, tmp_path, upsample
     assert (tmp_path / "pictures" / "val_latest.png").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert results["val"] == saved["val"]
-
-
-class _Count(L.Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer, *args):
-        self.steps += 1
-
-
-class _Kill(L.Callback):
-    """Dies at the start of step ``at`` (after the checkpoint of step ``at``), like a killed job."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.at:
-            raise RuntimeError("killed")
 
 
 HEAD_ARGS = {
@@ -73,9 +53,9 @@ def test_killed_run_resumes_exactly(synthetic_root, tmp_path, head):
             *HEAD_ARGS[head])
     run(compose_demo(synthetic_root, *args), tmp_path / "straight")
     with pytest.raises(RuntimeError, match="killed"):
-        run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[_Kill(2)])
+        run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[KillAt(2)])
     assert torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    count = _Count()
+    count = CountSteps()
     results = run(compose_demo(synthetic_root, *args), tmp_path / "killed", callbacks=[count])
     assert results["step"] == 3 and count.steps == 1  # resumed, not retrained from scratch
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

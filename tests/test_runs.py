@@ -6,14 +6,13 @@ stay under the command line, and bev/ uses only public names of jafar."""
 import ast
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, compose_bev_demo
+from conftest import ROOT, CountSteps, KillAt, compose_bev_demo
 from jafar import runs, utils
 from jafar.runs import RunConfigMismatch
 
@@ -119,20 +118,6 @@ def test_bev_imports_only_public_names_of_other_packages():
 # ---------------------------------------------------------------------------------------------
 
 
-class _Count(L.Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer, *args):
-        self.steps += 1
-
-
-class _Kill(L.Callback):
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == 1:
-            raise RuntimeError("killed")
-
-
 def test_bev_another_seed_is_refused_the_same_configuration_resumes(synthetic_root, tmp_path):
     pytest.importorskip("nuscenes")
     from bev.run import run
@@ -140,7 +125,7 @@ def test_bev_another_seed_is_refused_the_same_configuration_resumes(synthetic_ro
     args = ("model.latent_dim=16", "upsampler=bilinear", "trainer.max_steps=2", "checkpoint_every=1",
             "trainer.val_check_interval=2")
     with pytest.raises(RuntimeError, match="killed"):
-        run(compose_bev_demo(synthetic_root, *args), tmp_path, callbacks=[_Kill()])
+        run(compose_bev_demo(synthetic_root, *args), tmp_path, callbacks=[KillAt(1)])
     last = tmp_path / "checkpoints" / "last.ckpt"
     record = json.loads((tmp_path / "run_config.json").read_text())["config"]
     assert torch.load(last, weights_only=False)["run_config"] == record  # the record travels with the checkpoint
@@ -148,7 +133,7 @@ def test_bev_another_seed_is_refused_the_same_configuration_resumes(synthetic_ro
     stamp = last.stat().st_mtime_ns
 
     # another seed in the same directory: one sentence, before any work
-    count = _Count()
+    count = CountSteps()
     with pytest.raises(RunConfigMismatch, match=SENTENCE):
         run(compose_bev_demo(synthetic_root, *args, "seed=1"), tmp_path, callbacks=[count])
     assert count.steps == 0 and last.stat().st_mtime_ns == stamp and not (tmp_path / "results.json").exists()
@@ -163,7 +148,7 @@ def test_bev_another_seed_is_refused_the_same_configuration_resumes(synthetic_ro
     assert (tmp_path / "results.json").read_text() == finished  # a finished run keeps its numbers
 
     # resume=null: afresh, from step 0, and the directory now belongs to seed 1
-    fresh = _Count()
+    fresh = CountSteps()
     results = run(compose_bev_demo(synthetic_root, *args, "seed=1", "resume=null"), tmp_path, callbacks=[fresh])
     assert fresh.steps == 2 and results["step"] == 2 and runs.recorded_config(tmp_path)["seed"] == 1
 
