@@ -340,6 +340,9 @@ def _command(data, run_dir, steps):
 
 
 def test_a_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
+    """A real SIGKILL of the tool's process, then resume=auto, against an uninterrupted run:
+    three process launches of 120 tiny steps (~40 s, over the 30 s rule because the kill must
+    land mid-run on a loaded machine; the in-process kill/resume tests cover the rest)."""
     data = _write_images(tmp_path / "imgs", 5)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     steps = 120
