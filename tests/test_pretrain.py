@@ -263,6 +263,8 @@ def test_official_recipe_is_the_default():
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.batch_size) == (2e-4, 1e-5, 4)
     assert (cfg.trainer.max_steps, cfg.trainer.precision, cfg.seed) == (100000, "bf16-mixed", 0)
     assert (cfg.recipe.consistency_weight, cfg.loss.mse) == (0.1, "minmax")
+    # official train.py: one device (torch.device("cuda"), jafar.cuda()), so one process by default
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (1, 1)
     demo = _compose(["experiment=demo"])
     assert demo.backbone.name == "mobilenetv2_s16" and demo.data.prepare == "demo_photos"
 
@@ -384,10 +386,16 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
         cmd += common + [f"data.batch_size={batch}", f"trainer.devices={devices}"]
         if devices > 1:
             cmd.append("trainer.strategy=ddp")
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+        proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+        said.append(proc.stdout + proc.stderr)
         return load_checkpoint(run_dir / "jafar.safetensors").state_dict()
 
+    said = []
     one, two = train(tmp_path / "one", 1, 4), train(tmp_path / "two", 2, 2)
+    # the global batch is said once (rank 0), before training; one process says nothing of it
+    assert "global batch" not in said[0]
+    assert said[1].count("2 processes (trainer.devices x trainer.num_nodes): the global batch is "
+                         "data.batch_size x 2 = 4 images") == 1
     # atol: the key bias gets only float noise as gradient (a per-query constant logit), which Adam
     # normalises to steps of up to lr (2e-4); everything else agrees to float precision
     for k in one:

@@ -147,6 +147,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # use_distributed_sampler=False: StepBatchSampler and val_dataloader already give each rank its share
     trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(ckpt_dir, every),
                                 run_config=identity, max_epochs=-1, use_distributed_sampler=False)
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        log.warning(devices_sentence(trainer.world_size, int(data_cfg.batch_size), total_steps,
+                                     float(cfg.optimizer.lr)))
     with runs.quiet_lightning():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if val_files:
@@ -166,3 +169,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.warning("%d unreadable images were skipped: %s", len(module.skipped), ", ".join(module.skipped))
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if k.startswith("x")}))
     return results
+
+
+def devices_sentence(world: int, batch: int, max_steps: int, lr: float) -> str:
+    """What more than one process changes (said once, before training): the global batch, what
+    the step count then means, and that the learning rate is not scaled."""
+    keep = (f"keep it with data.batch_size={4 // world}" if 4 % world == 0
+            else f"{world} processes cannot share a global batch of 4 evenly")
+    return (f"{world} processes (trainer.devices x trainer.num_nodes): the global batch is data.batch_size x "
+            f"{world} = {batch * world} images; trainer.max_steps={max_steps} counts global batches, so the run "
+            f"sees {world}x the images of one process with the same batch; the learning rate is not scaled: optimizer.lr={lr:g} as for "
+            f"one process (the official recipe: one GPU, batch 4; {keep}).")
