@@ -456,7 +456,7 @@ def sync_batchnorm_applies(trainer_kwargs: dict) -> bool:
 def devices_sentence(world: int, batch: int, samples: int, steps_per_epoch: int, max_steps: int, cfg) -> str:
     """What more than one process changes (said once, before training): the global batch, the
     steps, and that the learning rate is not scaled."""
-    return (f"{world} processes (trainer.devices x trainer.num_nodes): the global batch is data.batch_size x "
-            f"{world} = {batch * world}, an epoch of {samples} samples is {steps_per_epoch} steps and the run "
-            f"{max_steps} steps (1/{world} of one process's); the learning rate is not scaled: optimizer.lr="
-            f"{float(cfg.optimizer.lr):g} as for one process (PointBeV's setting is trainer.devices=1, batch 1).")
+    return runs.global_batch_sentence(
+        world, batch, "samples", f"an epoch of {samples} samples is {steps_per_epoch} steps and the run {max_steps} "
+        f"steps (1/{world} of one process's)", float(cfg.optimizer.lr),
+        "PointBeV's setting is trainer.devices=1, batch 1")

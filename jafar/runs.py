@@ -300,6 +300,15 @@ def check_run_dir(run_dir: Path, config: dict, resume) -> None:
         raise RunConfigMismatch(mismatch_sentence(Path(run_dir), changes))
 
 
+def global_batch_sentence(world: int, batch: int, unit: str, steps: str, lr: float, official: str) -> str:
+    """What more than one process changes, for a tool to say once before training: the global
+    batch (``batch`` ``unit`` per process), what the steps then mean (``steps``), and that the
+    learning rate is not scaled; ``official`` names the source's setting."""
+    return (f"{world} processes (trainer.devices x trainer.num_nodes): the global batch is data.batch_size x "
+            f"{world} = {batch * world} {unit}; {steps}; the learning rate is not scaled: optimizer.lr={lr:g} as "
+            f"for one process ({official}).")
+
+
 def is_global_zero() -> bool:
     """Whether this process is the first of its job (before a Trainer exists: from the launcher's
     environment variables)."""

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 NOT_IDENTITY = ("data.root", "data.val_root", "data.num_workers", "data.pin_memory")
 #: what the run writes (removed by a fresh start, resume=null)
 ARTEFACTS = runs.RUN_ARTEFACTS + ("jafar.safetensors",)
+#: the official global batch: train.py on one device, config/dataloader/train.yaml batch_size 4
+#: (github PaulCouairon/JAFAR @ 94d4d54)
+OFFICIAL_BATCH = 4
 #: lightning.Trainer arguments the run sets itself
 TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler")
 
@@ -174,9 +177,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def devices_sentence(world: int, batch: int, max_steps: int, lr: float) -> str:
     """What more than one process changes (said once, before training): the global batch, what
     the step count then means, and that the learning rate is not scaled."""
-    keep = (f"keep it with data.batch_size={4 // world}" if 4 % world == 0
-            else f"{world} processes cannot share a global batch of 4 evenly")
-    return (f"{world} processes (trainer.devices x trainer.num_nodes): the global batch is data.batch_size x "
-            f"{world} = {batch * world} images; trainer.max_steps={max_steps} counts global batches, so the run "
-            f"sees {world}x the images of one process with the same batch; the learning rate is not scaled: optimizer.lr={lr:g} as for "
-            f"one process (the official recipe: one GPU, batch 4; {keep}).")
+    keep = (f"keep it with data.batch_size={OFFICIAL_BATCH // world}" if OFFICIAL_BATCH % world == 0
+            else f"{world} processes cannot share a global batch of {OFFICIAL_BATCH} evenly")
+    return runs.global_batch_sentence(
+        world, batch, "images", f"trainer.max_steps={max_steps} counts global batches, so the run sees {world}x the "
+        f"images of one process with the same batch", lr, f"the official recipe: one GPU, batch {OFFICIAL_BATCH}; {keep}")
