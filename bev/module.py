@@ -325,3 +325,37 @@ def prior_baseline(train: LabelCounts, val: LabelCounts, visibilities: Sequence[
     for v in visibilities:
         out[f"iou_vis{v}"] = val.iou(predicted, v)
     return out
+
+
+def stacked_prior_baseline(train_seg, train_vis, val_seg, val_vis, visibilities=(1, 2), min_visibility=2):
+    """:func:`prior_baseline` by its definition, from whole stacks of label maps (``(N, H, W)``
+    arrays: memory grows with the number of samples, so runs use the streamed
+    :func:`prior_baseline`): the float64 mean map, then every candidate threshold (the distinct
+    positive frequencies and 0.5, ascending) scored by a fresh :class:`VisibleIoU` over the stacks,
+    the first best kept. The reference the streamed version is tested against
+    (``tests/test_bev_scale.py``) and measured beside (``tools/bench_bev_scale.py``)."""
+    freq = np.asarray(train_seg, dtype=np.float64).mean(0)
+
+    def scorer(seg, vis, level):
+        seg, vis = torch.from_numpy(np.asarray(seg)), torch.from_numpy(np.asarray(vis))
+        kept = visibility_mask(seg, vis, level)
+        seg, vis = seg[kept], vis[kept]
+
+        def score(t):
+            metric = VisibleIoU(level, validate_args=False)
+            metric.update(torch.from_numpy(freq >= t).expand(kept.shape)[kept], seg, vis)
+            return float(metric.compute())
+        return score
+
+    train_iou = scorer(train_seg, train_vis, min_visibility)
+    best_t, best = 0.5, -1.0
+    for t in np.unique(np.concatenate([freq.ravel(), [0.5]])):
+        if t <= 0:
+            continue
+        s = train_iou(t)
+        if s > best:
+            best_t, best = float(t), s
+    out = {"threshold": best_t, "train_iou": best}
+    for v in visibilities:
+        out[f"iou_vis{v}"] = scorer(val_seg, val_vis, v)(best_t)
+    return out

@@ -1,5 +1,7 @@
-"""Small shared helpers (no dependency beyond the standard library): atomic file writes, used by
-every module that writes a file, and :func:`derive_seed`, the seed of every per-step draw. The tools' shared run machinery is :mod:`jafar.runs`."""
+"""Small shared helpers that import nothing of the package: atomic file writes, used by every
+module that writes a file; :func:`derive_seed`, the seed of every per-step draw; and
+:func:`autocast_dtype`, which the layers and the kernels both ask. The tools' shared run
+machinery is :mod:`jafar.runs`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import torch
 
 
 def _read_umask() -> int:
@@ -49,3 +53,11 @@ def derive_seed(*values: int) -> int:
         x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 29
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives a half-precision op's output on ``x``'s device (``x.dtype`` when
+    autocast is off or ``x`` is not a float32/bf16/fp16 tensor)."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

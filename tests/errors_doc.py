@@ -1,4 +1,4 @@
-"""``docs/errors.md`` from the bad-input suite (issue #17): the refused-input tables of
+"""``docs/errors.md`` from the bad-input suite: the refused-input tables of
 ``tests/test_bad_inputs.py`` and ``tests/test_bad_inputs_bev.py`` record, as they run, the message
 each case really got; ``python -m pytest -q tests/test_bad_inputs.py tests/test_bad_inputs_bev.py
 --write-errors-doc`` writes them here as Markdown, and ``tests/test_errors_doc.py`` fails when the
@@ -24,7 +24,7 @@ SECTIONS = [
      "tests/test_bad_inputs_bev.py test_non_finite_loss_stops_with_one_sentence"),
 ]
 
-#: (section, case) -> (exception type name, message); filled by the tests during a session
+#: (section, case) -> (exception type name, message); filled by the tests as they run
 RECORDED: Dict[Tuple[str, str], Tuple[str, str]] = {}
 
 _TMP = re.compile(r"/tmp/(pytest-of-[^/\s']+/pytest-\d+/[^/\s']+|tmp\w+)")

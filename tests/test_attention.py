@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from tests.kernels import cases as kernel_checks
+from jafar.kernels.checks import cases as kernel_checks
 from jafar.layers.attention import chunk_rows, head_averaged_attention, reference_attention
 
 

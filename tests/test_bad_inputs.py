@@ -1,4 +1,4 @@
-"""Bad inputs get one sentence before any work (issue #17): a table of cases, each a row of
+"""Bad inputs get one sentence before any work: a table of cases, each a row of
 (what is called, the exception type, a fragment of the sentence). The API cases run in-process."""
 
 from pathlib import Path
@@ -116,7 +116,7 @@ def test_own_pretraining_checkpoint_loads_as_upsampler_weights(tmp_path):
 
 
 def test_one_cycle_runs_at_every_step_count():
-    # issue #17: train_bev.py experiment=demo trainer.max_steps=20 crashed inside OneCycleLR (0.05 x 20 =
+    # train_bev.py experiment=demo trainer.max_steps=20 once crashed inside OneCycleLR (0.05 x 20 =
     # a warm-up ending at step 0); the schedule now runs at any step count and keeps PyTorch's otherwise
     from bev.module import one_cycle_pct_start
 

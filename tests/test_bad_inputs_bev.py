@@ -1,5 +1,5 @@
 """Bad inputs to the BeV tool (``tools/train_bev.py``: :func:`bev.run.run`, :mod:`bev.data`) and
-the shared resume (:func:`jafar.runs.resolve_resume`) get one sentence before any work (issue #17):
+the shared resume (:func:`jafar.runs.resolve_resume`) get one sentence before any work:
 a table of cases, each a row of (case id, a callable taking the fixture context, exception type,
 fragment of the sentence), run in-process on the tiny synthetic nuScenes of ``conftest``. Then the
 correct behaviours: final weights saved at a step that is not a multiple of ``checkpoint_every``,
@@ -32,7 +32,7 @@ def _run(*overrides):
 
 
 def _copy(ctx):
-    """A private copy of the tiny synthetic set (the session's one is shared)."""
+    """A private copy of the tiny synthetic set (the one of conftest is shared by the tests)."""
     dst = ctx["tmp"] / "copy"
     if not dst.exists():
         shutil.copytree(ctx["root"], dst)

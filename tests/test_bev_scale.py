@@ -1,4 +1,4 @@
-"""BeV at real scale (issue #15): the streamed prior baseline equals the stacked one to the float,
+"""BeV at real scale: the streamed prior baseline equals the stacked one to the float,
 the validation shards, the validation interval, the device sentence, and the trainval-sized
 tables generator at CI size (a few scenes)."""
 
@@ -9,40 +9,8 @@ import pytest
 import torch
 
 from bev.data.targets import visibility_mask
-from bev.module import LabelCounts, VisibleIoU, best_prior_threshold, prior_baseline
+from bev.module import LabelCounts, VisibleIoU, best_prior_threshold, prior_baseline, stacked_prior_baseline
 from bev.run import ShardSampler, label_counts, validation_interval
-
-
-def stacked_prior_baseline(train_seg, train_vis, val_seg, val_vis, visibilities=(1, 2), min_visibility=2):
-    """The reference: the prior baseline as the code before issue #15 computed it, from the whole
-    stacks of label maps: the float64 mean map, then every candidate threshold (the distinct
-    positive frequencies and 0.5, ascending) scored by a fresh VisibleIoU over the stacks, the
-    first best kept."""
-    freq = np.asarray(train_seg, dtype=np.float64).mean(0)
-
-    def scorer(seg, vis, level):
-        seg, vis = torch.from_numpy(np.asarray(seg)), torch.from_numpy(np.asarray(vis))
-        kept = visibility_mask(seg, vis, level)
-        seg, vis = seg[kept], vis[kept]
-
-        def score(t):
-            metric = VisibleIoU(level, validate_args=False)
-            metric.update(torch.from_numpy(freq >= t).expand(kept.shape)[kept], seg, vis)
-            return float(metric.compute())
-        return score
-
-    train_iou = scorer(train_seg, train_vis, min_visibility)
-    best_t, best = 0.5, -1.0
-    for t in np.unique(np.concatenate([freq.ravel(), [0.5]])):
-        if t <= 0:
-            continue
-        s = train_iou(t)
-        if s > best:
-            best_t, best = float(t), s
-    out = {"threshold": best_t, "train_iou": best}
-    for v in visibilities:
-        out[f"iou_vis{v}"] = scorer(val_seg, val_vis, v)(best_t)
-    return out
 
 
 def _counts(seg, vis, levels):

@@ -1,5 +1,5 @@
 """The fused encoder kernels (``jafar.kernels.encoders``, ``JAFAR(encoders="triton")``) and the
-Triton GroupNorm: the seeded cases of ``jafar.kernel_checks.ENCODER_CASES`` (inference outputs,
+Triton GroupNorm: the seeded cases of ``jafar.kernels.checks.cases.ENCODER_CASES`` (inference outputs,
 and training outputs and gradients) and ``GN_CASES`` against PyTorch in float64, under Triton's
 interpreter (a subprocess, as in ``test_kernels.py``) and on CUDA where there is one; their
 sm_90 compilation; the tile-statistics merge; bad input and bad options (one sentence)."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from tests.kernels import cases as kc
+from jafar.kernels.checks import cases as kc
 from jafar.upsamplers.jafar import JAFAR
 
 triton = pytest.importorskip("triton")
@@ -26,7 +26,7 @@ KEYS = ([f"{c.name}/{dt}" for c in kc.ENCODER_CASES for dt in ("fp32", "bf16")]
 
 @functools.lru_cache(maxsize=None)
 def _interpreted() -> dict:
-    cmd = [sys.executable, "-m", "tests.kernels.cases", "--device", "cpu", "--dtypes", "fp32", "bf16", "fp16",
+    cmd = [sys.executable, "-m", "jafar.kernels.checks.cases", "--device", "cpu", "--dtypes", "fp32", "bf16", "fp16",
            "--cases", "--no-module", "--encoders"]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -91,7 +91,7 @@ def test_encoder_kernels_compile_for_sm90():
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
     from jafar.kernels import encoders as ek
 
-    from tests.kernels.compile import compile_encoders
+    from jafar.kernels.checks.compile import compile_encoders
 
     compiled = compile_encoders(torch.bfloat16, channels=128, groups=8, arch=90)
     assert set(compiled) == {"conv", "block", "residual", "rope", "coefficients", "unit_bwd", "rms_project",

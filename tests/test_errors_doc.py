@@ -1,4 +1,4 @@
-"""docs/errors.md is kept in step with the bad-input tables (issue #17): every case of the tables
+"""docs/errors.md is kept in step with the bad-input tables: every case of the tables
 has its row, no row is left without a case, and each row's message holds the case's fragment."""
 
 import pytest

@@ -50,7 +50,7 @@ def test_depth_presets_paper_and_the_authors_command():
     paper = compose_eval("task=depth")  # the paper: COCO images, 5 epochs, batch 4
     assert list(paper.task.datasets) == ["coco"] and paper.task.probe.epochs == 5 and paper.dataset.coco.epochs == 5
     assert paper.task.probe.batch_size == 4 and paper.task.normalize_input and paper.task.gradient_weight == 0.5
-    # github PaulCouairon/JAFAR issue #5: optimizer.lr=5e-3 dataset_evaluation=coco
+    # github PaulCouairon/JAFAR issues/5: optimizer.lr=5e-3 dataset_evaluation=coco
     # train_dataloader.batch_size=2 num_epochs=5, on train_probes.py's unnormalised depth images
     cmd = compose_eval("task=depth", "experiment=official_command")
     assert list(cmd.task.datasets) == ["coco"] and cmd.task.probe.lr == 5e-3 and cmd.task.probe.batch_size == 2

@@ -1,4 +1,4 @@
-"""The Triton attention kernels: the seeded cases of ``tests/kernels/cases.py`` (outputs and the
+"""The Triton attention kernels: the seeded cases of ``jafar/kernels/checks/cases.py`` (outputs and the
 gradients of q, k, f, and through the module those of the image and the features) against the
 reference path, on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in a
 subprocess: the interpreter is chosen when the kernels are defined) and on CUDA where there is
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from tests.kernels import cases as kc
+from jafar.kernels.checks import cases as kc
 from jafar.layers.attention import head_averaged_attention, reference_attention, resolve_mode
 
 triton = pytest.importorskip("triton")
@@ -38,7 +38,7 @@ INTERPRETED.update({f"module/{dt}": "module" for dt in GROUPS["module"]["dtypes"
 @functools.lru_cache(maxsize=None)
 def _interpreted(group: str) -> dict:
     spec = GROUPS[group]
-    cmd = [sys.executable, "-m", "tests.kernels.cases", "--device", "cpu", "--dtypes", *spec["dtypes"],
+    cmd = [sys.executable, "-m", "jafar.kernels.checks.cases", "--device", "cpu", "--dtypes", *spec["dtypes"],
            "--cases", *spec["cases"]] + ([] if spec.get("module") else ["--no-module"])
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -50,7 +50,7 @@ def _interpreted(group: str) -> dict:
 def test_kernels_match_reference_in_the_interpreter(key):
     if CUDA:
         # the compiled kernels run the same cases below; the interpreter of Triton 3.6 (on the
-        # lent GPU machine) fails on these kernels where 3.8 (CI's) runs them
+        # GPU machines) fails on these kernels where 3.8 (CI's) runs them
         pytest.skip("CUDA available: the compiled kernels are tested instead")
     errors = _interpreted(INTERPRETED[key])[key]
     assert max(errors.values()) < kc.tolerance(key), errors
@@ -148,12 +148,9 @@ def test_triton_mode_refuses_a_plain_cpu_tensor():
 
 
 def _benchmark_tool():
-    import importlib.util
+    from tools import benchmark
 
-    spec = importlib.util.spec_from_file_location("jafar_benchmark_tool", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark
 
 
 def test_benchmark_runs_on_the_cpu_and_writes_its_own_section(tmp_path, capsys):
@@ -235,7 +232,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
     from jafar.kernels import attention as kernels
 
-    from tests.kernels.compile import compile_attention
+    from jafar.kernels.checks.compile import compile_attention
 
     compiled = compile_attention(torch.bfloat16, num_heads=4, head_dim=32, arch=90)
     assert set(compiled) == {"fwd", "fwd_stats", "fwd_from_lse", "bwd_dq", "bwd_dkdf"}
@@ -245,7 +242,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
 
 _CAST_SCRIPT = r"""
 import json, torch, triton, triton.language as tl
-from tests.kernels import interpreter; interpreter.apply()  # the interpreter fixes
+from jafar.kernels.checks import interpreter; interpreter.apply()  # the interpreter fixes
 
 @triton.jit
 def cast(X, Y, N: tl.constexpr):
@@ -263,7 +260,7 @@ print(json.dumps(int((y.view(torch.int16) != x.to(torch.bfloat16).view(torch.int
 
 
 def test_interpreter_casts_to_bfloat16_as_the_gpu_does():
-    # Triton's interpreter truncates float32 -> bfloat16; tests/kernels/interpreter.py makes it round to nearest
+    # Triton's interpreter truncates float32 -> bfloat16; jafar/kernels/checks/interpreter.py makes it round to nearest
     # even, as the GPU and torch do, so that the bf16 checks under the interpreter mean something
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", _CAST_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,

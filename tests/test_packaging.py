@@ -52,7 +52,7 @@ def _requirements() -> Tuple[Set[str], Dict[str, Set[str]]]:
 def _first_party() -> Set[str]:
     names = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     names |= {p.stem for p in ROOT.glob("*.py")} | {p.stem for p in (ROOT / "tools").glob("*.py")}
-    return names | {"tests", "conftest"}  # tools/ reach the test helpers (tests/kernels)
+    return names | {"tests", "conftest"}
 
 
 def _sources() -> List[Path]:

@@ -237,8 +237,8 @@ def test_the_eval_trains_a_missing_jafar_with_the_pretraining_library_leaving_it
 
 
 def test_a_refused_rerun_leaves_the_finished_runs_hydra_record(tmp_path):
-    """Issue #17: Hydra wrote .hydra/config.yaml before the identity check, so a refused rerun
-    under an existing name overwrote the finished run's record. The tools' configs set
+    """Hydra writes .hydra/config.yaml before the tool's identity check, so a refused rerun under
+    an existing name would overwrite the finished run's record. The tools' configs set
     ``hydra.output_subdir: null`` and the record is written by claim_run_dir, after the checks."""
     import subprocess
     import sys

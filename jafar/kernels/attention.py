@@ -25,7 +25,7 @@ and head channels are padded to powers of two inside the kernel, ``tl.dot`` need
 at least 16).
 
 Used by ``jafar.layers.attention`` (``mode="triton"``, and ``"auto"`` on CUDA). Runs on the CPU
-under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use (``tests/kernels/``:
+under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use (``jafar/kernels/checks/``:
 seeded cases, the interpreter's bfloat16 fix, ahead-of-time compilation for sm_90).
 """
 
@@ -43,8 +43,8 @@ except Exception:  # pragma: no cover - triton missing or broken
     triton = None
 
 #: launch configuration of each kernel: tiles of queries, keys and feature channels, warps and
-#: software-pipeline stages. The defaults are the first round's, measured on an H100
-#: (docs/benchmarks.md). Compiled for sm_90 offline (Triton 3.8, bf16, 4 heads of 32), they
+#: software-pipeline stages. The defaults were measured on an H100
+#: (docs/benchmarks.md, "Triton kernels on the H100"). Compiled for sm_90 offline (Triton 3.8, bf16, 4 heads of 32), they
 #: spill registers: the forward 24 bytes a thread, the backward kernels 2.0 and 2.6 KB;
 #: ``tools/benchmark.py --tune`` times candidates on the GPU. ``"encoder"``: the fused encoder
 #: kernel of ``jafar.kernels.encoders`` (pixels per tile, warps, stages, persistent programs per

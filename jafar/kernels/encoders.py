@@ -7,7 +7,7 @@ JAFAR's image, query and key encoders run at the full image resolution and are a
 ``x * a + b``), SiLU reads and writes, the convolution reads and writes, the residual add reads
 two tensors: at 448x448 and 128 channels in bf16, each pass is 51 MB of memory traffic. The
 matmuls themselves are tiny (128x128 weights). So the encoders are bound by memory traffic and
-kernel launches, not by arithmetic (issue #5).
+kernel launches, not by arithmetic.
 
 :func:`pointwise_conv` does one "GroupNorm-apply -> SiLU -> 1x1 conv (+ residual) (-> RoPE)"
 step in one pass over the pixels: each program loads a tile of ``BLOCK_P`` pixels and all input
@@ -37,7 +37,7 @@ reading half-precision inputs and gradients in their own dtype.
 
 Same numbers as the PyTorch path (``nn.GroupNorm`` statistics are the biased variance of the
 stored values, ``eps`` inside the square root), up to float rounding: outputs and gradients are
-checked against it in float64 (``tests/kernels/cases.py``: ``ENCODER_CASES``, ``GN_CASES``) in
+checked against it in float64 (``jafar/kernels/checks/cases.py``: ``ENCODER_CASES``, ``GN_CASES``) in
 ``tests/test_encoder_kernels.py`` under Triton's interpreter, and on CUDA.
 """
 
@@ -638,77 +638,3 @@ def group_norm_coefficients(stats: Stats, weight=None, bias=None, eps: float = 1
         G=g, CGP=max(1, _next_pow2(c // g)), BLOCK_T=min(BLOCK_T, max(16, _next_pow2(nt))), AFFINE=affine,
         num_warps=4)
     return (a, s, mean, rstd) if return_stats else (a, s)
-
-
-# ---------------------------------------------------------------------------------------------
-# the execution plan of JAFAR(encoders="triton")
-# ---------------------------------------------------------------------------------------------
-
-
-def encode_fused(model, image: torch.Tensor, features: torch.Tensor, output_size, train: bool = None):
-    """``model.encode`` (``model``: a ``jafar.upsamplers.jafar.JAFAR``) with the full-resolution
-    encoders' ResBlocks as fused Triton kernels. At inference each 1x1 convolution is one kernel
-    (the previous GroupNorm and SiLU in its prologue; residual, RoPE and the next GroupNorm's
-    statistics in its epilogue); with gradients each GroupNorm -> SiLU -> conv is a
-    :class:`FusedUnit` (saving only its input) and the first convolution, RoPE and the query norm
-    are PyTorch's.
-    ``train``: whether gradients are needed (found from the inputs and parameters if None)."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    from ..layers.norm import autocast_dtype
-
-    if not available(image.device):
-        raise RuntimeError(f"encoders='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); the "
-                           f"inputs are on {image.device}.")
-    n, _, h, w = image.shape
-    dtype = autocast_dtype(image)
-    train = model.needs_grad(image, features) if train is None else train
-
-    def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
-        conv0, blocks = encoder[0], list(encoder)[1:]
-        groups = blocks[0].norm1.num_groups if blocks else 0
-        if conv0.kernel_size == (1, 1) and not train:
-            y = pointwise_conv(x.reshape(n, x.shape[1], -1), conv0.weight.flatten(1), stats_groups=groups)
-        else:  # cuDNN (a k x k reflect-padded conv, or training), then the statistics in one pass
-            y = conv0(x.view(n, -1, h, w)).to(dtype).flatten(2)
-            y = (y, group_norm_stats(y.detach(), groups)) if groups else y
-        y, stats = y if groups else (y, None)
-        for i, block in enumerate(blocks):
-            out_groups = 0 if i == len(blocks) - 1 and not last_stats else groups
-            if train:
-                t, t_stats = fused_unit(y, block.conv1.weight, block.norm1, stats,
-                                           out_groups=block.norm2.num_groups)
-                y, stats = fused_unit(t, block.conv2.weight, block.norm2, t_stats, residual=y,
-                                         out_groups=out_groups)
-                continue
-            coef = group_norm_coefficients(stats, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-            t, t_stats = pointwise_conv(y, block.conv1.weight.flatten(1), coef,
-                                           stats_groups=block.norm2.num_groups)
-            coef = group_norm_coefficients(t_stats, block.norm2.weight, block.norm2.bias, block.norm2.eps)
-            out = pointwise_conv(t, block.conv2.weight.flatten(1), coef, residual=y,
-                                    stats_groups=out_groups, rope=rope if i == len(blocks) - 1 else None)
-            y, stats = out if isinstance(out, tuple) else (out, None)
-        if rope is not None and (train or not blocks):
-            y = model.rope(y.view(n, -1, h, w)).flatten(2)
-        return y, stats
-
-    encoded, _ = run(model.image_encoder, image.to(dtype), rope=(model.rope.freqs, h, w), last_stats=False)
-    same_size = tuple(output_size) == (h, w)
-    queries, stats = run(model.query_encoder, encoded, last_stats=same_size and not train)
-    queries = queries.view(n, -1, h, w)
-    if not same_size:
-        queries = F.adaptive_avg_pool2d(queries, output_size)
-    if train:
-        queries = model.norm(queries)
-    else:
-        if not same_size:
-            stats = group_norm_stats(queries, model.norm.num_groups)
-        a, s = group_norm_coefficients(stats, eps=model.norm.eps)
-        with torch.autocast(image.device.type, enabled=False):
-            queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
-                                    out=torch.empty_like(queries, memory_format=torch.contiguous_format))
-    keys, _ = run(model.key_encoder, encoded, last_stats=False)
-    keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
-    keys = model.sft_key(keys, model.key_features_encoder(F.normalize(features, dim=1)))
-    return queries, keys

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..utils import autocast_dtype
+
 #: implementations of :class:`GroupNorm` (``impl``)
 GROUP_NORM_IMPLS = ("auto", "var_mean", "native", "official", "triton")
 
@@ -19,8 +21,8 @@ class GroupNorm(nn.GroupNorm):
     whole GPU, and whose output stays in the autocast dtype.
 
     PyTorch's CUDA GroupNorm reduces each (sample, group) in one thread block: at batch 1 with 8
-    groups, 8 blocks on a GPU of 132 SMs, about 60 % of JAFAR's forward at 448 (issue #5's
-    profile). :func:`group_norm` takes the statistics from ``torch.var_mean`` instead, a
+    groups, 8 blocks on a GPU of 132 SMs, about 60 % of JAFAR's forward at 448 (the H100
+    profile in docs/benchmarks.md). :func:`group_norm` takes the statistics from ``torch.var_mean`` instead, a
     reduction that spreads each row over many blocks, in float32 whatever the input dtype, and
     applies them as one fused ``x * a + b`` per channel (as PyTorch's kernel does); its backward
     is PyTorch's own GroupNorm backward (``aten.native_group_norm_backward``), so training gets
@@ -57,14 +59,6 @@ class GroupNorm(nn.GroupNorm):
         if impl == "native" or (impl == "auto" and not x.is_cuda):
             return super().forward(x).to(out_dtype)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, out_dtype, impl == "triton")
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast gives a half-precision op's output on ``x``'s device (``x.dtype`` when
-    autocast is off or ``x`` is not a float32/bf16/fp16 tensor)."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _group_norm_forward(x, num_groups, weight, bias, eps, out_dtype, use_triton=False):

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import DEFAULT_MEMORY_BUDGET, MODES, head_averaged_attention
-from ..layers.norm import GROUP_NORM_IMPLS, GroupNorm, autocast_dtype, set_group_norm
+from ..layers.norm import GROUP_NORM_IMPLS, GroupNorm, set_group_norm
 from ..layers.rope import RoPE
 from .. import hub
-from ..utils import atomic_path
+from ..utils import atomic_path, autocast_dtype
 from .base import Upsampler, check_output_size, register_upsampler
 
 PathLike = Union[str, os.PathLike]
@@ -397,14 +397,79 @@ class JAFAR(Upsampler):
         state["_compiled_encode"] = None
         return state
 
+    def encode_fused(self, image: torch.Tensor, features: torch.Tensor, output_size, train: Optional[bool] = None):
+        """:meth:`encode` with the full-resolution encoders' ResBlocks as the fused Triton kernels of
+        :mod:`jafar.kernels.encoders` (the execution plan of ``encoders="triton"``; the kernels know
+        no model). At inference each 1x1 convolution is one kernel
+        (the previous GroupNorm and SiLU in its prologue; residual, RoPE and the next GroupNorm's
+        statistics in its epilogue); with gradients each GroupNorm -> SiLU -> conv is a
+        :class:`FusedUnit` (saving only its input) and the first convolution, RoPE and the query norm
+        are PyTorch's.
+        ``train``: whether gradients are needed (found from the inputs and parameters if None)."""
+        from ..kernels.encoders import (available, fused_unit, group_norm_coefficients, group_norm_stats,
+                                        pointwise_conv)
+
+        if not available(image.device):
+            raise RuntimeError(f"encoders='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); the "
+                               f"inputs are on {image.device}.")
+        n, _, h, w = image.shape
+        dtype = autocast_dtype(image)
+        train = self.needs_grad(image, features) if train is None else train
+
+        def run(encoder: nn.Sequential, x: torch.Tensor, rope=None, last_stats: bool = True):
+            conv0, blocks = encoder[0], list(encoder)[1:]
+            groups = blocks[0].norm1.num_groups if blocks else 0
+            if conv0.kernel_size == (1, 1) and not train:
+                y = pointwise_conv(x.reshape(n, x.shape[1], -1), conv0.weight.flatten(1), stats_groups=groups)
+            else:  # cuDNN (a k x k reflect-padded conv, or training), then the statistics in one pass
+                y = conv0(x.view(n, -1, h, w)).to(dtype).flatten(2)
+                y = (y, group_norm_stats(y.detach(), groups)) if groups else y
+            y, stats = y if groups else (y, None)
+            for i, block in enumerate(blocks):
+                out_groups = 0 if i == len(blocks) - 1 and not last_stats else groups
+                if train:
+                    t, t_stats = fused_unit(y, block.conv1.weight, block.norm1, stats,
+                                               out_groups=block.norm2.num_groups)
+                    y, stats = fused_unit(t, block.conv2.weight, block.norm2, t_stats, residual=y,
+                                             out_groups=out_groups)
+                    continue
+                coef = group_norm_coefficients(stats, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+                t, t_stats = pointwise_conv(y, block.conv1.weight.flatten(1), coef,
+                                               stats_groups=block.norm2.num_groups)
+                coef = group_norm_coefficients(t_stats, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+                out = pointwise_conv(t, block.conv2.weight.flatten(1), coef, residual=y,
+                                        stats_groups=out_groups, rope=rope if i == len(blocks) - 1 else None)
+                y, stats = out if isinstance(out, tuple) else (out, None)
+            if rope is not None and (train or not blocks):
+                y = self.rope(y.view(n, -1, h, w)).flatten(2)
+            return y, stats
+
+        encoded, _ = run(self.image_encoder, image.to(dtype), rope=(self.rope.freqs, h, w), last_stats=False)
+        same_size = tuple(output_size) == (h, w)
+        queries, stats = run(self.query_encoder, encoded, last_stats=same_size and not train)
+        queries = queries.view(n, -1, h, w)
+        if not same_size:
+            queries = F.adaptive_avg_pool2d(queries, output_size)
+        if train:
+            queries = self.norm(queries)
+        else:
+            if not same_size:
+                stats = group_norm_stats(queries, self.norm.num_groups)
+            a, s = group_norm_coefficients(stats, eps=self.norm.eps)
+            with torch.autocast(image.device.type, enabled=False):
+                queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
+                                        out=torch.empty_like(queries, memory_format=torch.contiguous_format))
+        keys, _ = run(self.key_encoder, encoded, last_stats=False)
+        keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
+        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
+        return queries, keys
+
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         out_h, out_w = self.check_inputs(image, features, output_size)
         b, c = features.shape[:2]
         if self.encoders == "triton":  # whether gradients are needed, found once per call
-            from ..kernels.encoders import encode_fused
-
             fused = not self.needs_grad(image, features)
-            queries, keys = encode_fused(self, image, features, (out_h, out_w), train=not fused)
+            queries, keys = self.encode_fused(image, features, (out_h, out_w), train=not fused)
         else:
             fused = False
             queries, keys = self._encoder()(image, features, (out_h, out_w))

@@ -1,7 +1,6 @@
-"""``tools/gpu_round.py --smoke``: the GPU round at toy sizes on the CPU, so that the script the
-lent GPU runs cannot rot (issue #18)."""
+"""``tools/gpu_report.py --smoke``: the GPU report at toy sizes on the CPU, so that the script a GPU
+machine runs, once and with no second try, cannot rot."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,30 +11,29 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "gpu_round.py"
+TOOL = ROOT / "tools" / "gpu_report.py"
 
-#: what the lent GPU machine lacks: the smoke run must not import any of them
+#: what the GPU machines lack (docs/benchmarks.md, "GPU report"): the smoke run must not import any of them
 ABSENT = ("hydra", "omegaconf", "spconv", "nuscenes")
 
-SECTIONS = ("## GPU round (--smoke): CPU", "### Kernel correctness", "### JAFAR upsampler", "### Pretraining step",
+SECTIONS = ("## GPU report (--smoke): CPU", "### Kernel correctness", "### JAFAR upsampler", "### Pretraining step",
             "### BeV training step", "### Not measured")
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("jafar_gpu_round_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tools import gpu_report
+
+    return gpu_report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA available: the smoke run would time the GPU")
 def test_smoke_run_writes_every_section_without_the_packages_the_gpu_machine_lacks(tmp_path):
     """The smoke run in a fresh interpreter in which Hydra, OmegaConf, spconv and nuscenes-devkit
-    cannot be imported (as on the lent GPU machine). About 50 s on one thread, over the 30 s rule
+    cannot be imported (as on the GPU machines). About 50 s on one thread, over the 30 s rule
     for a reason: the GPU runs this script once per session with no second try, so every section
     runs here, and bf16 autocast on the CPU (the official precision of its JAFAR and pretraining
     rows) is ~45x slower than float32 even at these toy sizes."""
-    out = tmp_path / "round"
+    out = tmp_path / "report"
     runner = textwrap.dedent(f"""
         import importlib.abc, os, runpy, sys
 
@@ -94,7 +92,7 @@ def test_budget_cuts_every_part_and_still_writes_the_report(tmp_path):
     assert "Skipped: not asked for (--sections)" in report
 
 
-def test_a_failing_kernel_check_stops_the_round_with_status_1(tmp_path, monkeypatch):
+def test_a_failing_kernel_check_stops_the_report_with_status_1(tmp_path, monkeypatch):
     tool = _tool()
 
     def fail(self):
@@ -109,7 +107,7 @@ def test_a_failing_kernel_check_stops_the_round_with_status_1(tmp_path, monkeypa
     assert "**FAILED** (1 failures: plain/bf16" in (tmp_path / "report.md").read_text()
 
 
-def test_a_full_round_needs_cuda():
+def test_a_full_report_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA available")
     with pytest.raises(SystemExit):
@@ -165,9 +163,9 @@ def test_the_gpu_report_renders_targets_and_readings(tmp_path, monkeypatch):
                date="2026-12-02T00:00:00", smoke=False, budget_s=480.0, triton_interpret=False, capability="9.0",
                memory_gb=139.8, multiprocessors=132)
     report = tool.render(rnd, env, True)
-    assert report.startswith("## GPU round: NVIDIA H200, commit abc1234")
+    assert report.startswith("## GPU report: NVIDIA H200, commit abc1234")
     assert "Triton 3.6.0" in report and "compute capability 9.0" in report and "**PASSED** on the GPU" in report
-    assert "| issue #5 target (`auto`) | measured | met |" in report
+    assert "| speed target (`auto`) | measured | met |" in report
     assert "| 448 bf16 forward <= 3 ms | 2.5 ms | yes |" in report  # the fused encoders' table
     assert "`auto+enc=triton` against `auto` (>1x: faster): forward 448 bf16 4.00x" in report
     assert "**wins everywhere measured**" in report

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-r"""One GPU round (issue #18): everything we claim about speed and memory, measured in one command
+r"""The GPU report: everything we claim about speed and memory, measured in one command
 of at most ``--budget-s`` seconds (default 480, eight minutes) on one H100/H200, written as one
 Markdown report (and JSON) that ``docs/benchmarks.md`` takes verbatim.
 
 What it runs, in this order (each later part only while the budget lasts; what it skips is listed
 in the report with the reason):
 
-1. **Kernel correctness**: the seeded cases of ``tests/kernels/cases.py`` on the GPU (through
+1. **Kernel correctness**: the seeded cases of ``jafar/kernels/checks/cases.py`` on the GPU (through
    ``tools/benchmark.py``'s ``run_checks``: the Triton attention in fp32, tf32, bf16 and fp16, the
    module's gradients, the fused encoders, the Triton GroupNorm). If one fails the run writes the
    report and stops with status 1: no timing of wrong kernels.
@@ -25,22 +25,22 @@ in the report with the reason):
    DINOv2 ViT-S/14 architecture with random weights, the 200x200x8 grid, forward + backward +
    AdamW in float32 (the BeV config's ``trainer.precision: 32-true``), for ``simplebev``
    and ``bevformer`` x ``none | bilinear | jafar`` (heads built from ``configs/model/*.yaml``
-   by importing their classes: no Hydra); PointBeV only where spconv is installed (the lent GPU
-   machine has none: the table says so).
+   by importing their classes: no Hydra); PointBeV only where spconv is installed (the table says
+   where it is not).
 
 Plain Python: torch, Triton, timm, Lightning (the pretraining step) and PyYAML (the head
-configs) only; no Hydra, OmegaConf, nuscenes-devkit or spconv. On the lent GPU machine::
+configs) only; no Hydra, OmegaConf, nuscenes-devkit or spconv. On a GPU machine::
 
-    python3 tools/gpu_round.py --out "$OUT" --commit <commit>   # at most 8 minutes; report.md, report.json
+    python3 tools/gpu_report.py --out "$OUT" --commit <commit>   # at most 8 minutes; report.md, report.json
 
 ``--smoke`` runs every part at toy sizes (32-pixel JAFAR, a one-block ViT, a 25x25 BeV grid) in
-seconds on the CPU, so that the script cannot rot (``tests/test_gpu_round.py``); there the kernel
+seconds on the CPU, so that the script cannot rot (``tests/test_gpu_report.py``); there the kernel
 checks and the Triton options are skipped unless ``TRITON_INTERPRET=1``.
 
-What to do with the numbers (issue #18, "defaults chosen from it"):
+What to do with the numbers (the defaults follow them):
 
-* ``docs/benchmarks.md``: the report replaces the placeholder between the ``<!-- gpu-round -->``
-  markers of its "GPU round" section, verbatim.
+* ``docs/benchmarks.md``: the report replaces the placeholder between the ``<!-- gpu-report -->``
+  markers of its "GPU report" section, verbatim.
 * Fused encoders: if ``auto+enc=triton`` (or ``auto+enc=triton+gn=triton``) has the fastest
   forward at 448 and 896 (and, for training, the fastest fwd+bwd), make ``encoders="triton"`` what
   JAFAR uses on CUDA (``JAFAR(encoders=...)`` in ``jafar/upsamplers/jafar.py`` and
@@ -54,7 +54,7 @@ What to do with the numbers (issue #18, "defaults chosen from it"):
   ``CONFIGS`` of ``jafar/kernels/attention.py`` (the four kernels, the fused encoder kernel among them).
 * Options that lose everywhere are removed from the code; their numbers stay in the docs.
 * The README's performance sentence and ``docs/pretraining.md`` / ``docs/bev.md`` (the cost
-  table's GPU columns) take the 448 bf16, pretraining and BeV numbers; the issue's targets are
+  table's GPU columns) take the 448 bf16, pretraining and BeV numbers; the speed targets are
   in the report's targets table (448 bf16: forward <= 3 ms and <= 1 GB, fwd+bwd <= 15 ms and
   <= 3 GB; 896 forward <= 25 ms).
 """
@@ -85,17 +85,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _load_tool(name: str):
-    """A module of ``tools/`` by path (``tools`` is no package), as ``tests/test_kernels.py`` does."""
-    spec = importlib.util.spec_from_file_location(f"jafar_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 #: ``tools/benchmark.py``: ``measure``, ``_timed``, ``parse_mode``, ``run_checks``, ``run_tuning``,
 #: ``targets_table`` (importing it also applies the interpreter's bfloat16 fix under TRITON_INTERPRET=1)
-bench = _load_tool("benchmark")
+from tools import benchmark as bench  # noqa: E402
 
 #: where the BeV heads' configs live (``configs/model`` after the configs refactor, ``configs/bev/model``
 #: before it); without a file, the head's class with its own defaults (``HEAD_CLASSES``)
@@ -110,7 +102,7 @@ BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 PAPER_GFLOPS_PCT = {"simplebev": 3.1, "pointbev": 11.1, "bevformer": 6.9}
 PAPER_MEMORY_GB: dict = {}
 
-#: sizes of a full round and of ``--smoke`` (CPU, seconds)
+#: sizes of a full report and of ``--smoke`` (CPU, seconds)
 FULL = dict(size=448, large=896, dim=384, warmup=3, repeats=20, tune_candidates=4,
             backbone_kwargs={}, bev_image=(224, 476), bev_grid={}, bev_heads={}, bev_warmup=2, bev_repeats=10,
             bev_max_s=10.0, pre_batch=4, pre_size=448, pre_steps=20, pre_warmup=3)
@@ -123,7 +115,7 @@ SMOKE = dict(size=32, large=48, dim=32, warmup=0, repeats=2, tune_candidates=1,
 
 SECTIONS = ("checks", "jafar", "options", "pretrain", "bev", "compile", "tune")
 
-#: issue #18's targets (448 bf16, ``tools/benchmark.py``'s TARGETS carries them and more)
+#: the speed targets (448 bf16, ``tools/benchmark.py``'s TARGETS carries them and more)
 TARGET_TEXT = "448 bf16: forward <= 3 ms and <= 1 GB, fwd+bwd <= 15 ms and <= 3 GB; 896 bf16 forward <= 25 ms"
 
 
@@ -188,7 +180,7 @@ class Round:
     def run_checks(self) -> bool:
         """The seeded kernel cases; False if one fails."""
         from jafar.kernels import attention as kernels
-        from tests.kernels import cases as kc
+        from jafar.kernels.checks import cases as kc
 
         if not kernels.available(self.device):
             self.checks = {"status": "skipped", "reason": "no CUDA device and TRITON_INTERPRET is not 1: the Triton "
@@ -227,7 +219,9 @@ class Round:
         """``tools/bench_pretrain.py``'s ``bench`` (its ``reference`` row: the official attention and
         GroupNorm)."""
         if self._bench_pretrain is None:
-            self._bench_pretrain = _load_tool("bench_pretrain")
+            from tools import bench_pretrain
+
+            self._bench_pretrain = bench_pretrain
         cfg = self.cfg
         r = self._bench_pretrain.bench(mode, self.device, BACKBONE, cfg["pre_batch"], cfg["pre_size"], cfg["pre_steps"],
                                        cfg["pre_warmup"], "bf16", backbone_kwargs=cfg["backbone_kwargs"])
@@ -365,7 +359,7 @@ def plan(rnd: Round) -> list:
     for model, est in (("simplebev", 15), ("bevformer", 30)):
         for up in ("none", "bilinear", "jafar"):
             items.append(("bev", f"BeV {model} {up}", est, lambda model=model, up=up: rnd.bev_row(model, up)))
-    if rnd.cuda and _spconv_available():  # not on the lent GPU machine
+    if rnd.cuda and _spconv_available():  # spconv is optional
         for up in ("none", "bilinear", "jafar"):
             items.append(("bev", f"BeV pointbev {up}", 20, lambda up=up: rnd.bev_row("pointbev", up)))
     jafar("compile", S, "bf16", "auto+compile", 120)
@@ -544,9 +538,9 @@ def bev_table(rnd: Round) -> str:
 
 def render(rnd: Round, env: dict, done: bool) -> str:
     cfg = rnd.cfg
-    command = "python tools/gpu_round.py " + " ".join(rnd.args.argv)
-    parts = [f"## GPU round{' (--smoke)' if rnd.args.smoke else ''}: {env['device']}, commit {env['commit']}", "",
-             f"Measured {env['date']} with `{command.strip()}` (`tools/gpu_round.py`, issue #18) in "
+    command = "python tools/gpu_report.py " + " ".join(rnd.args.argv)
+    parts = [f"## GPU report{' (--smoke)' if rnd.args.smoke else ''}: {env['device']}, commit {env['commit']}", "",
+             f"Measured {env['date']} with `{command.strip()}` (`tools/gpu_report.py`) in "
              f"{rnd.elapsed():.0f} s of a {rnd.args.budget_s:.0f} s budget"
              + ("" if done else " (**partial**: the run was cut short or is still going)")
              + f". torch {env['torch']} (CUDA {env['cuda']}), Triton {env['triton'] or 'not installed'}, Python "
@@ -568,7 +562,7 @@ def render(rnd: Round, env: dict, done: bool) -> str:
         head = (f"**{c['status'].upper()}**" + (f" ({len(c['failures'])} failures: "
                                                 + "; ".join(c["failures"]) + ")" if c["failures"] else "")
                 + (" under Triton's interpreter (`TRITON_INTERPRET=1`), cases " + c["cases"] if c["interpreter"] else
-                   " on the GPU, every case of `tests/kernels/cases.py`") + ".")
+                   " on the GPU, every case of `jafar/kernels/checks/cases.py`") + ".")
         parts += [head, "", c["markdown"]]
 
     parts += ["", "### JAFAR upsampler", "",
@@ -677,8 +671,8 @@ def _deadline(seconds: float):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_round",
-                   help="folder of report.md and report.json (default outputs/gpu_round/)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_report",
+                   help="folder of report.md and report.json (default outputs/gpu_report/)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="the whole run's time: later parts are skipped when their estimate no longer fits (default 480)")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU in seconds (the test of this script)")
@@ -692,7 +686,7 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.smoke:
-        p.error("a full round needs a CUDA GPU; on the CPU run --smoke")
+        p.error("the full report needs a CUDA GPU; on the CPU run --smoke")
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.repeats is not None:
         if args.repeats < 1:
@@ -710,7 +704,7 @@ def main(argv=None) -> int:
 def run(args, cfg: dict, device: torch.device) -> int:
     rnd = Round(args, cfg, device)
     env = environment(rnd)
-    rnd.log(f"GPU round on {env['device']}, torch {env['torch']}, Triton {env['triton']}, budget {args.budget_s:.0f} s,"
+    rnd.log(f"GPU report on {env['device']}, torch {env['torch']}, Triton {env['triton']}, budget {args.budget_s:.0f} s,"
             f" report in {args.out}")
     write(rnd, env, False)
 

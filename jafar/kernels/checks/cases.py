@@ -35,7 +35,7 @@ from jafar.layers.attention import head_averaged_attention, reference_attention
 #: input dtypes of the checks; "tf32" is float32 with TF32 matmuls allowed (CUDA only)
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: largest accepted error per dtype (issue #5: < 1e-5 exact float32, about 1e-3 with TF32, < 1e-2 in
+#: largest accepted error per dtype (the project's accuracy targets: < 1e-5 exact float32, about 1e-3 with TF32, < 1e-2 in
 #: bf16); the tf32 inputs are TF32 numbers (:func:`round_to_tf32`), the kernels round their
 #: intermediate products (probabilities, gradients) as bf16 rounds them, to 10 bits instead of 7
 TOLERANCE = {"fp32": 1e-5, "tf32": 1e-2, "bf16": 1e-2, "fp16": 1e-2}
@@ -261,9 +261,7 @@ def encoder_case(case: EncoderCase, device="cpu", dtype_name: str = "fp32") -> D
         img, ft = image.to(dev, dtype), feats.to(dev, dtype)
         with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
             if encoders == "triton":
-                from jafar.kernels.encoders import encode_fused
-
-                q, k = encode_fused(m, img, ft, case.output)
+                q, k = m.encode_fused(img, ft, case.output)
             else:
                 q, k = m.encode(img, ft, case.output)
             return q, k, m(img, ft, case.output)
@@ -409,7 +407,7 @@ def failures(results: dict) -> List[str]:
 
 
 def main(argv=None) -> None:
-    """``python -m tests.kernels.cases [--device D] [--dtypes ...] [--cases ...] [--no-module]``: the
+    """``python -m jafar.kernels.checks.cases [--device D] [--dtypes ...] [--cases ...] [--no-module]``: the
     errors as JSON on the last line (under ``TRITON_INTERPRET=1``: the interpreter's tile sizes)."""
     import argparse
 
