@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -27,12 +27,12 @@ from jafar.train.data import StepBatchSampler
 
 from .config import apply_per_model
 from .geometry import BevGrid
+from .heads import HEADS, build_head
 from .losses import SimpleBevLoss
 from .module import BevSegmentation, LabelCounts, prior_baseline
 
 log = logging.getLogger(__name__)
 
-HEADS = ("simplebev", "pointbev", "bevformer")
 #: keys that do not change a BeV run's result (besides :data:`jafar.runs.NOT_IDENTITY`): where the
 #: data and the feature cache are, how the data are loaded
 NOT_IDENTITY = ("data.dataroot", "data.num_workers", "data.pin_memory", "encoder.cache_dir")
@@ -255,11 +255,7 @@ def build_model(cfg: DictConfig, grid: BevGrid, cache_dir: Optional[Path] = None
     enc["cache_dtype"] = CACHE_DTYPES[str(enc.pop("cache_dtype", "float16"))]
     encoder = build_multicamera_encoder(backbone, upsampler, **enc)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    name = model_cfg.pop("name")
-    if name not in HEADS:
-        raise ValueError(f"model={name!r} is not a BeV head; expected one of {HEADS}.")
-    head_class = get_class(model_cfg.pop("_target_"))  # called directly: Hydra would turn the BevGrid dataclass into a config
-    head = head_class(in_channels=encoder.out_channels, grid=grid, **model_cfg)
+    head = build_head(model_cfg.pop("name"), encoder.out_channels, grid, **model_cfg)
     return encoder, head
 
 
@@ -294,7 +290,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("max_steps") in (None, -1) and int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
-        raise ValueError(f"model={cfg.model.get('name')!r} is not a BeV head; expected one of {HEADS}.")
+        raise ValueError(HEADS.unknown(str(cfg.model.get("name"))))
     if str(cfg.encoder.get("cache_dtype")) not in CACHE_DTYPES:
         raise ValueError(f"encoder.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.encoder.get('cache_dtype')!r}.")
     every = cfg.trainer.get("val_check_interval")

@@ -27,14 +27,11 @@ import fnmatch
 import inspect
 import json
 import logging
-import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -175,29 +172,6 @@ def check_resume(resume, allow_path: bool = True) -> None:
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch (every device) seeded with ``seed``; data-loader workers too."""
     L.seed_everything(int(seed), workers=True, verbose=False)
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a nested job (e.g. a pretraining inside an evaluation) without changing the caller's
-    random streams: Python, NumPy, torch (CPU and CUDA) and Lightning's seed variables are put
-    back afterwards."""
-    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-        if state[3] is not None:
-            torch.cuda.set_rng_state_all(state[3])
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------------------------------------

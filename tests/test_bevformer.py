@@ -23,7 +23,7 @@ from bev.heads.bevformer import (
     project_pillars,
     reference_heights,
 )
-from bev.heads.simplebev import lift_to_voxels
+from bev.heads.common import lift_to_voxels
 
 R_FRONT = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # camera axes -> ego (x fwd, y left, z up)
 GRID = BevGrid(x_bounds=(-12.0, 12.0), y_bounds=(-8.0, 8.0), z_bounds=(-1.0, 3.0), resolution=2.0, z_bins=2)

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from conftest import ROOT
 from jafar.backbones import Backbone
 from jafar.eval.probes import SegmentationProbe
-from jafar.eval.run import TASKS, Task, picture_indices, register_task, run
+from jafar.eval.run import run
+from jafar.eval.tasks import TASKS, Task, picture_indices, register_task
 from jafar.eval.report import Column
 from jafar.eval.config import compose as compose_eval
 from jafar.runs import RunConfigMismatch
@@ -176,7 +177,7 @@ def test_a_new_task_plugs_into_the_run(tmp_path):
         table = (tmp_path / "run" / "table.md").read_text()
         assert "## A constant score" in table and "| Bilinear | **50.0** |" in table and "| Nearest | 25.0 |" in table
     finally:
-        TASKS.pop("constant_test")
+        TASKS.unregister("constant_test")
 
 
 def test_picture_indices_are_fixed_and_spread():

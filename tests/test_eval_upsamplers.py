@@ -178,5 +178,5 @@ def test_every_upsampler_has_the_one_call(vit):
         up = build_upsampler(name, backbone=vit).eval()
         with torch.no_grad():
             assert up(image, feats, (56, 42)).shape == (1, 32, 56, 42), name
-    with pytest.raises(ValueError, match="unknown upsampler"):
+    with pytest.raises(ValueError, match="is not a registered upsampler"):
         build_upsampler("carafe")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bev.geometry import BevGrid
-from bev.heads.simplebev import lift_to_voxels
+from bev.heads.common import lift_to_voxels
 
 try:
     import spconv.pytorch as spconv
@@ -416,6 +416,10 @@ def test_imports_without_spconv_and_says_so_when_built(monkeypatch):
     with one sentence naming the package."""
     monkeypatch.setitem(sys.modules, "spconv", None)
     monkeypatch.setitem(sys.modules, "spconv.pytorch", None)
+    from bev.heads import common
+    from jafar.registry import Registry
+
+    monkeypatch.setattr(common, "HEADS", Registry("BeV head"))  # the second copy registers "pointbev" there
     path = Path(__file__).resolve().parents[1] / "bev" / "heads" / "pointbev.py"
     spec = importlib.util.spec_from_file_location("bev.heads._pointbev_without_spconv", path)
     module = importlib.util.module_from_spec(spec)

@@ -85,18 +85,6 @@ def test_derive_seed_is_the_seed_every_earlier_run_used():
     assert utils.derive_seed(2 ** 70, -1) == 6300384138898940615 < 2 ** 63
 
 
-def test_preserved_rng_puts_every_stream_back():
-    torch.manual_seed(3)
-    np.random.seed(3)
-    expected = (torch.rand(3), np.random.rand(3))
-    torch.manual_seed(3)
-    np.random.seed(3)
-    with runs.preserved_rng():
-        runs.seed_everything(11)
-        torch.rand(100), np.random.rand(100)
-    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
-
-
 def test_a_misspelt_trainer_argument_is_one_sentence():
     with pytest.raises(ValueError, match="trainer.max_step is not an argument of lightning.Trainer"):
         runs.check_trainer({"max_step": 3})
@@ -206,34 +194,35 @@ def test_pretraining_another_seed_is_refused_the_same_configuration_resumes(tmp_
 
 
 # ---------------------------------------------------------------------------------------------
-# the 2-D evaluation trains a missing demo checkpoint in this process
+# the 2-D evaluation runs the pretraining tool for a missing demo checkpoint
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_eval_trains_a_missing_jafar_with_the_pretraining_library_leaving_its_rng_alone(tmp_path, monkeypatch):
-    import jafar.train.run
-    from jafar.eval.config import compose as compose_eval
-    from jafar.eval.run import _run_pretraining_demo
+def test_the_eval_runs_the_pretraining_tool_for_a_missing_demo_checkpoint(tmp_path, monkeypatch):
+    """The demo's missing checkpoint is trained by ``tools/pretrain_jafar.py experiment=demo`` in a
+    process of its own, its run directory where the checkpoint is expected; a tool that fails, or
+    writes nothing, is said in one sentence."""
+    import subprocess
+    import sys
 
-    seen = {}
+    from jafar.eval import run as eval_run
 
-    def pretrain(cfg, run_dir):  # the pretraining itself is tested elsewhere; here: what it is given
-        seen.update(cfg=cfg, run_dir=run_dir)
-        runs.seed_everything(int(cfg.seed) + 5)
-        torch.rand(10)
-        (run_dir / "jafar.safetensors").parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / "jafar.safetensors").write_bytes(b"x")
+    seen = []
 
-    monkeypatch.setattr(jafar.train.run, "run", pretrain)
-    torch.manual_seed(0)
-    expected = torch.rand(3)
-    torch.manual_seed(0)
-    _run_pretraining_demo(tmp_path / "pre" / "jafar.safetensors")
-    assert torch.equal(torch.rand(3), expected)
-    cfg = seen["cfg"]
-    assert seen["run_dir"] == tmp_path / "pre" and cfg.data.root == str(tmp_path / "pre" / "photos")
-    assert cfg.name == "demo" and cfg.trainer.max_steps == 300 and cfg.recipe.image_size == 224  # the pretraining demo
-    assert compose_eval("experiment=demo").compare[0] == "nearest"  # the evaluation's experiments are back
+    def fake_run(cmd, check=False):
+        seen.append(cmd)
+        (tmp_path / "pre").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pre" / "jafar.safetensors").write_bytes(b"x")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(eval_run.subprocess, "run", fake_run)
+    eval_run._run_pretraining_demo(tmp_path / "pre" / "jafar.safetensors")
+    assert seen == [[sys.executable, str(ROOT / "tools" / "pretrain_jafar.py"), "experiment=demo",
+                     f"hydra.run.dir={tmp_path / 'pre'}", f"data.root={tmp_path / 'pre' / 'photos'}"]]
+
+    monkeypatch.setattr(eval_run.subprocess, "run", lambda cmd, check=False: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RuntimeError, match="exited with status 1 without writing"):
+        eval_run._run_pretraining_demo(tmp_path / "other" / "jafar.safetensors")
 
 
 def test_a_refused_rerun_leaves_the_finished_runs_hydra_record(tmp_path):

@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 UPSAMPLERS = ("none", "bilinear", "jafar", "featup")  # featup: its JBU stack (x16, then resized to the output), random weights
-MODEL_CONFIGS = ROOT / "configs" / "model"
-MODELS = tuple(sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml")))
+MODELS = tuple(sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")))
 
 
 #: BEVFormer's model.layer_query modes (bev.heads.bevformer.LAYER_QUERIES)
@@ -44,14 +43,11 @@ LAYER_QUERIES = ("pointbev", "chained")
 
 def build_head(model: str, in_channels: int, grid, options=None):
     """The head of ``configs/model/<model>.yaml`` with its default settings (``options``
-    override model keys, e.g. ``{"layer_query": "chained"}``)."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
+    override model keys, e.g. ``{"layer_query": "chained"}``), through the BeV tool's own
+    construction path (:func:`bev.heads.build_head`)."""
+    from bev.heads import build_head as build, model_config
 
-    cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIGS / f"{model}.yaml"), resolve=True)
-    cfg.pop("name", None)
-    cfg.update(options or {})
-    return get_class(cfg.pop("_target_"))(in_channels=in_channels, grid=grid, **cfg)
+    return build(model, in_channels, grid, **{**model_config(model), **(options or {})})
 
 
 def _rss_mb() -> float:

@@ -69,7 +69,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib
 import importlib.util
 import json
 import math
@@ -89,11 +88,6 @@ sys.path.insert(0, str(ROOT))
 #: ``targets_table`` (importing it also applies the interpreter's bfloat16 fix under TRITON_INTERPRET=1)
 from tools import benchmark as bench  # noqa: E402
 
-#: where the BeV heads' configs live (``configs/model`` after the configs refactor, ``configs/bev/model``
-#: before it); without a file, the head's class with its own defaults (``HEAD_CLASSES``)
-MODEL_CONFIG_DIRS = (ROOT / "configs" / "model", ROOT / "configs" / "bev" / "model")
-HEAD_CLASSES = {"simplebev": "bev.heads.simplebev.SimpleBeV", "bevformer": "bev.heads.bevformer.BEVFormer",
-                "pointbev": "bev.heads.pointbev.PointBeV"}
 BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
 #: the paper's Table 14 as far as this repository records it (docs/bev.md quotes JAFAR's GFLOPs over
@@ -104,13 +98,11 @@ PAPER_MEMORY_GB: dict = {}
 
 #: sizes of a full report and of ``--smoke`` (CPU, seconds)
 FULL = dict(size=448, large=896, dim=384, warmup=3, repeats=20, tune_candidates=4,
-            backbone_kwargs={}, bev_image=(224, 476), bev_grid={}, bev_heads={}, bev_warmup=2, bev_repeats=10,
+            backbone_kwargs={}, bev_image=(224, 476), bev_grid={}, bev_warmup=2, bev_repeats=10,
             bev_max_s=10.0, pre_batch=4, pre_size=448, pre_steps=20, pre_warmup=3)
 SMOKE = dict(size=32, large=48, dim=32, warmup=0, repeats=2, tune_candidates=1,
              backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2), bev_image=(28, 56),
              bev_grid=dict(resolution=4.0, z_bins=2),
-             bev_heads={"simplebev": dict(latent_dim=16),
-                        "bevformer": dict(latent_dim=16, num_layers=1, ffn_dim=32, self_points=2, cross_points=2)},
              bev_warmup=0, bev_repeats=2, bev_max_s=1.0, pre_batch=1, pre_size=112, pre_steps=2, pre_warmup=0)
 
 SECTIONS = ("checks", "jafar", "options", "pretrain", "bev", "compile", "tune")
@@ -233,20 +225,14 @@ class Round:
 
     # ------------------------------------------------------------------ BeV
     def build_head(self, model: str, in_channels: int, grid):
-        """The head of ``configs/model/<model>.yaml`` with its settings (``--smoke``: smaller), its
-        class imported from ``_target_``: no Hydra. ``(head, the config file or None)``."""
-        import yaml
+        """The head of ``configs/model/<model>.yaml`` (``--smoke``: the class's ``SMOKE_OPTIONS`` over
+        it) through :func:`bev.heads.build_head`, the BeV tool's construction path; no Hydra."""
+        from bev.heads import HEADS, build_head, model_config
 
-        path = next((d / f"{model}.yaml" for d in MODEL_CONFIG_DIRS if (d / f"{model}.yaml").is_file()), None)
-        cfg = yaml.safe_load(path.read_text()) if path is not None else {"_target_": HEAD_CLASSES[model]}
-        cfg.pop("name", None)
-        target = cfg.pop("_target_")
-        if any(isinstance(v, str) and "${" in v for v in cfg.values()):
-            raise ValueError(f"{path} has interpolations, which need Hydra: {cfg}")
-        cfg.update(self.cfg["bev_heads"].get(model, {}))
-        module, name = target.rsplit(".", 1)
-        head = getattr(importlib.import_module(module), name)(in_channels=in_channels, grid=grid, **cfg)
-        return head, path
+        options = model_config(model)
+        if self.args.smoke:
+            options.update(getattr(HEADS.get(model), "SMOKE_OPTIONS", {}))
+        return build_head(model, in_channels, grid, **options), f"configs/model/{model}.yaml"
 
     def bev_row(self, model: str, upsampler: str) -> dict:
         """One BeV training step (forward, backward, AdamW) as ``tools/bev_cost.py`` times it."""
@@ -303,7 +289,7 @@ class Round:
         ms = bench._timed(step, dev, 0, repeats)
         h, w = encoder.output_size_for(H, W)
         row = {"model": model, "upsampler": upsampler, "features": f"{h}x{w}", "gflops": flops / 1e9,
-               "config": str(config.relative_to(ROOT)) if config else f"{HEAD_CLASSES[model]} defaults",
+               "config": config,
                "step_ms": ms, "repeats": repeats,
                "peak_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if self.cuda else None}
         self.bev.append(row)

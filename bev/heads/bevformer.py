@@ -56,7 +56,7 @@ and PointBeV (github valeoai/PointBeV, ``pointbev/models/bevformer.py``,
   InstanceNorm, ReLU, 1x1 conv per output) directly on the queries, so the six attention layers
   do the BeV reasoning; this is the setting of the paper's BeV experiments, which follow
   PointBeV's code. ``"simplebev"`` is SimpleBEV's ``Bevformernet``, which runs its ResNet-18 BeV
-  decoder (:class:`bev.heads.simplebev.BevDecoder`) on the queries first. Outputs: segmentation
+  decoder (:class:`bev.heads.common.BevDecoder`) on the queries first. Outputs: segmentation
   logits (1), centerness (1, sigmoid), offset (2).
 
 **What each layer takes** (``layer_query``):
@@ -128,7 +128,7 @@ from ..geometry import (
     project_points,
     scale_intrinsics,
 )
-from .simplebev import MIN_DEPTH, BevDecoder, _head, check_camera_inputs
+from .common import HEADS, MIN_DEPTH, BevDecoder, check_camera_inputs, output_head
 
 DEFORM_ATTN_IMPLS = ("pytorch", "mmcv")
 DECODERS = ("conv", "simplebev")
@@ -428,9 +428,9 @@ def project_pillars(points: torch.Tensor, intrinsics: torch.Tensor, cam2ego: tor
     Returns:
         ``locations (B, N, Q, D, 2)``: normalised ``(x, y) = (u / w, v / h)`` in the feature map
         (pixel corners), clamped to ``[-0.5, 1.5]``, and :data:`BEHIND_CAMERA` for points at
-        depth <= :data:`bev.heads.simplebev.MIN_DEPTH`; ``seen (B, N, Q, D)``: depth >
+        depth <= :data:`bev.heads.common.MIN_DEPTH`; ``seen (B, N, Q, D)``: depth >
         ``MIN_DEPTH`` and inside the feature map (``[0, w] x [0, h]``), the visibility of
-        :func:`bev.heads.simplebev.lift_to_voxels`. A (query, camera) pair is valid when
+        :func:`bev.heads.common.lift_to_voxels`. A (query, camera) pair is valid when
         ``seen.any(-1)``. Runs in float32 with autocast off.
     """
     height, width = image_size
@@ -458,6 +458,7 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
+@HEADS.register("bevformer")
 class BEVFormer(nn.Module):
     """Static BEVFormer on multi-camera features: neck, learned BeV queries, ``num_layers``
     encoder layers, dense head.
@@ -492,6 +493,9 @@ class BEVFormer(nn.Module):
     cam2ego (B, N, 4, 4), image_size (H, W))`` -> ``dict(seg (B, 1, X, Y) logits, centerness
     (B, 1, X, Y) in [0, 1], offset (B, 2, X, Y))``, rows along ego x, columns along ego y.
     """
+
+    #: the smallest settings worth running (contract tests, ``tools/gpu_report.py --smoke``)
+    SMOKE_OPTIONS = {"latent_dim": 16, "num_layers": 1, "ffn_dim": 32, "self_points": 2, "cross_points": 4}
 
     def __init__(self, in_channels: int, grid: BevGrid = BevGrid(), latent_dim: int = 128, num_layers: int = 6,
                  num_heads: int = 4, self_points: int = 8, cross_points: int = 8,
@@ -549,9 +553,9 @@ class BEVFormer(nn.Module):
             self.decoder = BevDecoder(latent_dim)
         else:
             self.decoder = None
-            self.segmentation_head = _head(latent_dim, 1)
-            self.instance_center_head = _head(latent_dim, 1, sigmoid=True)
-            self.instance_offset_head = _head(latent_dim, 2)
+            self.segmentation_head = output_head(latent_dim, 1)
+            self.instance_center_head = output_head(latent_dim, 1, sigmoid=True)
+            self.instance_offset_head = output_head(latent_dim, 2)
         # float32 geometry per device (not buffers: .half() would round them)
         self._geometry: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         #: (query, camera) pairs the cross-attention computed in the last forward, padding

@@ -44,7 +44,7 @@ from it (paths in that repository):
 
 Departures, deliberate: the camera geometry, pixel convention, visibility test (depth > 1 mm,
 projection inside the feature map) and border padding are SimpleBeV's here
-(:func:`bev.heads.simplebev.lift_to_voxels`), so the two heads see the same features; the
+(:func:`bev.heads.common.lift_to_voxels`), so the two heads see the same features; the
 feature map goes through a 1x1 neck to ``latent_dim`` (PointBeV's AGP neck also ends at 128
 channels); the first basic block of levels 2 and 3 adds its 1x1-projected input (a ResNet
 block; PointBeV builds the projection but, the widths differing, adds no residual); coarse
@@ -85,7 +85,7 @@ from torch import nn
 
 from ..geometry import (BevGrid, apply_transform, inside_image, invert_rigid_torch, pixels_to_grid_sample,
                         project_points, scale_intrinsics)
-from .simplebev import MIN_DEPTH, check_camera_inputs
+from .common import HEADS, MIN_DEPTH, check_camera_inputs
 
 try:
     import spconv.pytorch as spconv
@@ -125,7 +125,7 @@ def gather_point_features(features: torch.Tensor, intrinsics: torch.Tensor, cam2
         (zero where none does), the number of those cameras, and the number of (point, camera)
         pairs sampled. ``F.grid_sample`` runs once per (sample, camera) image on that image's
         valid pairs only; visibility, pixel convention and padding are those of
-        :func:`bev.heads.simplebev.lift_to_voxels`, so on a pillar both give the same values.
+        :func:`bev.heads.common.lift_to_voxels`, so on a pillar both give the same values.
     """
     height, width = check_camera_inputs(features, intrinsics, cam2ego, image_size)
     b, n, c, h, w = features.shape
@@ -337,6 +337,7 @@ class _SetThreads(torch.autograd.Function):
         return (None, *grads)
 
 
+@HEADS.register("pointbev")
 class PointBeV(nn.Module):
     """PointBeV's head: sampled pillars (training) or every pillar (evaluation), lifted on points,
     embedded, height-compressed, decoded by a sparse U-Net, sparse heads.
@@ -376,6 +377,11 @@ class PointBeV(nn.Module):
     where nothing was predicted) and, in training, ``point_mask`` (B, 1, X, Y) bool: the cells
     predicted by the coarse or the fine pass.
     """
+
+    #: the smallest settings worth running (contract tests, ``tools/gpu_report.py --smoke``): sparse
+    #: training on a small grid, random coarse cells then fine cells around the best
+    SMOKE_OPTIONS = {"latent_dim": 8, "unet_channels": 4, "N_coarse": 150, "N_fine": 100, "N_anchor": 10,
+                     "fine_patch_size": 3, "reference_cells": None}
 
     def __init__(self, in_channels: int, grid: BevGrid = BevGrid(), latent_dim: int = 128, unet_channels: int = 64,
                  N_coarse: int = 2500, with_fine: bool = True, N_fine: int = 2500,

@@ -2,10 +2,9 @@
 sets of its table, one row per upsampler; ``results.json``, ``table.md`` and pictures.
 
 Entry point: ``tools/eval_2d.py`` (schema in :mod:`jafar.eval.config`). A task is a
-:class:`Task` registered in :data:`TASKS` by name (``task.name`` in the config): it declares the
-metric columns of its table and evaluates one (data set, upsampler) pair. ``seg`` and ``depth`` (linear probes, :mod:`jafar.eval.probes`)
-are defined here; a new task (``cam``, ``ovseg``) subclasses :class:`Task`, calls
-:func:`register_task` in its own module, and lists that module in :data:`TASK_MODULES`.
+:class:`jafar.eval.tasks.Task` registered in :data:`jafar.eval.tasks.TASKS` by name (``task.name``
+in the config), one module of :mod:`jafar.eval.tasks` each: it declares the metric columns of its
+table and evaluates one (data set, upsampler) pair.
 
 Outputs under the run directory (``outputs/eval/<name>``):
 
@@ -27,24 +26,23 @@ the differing keys (a new ``name=``, or ``resume=null`` to redo the pairs).
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import logging
 import shutil
-import time
-import warnings
-from dataclasses import dataclass, field
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
 from .. import runs
-from .config import apply_per_task, register_configs
-from .report import Column, markdown_table, prediction_grid, write_text
+from .config import apply_per_task
+from .report import markdown_table, prediction_grid, write_text
+from .tasks import DatasetSplits, EvalContext, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -57,255 +55,13 @@ _UPSAMPLER_KEYS = ("pretrain_if_missing",)
 #: the data are, row labels, pictures, loading, how a missing checkpoint is obtained
 NOT_IDENTITY = ("data_root", "dataset.*.root", "labels", "task.pictures", "task.num_workers", "task.probe.num_workers",
                 "task.probe.pin_memory", "upsamplers.*.pretrain_if_missing")
+#: the command-line tools (``tools/`` beside the package, as in a source checkout)
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 #: the checkpoint the 2-D demo expects (configs/experiment/eval_2d/demo.yaml), the only one
 #: ``pretrain_if_missing: demo`` trains when it is missing
 DEMO_CHECKPOINT = "outputs/pretrain/demo/jafar.safetensors"
 #: lightning.Trainer arguments the run sets itself
 TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
-
-
-# ---------------------------------------------------------------------------------------------
-# tasks
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalContext:
-    """What a task needs besides the pair it evaluates."""
-
-    cfg: DictConfig
-    run_dir: Path
-    backbone: torch.nn.Module
-    resume: bool = True
-    extras: dict = field(default_factory=dict)
-    #: the configuration of each (data set key, row) pair (recorded in its probe checkpoints)
-    pair_configs: dict = field(default_factory=dict)
-
-
-@dataclass
-class DatasetSplits:
-    key: str
-    title: str
-    train: Optional[Dataset]
-    val: Dataset
-    num_classes: Optional[int]
-    class_names: Optional[Sequence[str]]
-    info: dict
-    #: this data set's probe epochs (``dataset.<key>.epochs``), None: the task's ``probe.epochs``
-    epochs: Optional[int] = None
-
-
-class Task:
-    """One of the paper's 2-D evaluations.
-
-    Attributes: ``name`` (``task.name``), ``title`` (the table's heading), ``columns`` (metric
-    columns of the table, per data set), ``picture_kind`` (``"seg"`` or ``"depth"``: how
-    :func:`jafar.eval.report.prediction_grid` paints targets and predictions), ``needs_train``
-    (whether the training split is read).
-    """
-
-    name: str = ""
-    title: str = ""
-    columns: Sequence[Column] = ()
-    picture_kind: str = "seg"
-    target_title: str = "ground truth"
-    needs_train: bool = True
-
-    def check(self, cfg: DictConfig) -> None:
-        """Refuse bad task settings before any work (one sentence naming the key)."""
-
-    def table_notes(self, ctx: "EvalContext") -> List[str]:
-        """Lines added under the table (e.g. what the run's weights are)."""
-        return []
-
-    def evaluate(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: torch.nn.Module,
-                 out_dir: Path) -> dict:
-        """Evaluate ``upsampler`` on ``data``; return ``{"metrics": {...}, "pictures": [...], ...}``
-        (pictures: ``[{"index", "name", "image", "target", "prediction"}]``, CPU tensors)."""
-        raise NotImplementedError
-
-
-TASKS: Dict[str, Task] = {}
-#: modules imported to register more tasks (e.g. ``"jafar.eval.cam"``); missing ones are skipped
-TASK_MODULES: List[str] = ["jafar.eval.cam", "jafar.eval.ovseg"]
-
-
-def register_task(task: Task) -> Task:
-    if not task.name:
-        raise ValueError("a task needs a name.")
-    TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    for module in TASK_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-    if name not in TASKS:
-        raise ValueError(f"task.name={name!r} is not a known task; expected one of {sorted(TASKS)}.")
-    return TASKS[name]
-
-
-class ProbeTask(Task):
-    """A linear probe trained on the training split and scored on the validation split."""
-
-    @staticmethod
-    def epochs(cfg: DictConfig, data: DatasetSplits) -> int:
-        """The probe's epochs on ``data``: the data set's own ``epochs`` (the paper: 5 on COCO-Stuff,
-        ``configs/dataset/coco.yaml``), else the task's ``probe.epochs``."""
-        return int(data.epochs) if data.epochs is not None else int(cfg.task.probe.epochs)
-
-    def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits) -> dict:
-        t = ctx.cfg.task
-        p = t.probe
-        return dict(target_size=int(t.target_size or t.image_size), lr=float(p.lr), betas=tuple(p.betas),
-                    weight_decay=float(p.weight_decay), epochs=self.epochs(ctx.cfg, data),
-                    scheduler=str(p.scheduler), hflip=float(p.hflip), normalize_input=bool(t.normalize_input),
-                    seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)),
-                    cache_features=bool(p.get("cache_features", False)))
-
-    def build_probe(self, ctx: EvalContext, data: DatasetSplits, upsampler, feature_dim: int):
-        raise NotImplementedError
-
-    def check(self, cfg: DictConfig) -> None:
-        p = cfg.task.probe
-        if int(p.epochs) < 1:
-            raise ValueError(f"task.probe.epochs must be a positive integer, got {p.epochs}.")
-        if int(p.batch_size) < 1 or int(p.val_batch_size) < 1:
-            raise ValueError(f"task.probe.batch_size and val_batch_size must be positive, got "
-                             f"{p.batch_size}, {p.val_batch_size}.")
-        from .probes import SCHEDULERS
-
-        if str(p.scheduler) not in SCHEDULERS:
-            raise ValueError(f"task.probe.scheduler must be official (the official code: T_max=epochs stepped per "
-                             f"batch), naf (T_max=all steps, per batch) or per_epoch, got {p.scheduler!r}.")
-        if not isinstance(cfg.task.get("normalize_input"), bool):
-            raise ValueError(f"task.normalize_input must be true (the backbone's mean/std) or false (the image in "
-                             f"[0, 1], the official depth run), got {cfg.task.get('normalize_input')!r}.")
-        for key in cfg.task.datasets:
-            e = cfg.dataset.get(key, {}).get("epochs")
-            if e is not None and (not isinstance(e, int) or isinstance(e, bool) or e < 1):
-                raise ValueError(f"dataset.{key}.epochs must be a positive integer or null (the task's "
-                                 f"probe.epochs), got {e!r}.")
-        if not 0 <= float(p.hflip) <= 1:
-            raise ValueError(f"task.probe.hflip must be a probability, got {p.hflip}.")
-        if not float(p.lr) > 0:
-            raise ValueError(f"task.probe.lr must be positive, got {p.lr}.")
-
-    def evaluate(self, ctx, data, row, upsampler, out_dir):
-        cfg, p = ctx.cfg, ctx.cfg.task.probe
-        epochs = self.epochs(cfg, data)
-        feature_dim = int(ctx.backbone.embed_dim)
-        module = self.build_probe(ctx, data, upsampler, feature_dim)
-        from .probes import EpochShuffleSampler
-
-        workers = int(p.num_workers)
-        loader_kw = dict(num_workers=workers, pin_memory=bool(p.get("pin_memory", False)), persistent_workers=False)
-        train = DataLoader(data.train, batch_size=int(p.batch_size), sampler=EpochShuffleSampler(len(data.train), cfg.seed),
-                           drop_last=False, **loader_kw)
-        val = DataLoader(data.val, batch_size=int(p.val_batch_size), shuffle=False, **loader_kw)
-        ckpt_dir = out_dir / "checkpoints"
-        last = ckpt_dir / "last.ckpt"
-        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        fit_kwargs = {**trainer_kwargs, "limit_val_batches": 0, "num_sanity_val_steps": 0}  # scored once, after
-        trainer = runs.make_trainer(out_dir, fit_kwargs, checkpointing=runs.epoch_checkpoints(ckpt_dir),
-                                    run_config=ctx.pair_configs.get((data.key, row)), max_epochs=epochs)
-        start = time.time()
-        with runs.quiet_lightning(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*validation_step` but have no `val_dataloader.*")  # scored after
-            trainer.fit(module, train_dataloaders=train,
-                        ckpt_path=str(last) if (ctx.resume and last.is_file()) else None)
-            fit_s = time.time() - start
-            val_trainer = runs.make_trainer(out_dir, trainer_kwargs, log=False)
-            val_trainer.validate(module, dataloaders=val, verbose=False)
-        module._cache.clear()  # the cached features of this pair are not needed any more
-        return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
-                "seconds": round(time.time() - start, 1), "epochs": epochs,
-                "train_images": len(data.train), "val_images": len(data.val)}
-
-
-class SegTask(ProbeTask):
-    name = "seg"
-    title = "Semantic segmentation (linear probe)"
-    columns = (Column("miou", "mIoU", True, 100.0, 2), Column("accuracy", "Acc.", True, 100.0, 2))
-    picture_kind = "seg"
-
-    def build_probe(self, ctx, data, upsampler, feature_dim):
-        from .probes import SegmentationProbe
-
-        if not data.num_classes:
-            raise ValueError(f"dataset.{data.key}.num_classes must be set for task=seg.")
-        return SegmentationProbe(ctx.backbone, upsampler, num_classes=int(data.num_classes), feature_dim=feature_dim,
-                                 **self.probe_kwargs(ctx, data))
-
-
-class DepthTask(ProbeTask):
-    name = "depth"
-    title = "Depth estimation (linear probe)"
-    columns = (Column("d1", "δ1", True, 100.0, 2), Column("rmse", "RMSE", False, 1.0, 3))
-    picture_kind = "depth"
-
-    def check(self, cfg):
-        super().check(cfg)
-        t = cfg.task
-        if not 0 <= float(t.min_depth) < float(t.max_depth):
-            raise ValueError(f"task.min_depth and task.max_depth must satisfy 0 <= min < max, got "
-                             f"{t.min_depth}, {t.max_depth}.")
-        if str(t.global_token) not in ("cls", "mean", "none"):
-            raise ValueError(f"task.global_token must be cls, mean or none, got {t.global_token!r}.")
-        if t.get("pseudo_labels") not in (None, "auto", "depth_anything"):
-            raise ValueError(f"task.pseudo_labels must be auto, depth_anything or null (the data set's depth maps), "
-                             f"got {t.pseudo_labels!r}.")
-
-    @staticmethod
-    def has_depth(data: DatasetSplits) -> bool:
-        base = [d.dataset if isinstance(d, Subset) else d for d in (data.train, data.val) if d is not None]
-        return all(all(p is not None for _, p in getattr(d, "items", [(None, None)])) for d in base)
-
-    def labeler(self, ctx, data: DatasetSplits):
-        t = ctx.cfg.task
-        mode = t.get("pseudo_labels")
-        if mode is None or (mode == "auto" and self.has_depth(data)):
-            return None
-        if "labeler" not in ctx.extras:
-            from .pseudo_depth import DepthAnythingLabeler
-
-            ctx.extras["labeler"] = DepthAnythingLabeler(str(t.pseudo_model))
-        return ctx.extras["labeler"]
-
-    def build_probe(self, ctx, data, upsampler, feature_dim):
-        from .probes import DepthProbe
-
-        t = ctx.cfg.task
-        return DepthProbe(ctx.backbone, upsampler, min_depth=float(t.min_depth), max_depth=float(t.max_depth),
-                          bins=int(t.bins), global_token=str(t.global_token), gradient_weight=float(t.gradient_weight),
-                          warm_up_steps=int(t.warm_up_steps), pseudo_labeler=self.labeler(ctx, data),
-                          feature_dim=feature_dim, **self.probe_kwargs(ctx, data))
-
-
-register_task(SegTask())
-register_task(DepthTask())
-
-
-def eval_device(cfg: DictConfig) -> torch.device:
-    """The device of the training-free tasks (cam, ovseg), which run outside a Lightning trainer:
-    CUDA when ``trainer.accelerator`` allows it (auto, gpu, cuda) and one is present, else the CPU."""
-    acc = str(cfg.trainer.get("accelerator", "auto"))
-    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def picture_indices(n: int, k: int) -> List[int]:
-    """``k`` fixed validation indices spread evenly over ``n`` images."""
-    k = min(max(int(k), 0), n)
-    if k == 0:
-        return []
-    if k == 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,25 +112,26 @@ def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
                          None if extra["epochs"] is None else int(extra["epochs"]))
 
 
-def _run_pretraining_demo(checkpoint: Path) -> None:
-    """The pretraining demo (``tools/pretrain_jafar.py experiment=demo``), run here with its run
-    directory where ``checkpoint`` is expected (so the file lands there). This process's random
-    streams are left as they were (the evaluation's numbers do not depend on whether the
-    checkpoint had to be trained)."""
+def pretraining_demo_command(checkpoint: Path) -> List[str]:
+    """The pretraining demo's command line (``tools/pretrain_jafar.py experiment=demo``) with its run
+    directory where ``checkpoint`` is expected, so that the file lands there."""
     if checkpoint.name != "jafar.safetensors":
         raise ValueError(f"pretrain_if_missing writes <run dir>/jafar.safetensors; the checkpoint is {str(checkpoint)!r}.")
-    from ..train import config as pretrain_config
-    from ..train.run import run as pretrain
-
     run_dir = checkpoint.parent
-    cfg = pretrain_config.compose("experiment=demo", f"data.root={run_dir / 'photos'}")
-    register_configs()  # the evaluation's configs again
-    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo (experiment=demo) in %s",
-             checkpoint, run_dir)
-    with runs.preserved_rng():
-        pretrain(cfg, run_dir)
-    if not checkpoint.is_file():
-        raise RuntimeError(f"the pretraining demo did not write {checkpoint}.")
+    return [sys.executable, str(TOOLS / "pretrain_jafar.py"), "experiment=demo", f"hydra.run.dir={run_dir}",
+            f"data.root={run_dir / 'photos'}"]
+
+
+def _run_pretraining_demo(checkpoint: Path) -> None:
+    """Train the demo's missing JAFAR checkpoint by running the pretraining tool, as a user would,
+    in a process of its own (the evaluation's random streams and configs are not touched)."""
+    cmd = pretraining_demo_command(checkpoint)
+    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo: %s", checkpoint,
+             " ".join(cmd[1:]))
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0 or not checkpoint.is_file():
+        raise RuntimeError(f"the pretraining demo ({' '.join(cmd[1:])}) exited with status {done.returncode} "
+                           f"without writing {checkpoint}.")
 
 
 def row_checkpoint(cfg: DictConfig, row: str) -> Optional[str]:
@@ -400,7 +157,8 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
     if row not in cfg.upsamplers:
         raise ValueError(f"compare lists {row!r}, which is not under upsamplers: (known: {sorted(cfg.upsamplers)}).")
     ucfg = OmegaConf.to_container(cfg.upsamplers[row], resolve=True)
-    extra = {k: ucfg.pop(k, None) for k in _UPSAMPLER_KEYS}
+    for key in _UPSAMPLER_KEYS:
+        ucfg.pop(key, None)
     target = ucfg.pop("_target_", "jafar.build_upsampler")
     ckpt = row_checkpoint(cfg, row)
     if ckpt is not None:

@@ -1,6 +1,7 @@
 """Every upsampler behind one call, ``upsampler(image, features, output_size)``, and one registry.
 
-One file per upsampler, each registering its factory (``jafar.upsamplers.base``):
+One file per upsampler, each registering its factory in :data:`UPSAMPLERS` (``jafar.upsamplers.base``;
+the registry imports every module of this package on its first lookup):
 
 * ``jafar.py``: JAFAR (the architecture, its official releases and checkpoint adapter);
 * ``interpolate.py``: nearest, bilinear, bicubic (training-free);
@@ -18,9 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-# each module registers its upsamplers on import; this order is list_upsamplers()'s
-from . import interpolate, reencode, featup, lift, jafar  # noqa: F401,I001  isort:skip
-from .base import (Upsampler, UpsamplerEntry, create_upsampler, list_upsamplers, register_upsampler,
+from .base import (UPSAMPLERS, Upsampler, UpsamplerEntry, create_upsampler, list_upsamplers, register_upsampler,
                    upsampler_entry)
 from .featup import FEATUP_RELEASES, FeatUpJBU
 from .interpolate import Interpolate
@@ -29,7 +28,7 @@ from .lift import LiFT
 from .reencode import LargeImage, Strided
 
 __all__ = [
-    "Upsampler", "UpsamplerEntry", "register_upsampler", "create_upsampler", "list_upsamplers", "upsampler_entry",
+    "UPSAMPLERS", "Upsampler", "UpsamplerEntry", "register_upsampler", "create_upsampler", "list_upsamplers", "upsampler_entry",
     "build_upsampler", "JAFAR", "Interpolate", "LargeImage", "Strided", "FeatUpJBU", "LiFT", "FEATUP_RELEASES",
 ]
 

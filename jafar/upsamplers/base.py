@@ -6,20 +6,23 @@ backbone was given), ``features`` the backbone's ``(B, C, h, w)`` patch grid and
 ``output_size`` any pair of positive ints; :meth:`Upsampler.describe` is its one-line note for
 result tables.
 
-Upsamplers register a factory under a name (:func:`register_upsampler`), as timm registers
-models; :func:`create_upsampler` builds one by name and :func:`list_upsamplers` lists them.
-Adding an upsampler is one file in this package (a class, a factory, its release table and
-checkpoint adapter if it has weights) and one yaml in ``configs/upsampler/``.
+Upsamplers register a factory under a name (:func:`register_upsampler`, into :data:`UPSAMPLERS`),
+as timm registers models; :func:`create_upsampler` builds one by name and :func:`list_upsamplers`
+lists them. Adding an upsampler is one file in this package (a class, a factory, its release table
+and checkpoint adapter if it has weights; the registry imports every module of the package) and
+one yaml in ``configs/upsampler/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..registry import Registry
 
 
 class Upsampler(nn.Module):
@@ -38,47 +41,51 @@ class Upsampler(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class UpsamplerEntry:
+    """What :data:`UPSAMPLERS` holds for one name: the factory and what it needs."""
+
     name: str
     factory: Callable[..., Upsampler]
     #: the upsampler encodes the image again, so it needs ``backbone=``
     needs_backbone: bool = False
     summary: str = ""
 
+    def __call__(self, **kwargs) -> Upsampler:
+        if self.needs_backbone and kwargs.get("backbone") is None:
+            raise ValueError(f"the {self.name!r} upsampler encodes the image again: pass backbone=<the frozen "
+                             f"backbone>.")
+        return self.factory(**kwargs)
 
-_REGISTRY: Dict[str, UpsamplerEntry] = {}
+
+#: every upsampler, by name: each module of this package registers its own on import
+#: (:class:`jafar.registry.Registry` imports them all on the first lookup)
+UPSAMPLERS = Registry("upsampler", package="jafar.upsamplers", key="upsampler")
 
 
 def register_upsampler(name: str, needs_backbone: bool = False, summary: str = ""):
     """Decorator: register ``factory(feature_dim=None, checkpoint=None, backbone=None, **options)``
-    under ``name``. The factory refuses options it does not take, in one sentence."""
+    under ``name`` in :data:`UPSAMPLERS`. The factory refuses options it does not take, in one
+    sentence."""
 
     def wrap(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"an upsampler named {name!r} is already registered.")
-        _REGISTRY[name] = UpsamplerEntry(name, factory, needs_backbone, summary)
+        UPSAMPLERS.register(name, UpsamplerEntry(name, factory, needs_backbone, summary))
         return factory
 
     return wrap
 
 
 def list_upsamplers() -> List[str]:
-    """Registered upsampler names, in registration order."""
-    return list(_REGISTRY)
+    """Registered upsampler names (:meth:`jafar.registry.Registry.list`)."""
+    return UPSAMPLERS.list()
 
 
 def upsampler_entry(name: str) -> UpsamplerEntry:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown upsampler {name!r}; expected one of {tuple(_REGISTRY)}.")
-    return _REGISTRY[name]
+    return UPSAMPLERS.get(name)
 
 
 def create_upsampler(name: str, **kwargs) -> Upsampler:
     """Build the upsampler registered as ``name`` with its factory's arguments
     (``feature_dim``, ``checkpoint``, ``backbone`` and the upsampler's own options)."""
-    entry = upsampler_entry(name)
-    if entry.needs_backbone and kwargs.get("backbone") is None:
-        raise ValueError(f"the {name!r} upsampler encodes the image again: pass backbone=<the frozen backbone>.")
-    return entry.factory(**kwargs)
+    return UPSAMPLERS.build(name, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
