@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from jafar import runs
 from jafar.utils import derive_seed
-from jafar.train.data import StepBatchSampler
+from jafar.runs.samplers import ShardSampler, StepBatchSampler
 
-from .config import apply_per_model
+from .config import ROOT, BevConfig, apply_per_model
 from .geometry import BevGrid
 from .heads import HEADS, build_head
 from .losses import SimpleBevLoss
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 #: keys that do not change a BeV run's result (besides :data:`jafar.runs.NOT_IDENTITY`): where the
 #: data and the feature cache are, how the data are loaded
 NOT_IDENTITY = ("data.dataroot", "data.num_workers", "data.pin_memory", "encoder.cache_dir")
-#: lightning.Trainer arguments the run sets itself
-TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +43,7 @@ TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_roo
 # ---------------------------------------------------------------------------------------------
 
 class SeededSamples(Dataset):
-    """Items ``(index, seed)`` from :class:`jafar.train.data.StepBatchSampler` -> the sample drawn
+    """Items ``(index, seed)`` from :class:`jafar.runs.samplers.StepBatchSampler` -> the sample drawn
     with that seed (augmentation and the negative control are functions of it: a resumed run
     replays the same draws). Plain integer indices (validation) use ``seed`` and the index."""
 
@@ -298,7 +296,6 @@ def check_config(cfg: DictConfig) -> None:
                                   or (isinstance(every, float) and 0 < every <= 1)):
         raise ValueError(f"trainer.val_check_interval must be null (once per epoch), a fraction of an epoch in "
                          f"(0, 1] or a positive number of steps, got {every!r}.")
-    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -310,115 +307,121 @@ def result_config(cfg: DictConfig) -> dict:
     return identity
 
 
-def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dict:
-    """Train, validate, score the prior-map baseline, write ``results.json``. ``callbacks``:
-    extra Lightning callbacks (tests use one to interrupt a run). ``run_dir`` belongs to one
-    configuration (:func:`jafar.runs.check_run_dir`)."""
-    run_dir = Path(run_dir)
-    cfg = apply_per_model(cfg, runs.command_line_overrides())
-    check_config(cfg)
-    identity = result_config(cfg)
-    runs.check_run_dir(run_dir, identity, cfg.resume)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir, expected_keys=("encoder.", "head."))
-    grid = build_grid(cfg)
-    data_cfg = cfg.data
-    prepare_data(data_cfg)
-    cache_dir = feature_cache_dir(cfg)
-    train_set, val_set = build_datasets(data_cfg, grid)
-    runs.claim_run_dir(run_dir, identity, cfg.resume, record=cfg)
-    log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
+class BevTraining(runs.Tool):
+    """``tools/train_bev.py`` (:func:`jafar.runs.run` owns the protocol): the data sets built from
+    one load of the devkit tables, the frozen backbone, upsampler and head built, then training,
+    validation, the prior-map baseline and ``results.json``."""
 
-    runs.seed_everything(cfg.seed)
-    encoder, head = build_model(cfg, grid, cache_dir)
-    control = cfg.negative_control == "shuffle_extrinsics"
-    cache = encoder.cache_dir is not None
-    train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control,
-                                cache_keys=cache and not data_cfg.augment)
-    val_items = SeededSamples(val_set, int(cfg.seed) + 1, shuffle_extrinsics=control, cache_keys=cache)
-    if cache and runs.is_global_zero():
-        log.info(cache_size_sentence(encoder, data_cfg, (0 if data_cfg.augment else len(train_set)) + len(val_set)))
+    root, schema, script = ROOT, BevConfig, "tools/train_bev.py"
+    not_identity = NOT_IDENTITY
+    checkpoint_keys = ("encoder.", "head.")
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    max_steps = trainer_kwargs.pop("max_steps", None)
-    val_every = trainer_kwargs.pop("val_check_interval", None)
-    trainer_kwargs["sync_batchnorm"] = sync_batchnorm_applies(trainer_kwargs)
-    checkpointing = runs.step_checkpoints(ckpt_dir, cfg.checkpoint_every)
-    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing, callbacks=callbacks or [],
-                                run_config=identity, max_steps=-1, max_epochs=-1, use_distributed_sampler=False)
-    bs = int(data_cfg.batch_size)
-    world = int(trainer.world_size)
-    steps_per_epoch = math.ceil(len(train_set) / (bs * world))
-    if max_steps in (None, -1):
-        max_steps = int(cfg.epochs) * steps_per_epoch
-    trainer.fit_loop.epoch_loop.max_steps = int(max_steps)  # known only now: it depends on the world size
-    # The sampler's one pass (Lightning's "epoch") is the whole run: validation steps are counted here.
-    trainer.val_check_interval = validation_interval(val_every, steps_per_epoch, int(max_steps))
-    if world > 1 and trainer.is_global_zero:
-        log.warning(devices_sentence(world, bs, len(train_set), steps_per_epoch, int(max_steps), cfg))
-    if len(val_set) < world:
-        raise ValueError(f"{len(val_set)} validation samples cannot be shared among {world} processes (each "
-                         f"validates its own samples): use fewer devices or a larger validation split.")
+    def configure(self, cfg: DictConfig, overrides) -> DictConfig:
+        return apply_per_model(cfg, overrides)
 
-    module = BevSegmentation(
-        encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)), **cfg.optimizer,
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
-        total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
-        pictures=int(cfg.pictures))
+    def check(self, cfg: DictConfig) -> None:
+        check_config(cfg)
 
-    workers = int(data_cfg.num_workers)
-    loader_kw = dict(num_workers=workers, pin_memory=bool(data_cfg.pin_memory), persistent_workers=False)
-    if workers > 0:
-        loader_kw["prefetch_factor"] = 2
-    sampler = StepBatchSampler(len(train_set), bs, int(max_steps), int(cfg.seed),
-                               start_step=lambda: trainer.global_step,
-                               rank=trainer.global_rank, world_size=world)
-    train_loader = DataLoader(train_items, batch_sampler=sampler,
-                              collate_fn=collate, **loader_kw)
-    val_loader = DataLoader(val_items, batch_size=bs, sampler=ShardSampler(len(val_set), trainer.global_rank, world),
-                            collate_fn=collate, **loader_kw)
+    def identity(self, cfg: DictConfig) -> dict:
+        return result_config(cfg)
 
-    with runs.quiet_lightning():
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
-        if module.validated_at != trainer.global_step:  # the final weights not validated yet
-            trainer.validate(module, dataloaders=val_loader, verbose=False)
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict:
+        grid = build_grid(cfg)
+        prepare_data(cfg.data)
+        cache_dir = feature_cache_dir(cfg)
+        train_set, val_set = build_datasets(cfg.data, grid)
+        log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
+        return {"grid": grid, "cache_dir": cache_dir, "train": train_set, "val": val_set}
 
-    trained = int(cfg.min_visibility)
-    results = {"val": {"iou": module.val_results.get(f"iou_vis{trained}"), **module.val_results,
-                       "trained_min_visibility": trained},
-               "model": str(cfg.model.name), "upsampler": str(cfg.upsampler.name),
-               "backbone": str(cfg.backbone.name), "negative_control": cfg.negative_control,
-               "min_visibility": trained, "step": trainer.global_step,
-               "train_samples": len(train_set), "val_samples": len(val_set)}
-    if not trainer.is_global_zero:  # the prior baseline and results.json: the first process alone
+    def build(self, cfg: DictConfig, run_dir: Path, data: dict):
+        return build_model(cfg, data["grid"], data["cache_dir"])
+
+    def execute(self, job: runs.Job) -> dict:
+        cfg, run_dir, data_cfg = job.cfg, job.run_dir, job.cfg.data
+        (encoder, head), grid = job.model, job.data["grid"]
+        train_set, val_set = job.data["train"], job.data["val"]
+        control = cfg.negative_control == "shuffle_extrinsics"
+        cache = encoder.cache_dir is not None
+        train_items = SeededSamples(train_set, int(cfg.seed), shuffle_extrinsics=control,
+                                    cache_keys=cache and not data_cfg.augment)
+        val_items = SeededSamples(val_set, int(cfg.seed) + 1, shuffle_extrinsics=control, cache_keys=cache)
+        if cache and runs.is_global_zero():
+            log.info(cache_size_sentence(encoder, data_cfg, (0 if data_cfg.augment else len(train_set)) + len(val_set)))
+
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        max_steps = trainer_kwargs.pop("max_steps", None)
+        val_every = trainer_kwargs.pop("val_check_interval", None)
+        trainer_kwargs["sync_batchnorm"] = sync_batchnorm_applies(trainer_kwargs)
+        checkpointing = runs.step_checkpoints(job.checkpoint_dir, cfg.checkpoint_every)
+        trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing, callbacks=job.callbacks,
+                                    run_config=job.identity, tool=self.script, max_steps=-1, max_epochs=-1,
+                                    use_distributed_sampler=False)
+        bs = int(data_cfg.batch_size)
+        world = int(trainer.world_size)
+        steps_per_epoch = math.ceil(len(train_set) / (bs * world))
+        if max_steps in (None, -1):
+            max_steps = int(cfg.epochs) * steps_per_epoch
+        trainer.fit_loop.epoch_loop.max_steps = int(max_steps)  # known only now: it depends on the world size
+        # The sampler's one pass (Lightning's "epoch") is the whole run: validation steps are counted here.
+        trainer.val_check_interval = validation_interval(val_every, steps_per_epoch, int(max_steps))
+        if world > 1 and trainer.is_global_zero:
+            log.warning(devices_sentence(world, bs, len(train_set), steps_per_epoch, int(max_steps), cfg))
+        if len(val_set) < world:
+            raise ValueError(f"{len(val_set)} validation samples cannot be shared among {world} processes (each "
+                             f"validates its own samples): use fewer devices or a larger validation split.")
+
+        module = BevSegmentation(
+            encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)), **cfg.optimizer,
+            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+            total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
+            pictures=int(cfg.pictures))
+
+        workers = int(data_cfg.num_workers)
+        loader_kw = dict(num_workers=workers, pin_memory=bool(data_cfg.pin_memory), persistent_workers=False)
+        if workers > 0:
+            loader_kw["prefetch_factor"] = 2
+        sampler = StepBatchSampler(len(train_set), bs, int(max_steps), int(cfg.seed),
+                                   start_step=lambda: trainer.global_step,
+                                   rank=trainer.global_rank, world_size=world)
+        train_loader = DataLoader(train_items, batch_sampler=sampler, collate_fn=collate, **loader_kw)
+        val_loader = DataLoader(val_items, batch_size=bs, sampler=ShardSampler(len(val_set), trainer.global_rank, world),
+                                collate_fn=collate, **loader_kw)
+
+        with runs.quiet_lightning():
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=job.resume_from)
+            if module.validated_at != trainer.global_step:  # the final weights not validated yet
+                trainer.validate(module, dataloaders=val_loader, verbose=False)
+
+        trained = int(cfg.min_visibility)
+        results = {"val": {"iou": module.val_results.get(f"iou_vis{trained}"), **module.val_results,
+                           "trained_min_visibility": trained},
+                   "model": str(cfg.model.name), "upsampler": str(cfg.upsampler.name),
+                   "backbone": str(cfg.backbone.name), "negative_control": cfg.negative_control,
+                   "min_visibility": trained, "step": trainer.global_step,
+                   "train_samples": len(train_set), "val_samples": len(val_set)}
+        if not trainer.is_global_zero:  # the prior baseline and results.json: the first process alone
+            return results
+        if cfg.prior_baseline:
+            shape = tuple(int(v) for v in grid.shape)
+            tr = label_counts(train_set, shape, levels=(trained,), num_workers=workers)
+            va = label_counts(val_set, shape, levels=(1, 2), num_workers=workers)
+            results["prior"] = prior_baseline(tr, va, visibilities=(1, 2), min_visibility=trained)
+            results["prior"]["iou"] = results["prior"][f"iou_vis{trained}"]
+            results["prior"]["trained_min_visibility"] = trained
+        runs.write_results(run_dir, results, job.identity)
+        log.info("results: %s", json.dumps(results))
         return results
-    if cfg.prior_baseline:
-        shape = tuple(int(v) for v in grid.shape)
-        tr = label_counts(train_set, shape, levels=(trained,), num_workers=workers)
-        va = label_counts(val_set, shape, levels=(1, 2), num_workers=workers)
-        results["prior"] = prior_baseline(tr, va, visibilities=(1, 2), min_visibility=trained)
-        results["prior"]["iou"] = results["prior"][f"iou_vis{trained}"]
-        results["prior"]["trained_min_visibility"] = trained
-    runs.write_results(run_dir, results, identity)
-    log.info("results: %s", json.dumps(results))
-    return results
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """The validation samples of one process: ``rank, rank + world, rank + 2 world, ...``. The
-    shards are disjoint and cover the set once, without the padding of
-    ``torch.utils.data.DistributedSampler`` (which repeats samples to even the shards, and would
-    count them twice in the IoU); the IoU's counts are summed over the processes
-    (:class:`bev.module.VisibleIoU`, torchmetrics' synced state)."""
+#: the BeV training tool (``tools/train_bev.py`` is ``jafar.runs.main(BEV_TRAINING)``)
+BEV_TRAINING = BevTraining()
 
-    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world = int(num_items), int(rank), int(world_size)
 
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.world))
+def run(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None) -> dict:
+    """:func:`jafar.runs.run` of :data:`BEV_TRAINING`: train, validate, score the prior-map
+    baseline, write ``results.json`` in ``run_dir``. ``callbacks``: extra Lightning callbacks
+    (tests use one to interrupt a run)."""
+    return runs.run(BEV_TRAINING, cfg, run_dir, callbacks)
 
 
 def validation_interval(value, steps_per_epoch: int, max_steps: int) -> int:

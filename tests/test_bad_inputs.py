@@ -186,6 +186,9 @@ CLI_CASES = [
      "checkpoint_every must be a positive number of steps, got -1"),
     ("pretrain: checkpoint_every=0", lambda t: _pretrain(t, "checkpoint_every=0"), ValueError,
      "checkpoint_every must be a positive number of steps, got 0"),
+    ("pretrain: trainer.accumulate_grad_batches=2", lambda t: _pretrain(t, "+trainer.accumulate_grad_batches=2"),
+     ValueError, "trainer.accumulate_grad_batches=2 is not supported: tools/pretrain_jafar.py counts one batch as one "
+     "step"),
     ("pretrain: optimizer.lr=-1", lambda t: _pretrain(t, "optimizer.lr=-1"), ValueError,
      "optimizer.lr must be a positive number, got -1"),
     ("pretrain: optimizer.lr=0", lambda t: _pretrain(t, "optimizer.lr=0"), ValueError,
@@ -291,3 +294,54 @@ def test_resumed_pretraining_keeps_csv_rows_and_the_last_ckpt_loads_as_weights(t
     ref = jafar.load_checkpoint(run / "jafar.safetensors").state_dict()
     got = jafar.load_checkpoint(run / "checkpoints" / "last.ckpt", feature_dim=32, qk_dim=16).state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tool scripts: a refused input is its sentence alone and status 2; an error keeps its traceback
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_tool_prints_a_refused_input_alone_and_exits_with_status_2(tmp_path):
+    """``tools/pretrain_jafar.py`` on a folder of images none of which decodes: the one sentence on
+    stderr, no traceback above it (Hydra prints one for an exception), status 2, nothing written.
+    A subprocess: about 10 s, the imports of torch, Lightning and Hydra."""
+    import subprocess
+    import sys
+
+    folder = _images(tmp_path / "imgs", readable=False)
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain_jafar.py"), "experiment=demo",
+                           f"data.root={folder}", "data.prepare=null", "data.val_images=1", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "Error executing job" not in done.stderr, done.stderr
+    assert done.stderr.strip().startswith("tools/pretrain_jafar.py: no readable image under"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (run_dir / "run_config.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_status_1(tmp_path):
+    """An error that is not a refused input (here a RuntimeError raised while training) is not
+    turned into a sentence: Python's traceback and a failing status, as any bug."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = _images(tmp_path / "imgs")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        sys.argv = ["pretrain_jafar.py", "experiment=demo", "data.root={folder}", "data.prepare=null", "data.val_images=1",
+                    "hydra.run.dir={tmp_path / 'run'}"]
+        from jafar.runs import main
+        from jafar.train.run import Pretraining
+
+        class Broken(Pretraining):
+            def execute(self, job):
+                raise RuntimeError("a bug in the training loop")
+
+        main(Broken())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "RuntimeError: a bug in the training loop" in done.stderr and "Traceback" in done.stderr, done.stderr

@@ -19,8 +19,9 @@ from tests.errors_doc import record
 pytest.importorskip("nuscenes")
 
 from bev.data.nuscenes import NuScenesBev  # noqa: E402
-from bev.run import prepare_data, run  # noqa: E402
+from bev.run import BEV_TRAINING, prepare_data, run  # noqa: E402
 from jafar import runs  # noqa: E402
+from jafar.train.run import PRETRAINING  # noqa: E402
 
 
 def _demo(ctx, *overrides):
@@ -77,14 +78,15 @@ def _garbage_resume(ctx):
 def _garbage_resume_pretraining(ctx):
     path = ctx["tmp"] / "garbage.ckpt"
     path.write_text("hello")
-    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints")
+    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints", PRETRAINING.checkpoint_keys)
 
 
 def _other_tool_resume(ctx):
-    """A checkpoint shaped like pretraining's: weights of a JAFAR upsampler, no BeV head."""
+    """A checkpoint shaped like pretraining's: weights of a JAFAR upsampler, no BeV head, and the
+    record of the tool that wrote it."""
     path = ctx["tmp"] / "pretrain_last.ckpt"
     torch.save({"state_dict": {"upsampler.query_encoder.0.weight": torch.zeros(2)}, "global_step": 3,
-                "run_config": {"model": {}}}, path)
+                "run_config": {"model": {}}, "tool": "tools/pretrain_jafar.py"}, path)
     return run(_demo(ctx, f"resume={path}"), ctx["tmp"] / "run")
 
 
@@ -102,10 +104,11 @@ def _other_synthetic_settings(ctx):
 
 
 def _bev_resume_to_pretraining(ctx):
-    """A BeV checkpoint given to pretraining's resolve (the default expected keys are its own)."""
+    """A BeV checkpoint given to pretraining's resolve."""
     path = ctx["tmp"] / "bev_last.ckpt"
-    torch.save({"state_dict": {"encoder.backbone.w": torch.zeros(1), "head.w": torch.zeros(2)}}, path)
-    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints")
+    torch.save({"state_dict": {"encoder.backbone.w": torch.zeros(1), "head.w": torch.zeros(2)},
+                "tool": "tools/train_bev.py"}, path)
+    return runs.resolve_resume(str(path), ctx["tmp"] / "checkpoints", PRETRAINING.checkpoint_keys)
 
 
 def _garbage_own_last(ctx):
@@ -127,8 +130,8 @@ def _garbage_own_last_resolve(ctx):
 def _other_tool_own_last(ctx):
     last = ctx["tmp"] / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
-    torch.save({"state_dict": {"upsampler.query_encoder.0.weight": torch.zeros(2)}}, last)
-    return runs.resolve_resume("auto", last.parent, expected_keys=("encoder.", "head."))
+    torch.save({"state_dict": {"upsampler.query_encoder.0.weight": torch.zeros(2)}}, last)  # no record of its tool
+    return runs.resolve_resume("auto", last.parent, expected_keys=BEV_TRAINING.checkpoint_keys)
 
 
 def _extend_finished_run(ctx):
@@ -157,7 +160,7 @@ CASES = [
     ("resume=auto, garbage own last.ckpt (resolve)", _garbage_own_last_resolve, ValueError,
      "resume=auto found '"),
     ("resume=auto, own last.ckpt of the other tool", _other_tool_own_last, ValueError,
-     "is a checkpoint of tools/pretrain_jafar.py (its weights have no 'encoder.' keys)"),
+     "is a checkpoint of another tool (its weights have no 'encoder.' keys)"),
     ("extend a finished run's max_steps", _extend_finished_run, ValueError,
      "holds a run of another configuration (trainer.max_steps: 1 -> 2)"),
     ("synthetic set made with other settings", _other_synthetic_settings, ValueError,

@@ -2,15 +2,14 @@
 the validation shards, the validation interval, the device sentence, and the trainval-sized
 tables generator at CI size (a few scenes)."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from bev.data.targets import visibility_mask
-from bev.module import LabelCounts, VisibleIoU, best_prior_threshold, prior_baseline, stacked_prior_baseline
-from bev.run import ShardSampler, label_counts, validation_interval
+from bev.module import LabelCounts, best_prior_threshold, prior_baseline, stacked_prior_baseline
+from bev.run import label_counts, validation_interval
+from jafar.runs.samplers import ShardSampler
 
 
 def _counts(seg, vis, levels):

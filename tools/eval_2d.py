@@ -14,27 +14,16 @@ experiment/eval_2d/ (``--help`` lists them). Outputs under
 ``outputs/eval/<name>``: ``results.json``, ``table.md`` (the paper's layout, one row per
 upsampler), ``pictures/<dataset>.png`` and one folder per (data set, upsampler) with its logs and
 probe checkpoints; rerunning the same command reuses what is done (another configuration in the
-same directory is refused: a new ``name=``, or ``resume=null`` to redo it). See docs/eval_2d.md.
+same directory is refused: a new ``name=``, or ``resume=null`` to redo it). A refused input exits
+with status 2 and its one sentence. See docs/eval_2d.md.
 """
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jafar.eval.config import register_configs  # noqa: E402
-from jafar.eval.run import run  # noqa: E402
-
-register_configs()  # the schema of configs/eval_2d.yaml and the experiments of configs/experiment/eval_2d/
-
-
-@hydra.main(config_path="../configs", config_name="eval_2d", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
+from jafar.eval.run import EVALUATION_2D  # noqa: E402
+from jafar.runs import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(EVALUATION_2D)

@@ -10,27 +10,16 @@ Outputs under the Hydra run directory (``outputs/pretrain/<name>``): ``checkpoin
 ``tensorboard/``, ``csv/``, ``pictures/`` (PCA at each validation), ``jafar.safetensors`` and
 ``results.json``. A run directory belongs to one configuration: rerunning with another seed, learning
 rate, ... there is refused (give it a new ``name=``, or ``resume=null`` to start afresh).
-Configs: ``configs/pretrain.yaml``; ``--help`` lists the groups and the options.
+Configs: ``configs/pretrain.yaml``; ``--help`` lists the groups and the options. A refused input
+exits with status 2 and its one sentence.
 """
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jafar.train.config import register_configs  # noqa: E402
-from jafar.train.run import run  # noqa: E402
-
-register_configs()  # the schema of configs/pretrain.yaml and the experiments of configs/experiment/pretrain/
-
-
-@hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
+from jafar.runs import main  # noqa: E402
+from jafar.train.run import PRETRAINING  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(PRETRAINING)

@@ -12,26 +12,15 @@ experiment/train_bev/ (``--help`` lists them). Outputs under ``outputs/bev/<name
 the same directory is refused: a new ``name=``, or ``resume=null`` to start afresh), ``tensorboard/``,
 ``csv/``, ``pictures/`` (predictions beside the ground truth at each validation) and
 ``results.json`` (``{"val": {"iou": ..., "iou_vis1": ..., "iou_vis2": ...}, "prior": {...}}``).
+A refused input exits with status 2 and its one sentence.
 """
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bev.config import register_configs  # noqa: E402
-from bev.run import run  # noqa: E402
-
-register_configs()  # the schema of configs/train_bev.yaml and the experiments of configs/experiment/train_bev/
-
-
-@hydra.main(config_path="../configs", config_name="train_bev", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
+from bev.run import BEV_TRAINING  # noqa: E402
+from jafar.runs import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(BEV_TRAINING)

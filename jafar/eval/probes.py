@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from ..frozen import FrozenChildren
-from ..train.data import step_seed
+from ..runs.samplers import step_seed
 from .metrics import IGNORE_INDEX, DepthMetrics, segmentation_metrics
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from .. import runs
-from .config import apply_per_task
+from .config import ROOT, Eval2dConfig, apply_per_task
 from .report import markdown_table, prediction_grid, write_text
 from .tasks import DatasetSplits, EvalContext, Task, get_task
 
@@ -60,8 +60,6 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 #: the checkpoint the 2-D demo expects (configs/experiment/eval_2d/demo.yaml), the only one
 #: ``pretrain_if_missing: demo`` trains when it is missing
 DEMO_CHECKPOINT = "outputs/pretrain/demo/jafar.safetensors"
-#: lightning.Trainer arguments the run sets itself
-TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +174,6 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
 # ---------------------------------------------------------------------------------------------
 
 
-def run_config(cfg: DictConfig) -> dict:
-    """What every pair of a run shares (:func:`jafar.runs.result_config`): all but the rows and
-    data sets chosen and their own settings."""
-    return runs.result_config(cfg, NOT_IDENTITY + ("compare", "task.datasets", "dataset", "upsamplers"))
-
-
 def pair_config(cfg: DictConfig, key: str, row: str) -> dict:
     """The configuration of the pair (data set ``key``, row ``row``): the shared settings, that
     data set's and that upsampler's."""
@@ -208,32 +200,65 @@ def check_config(cfg: DictConfig, task: Task) -> None:
         raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
     for row in cfg.compare:
         row_checkpoint(cfg, row)
-    runs.check_resume(cfg.resume, allow_path=False)  # auto: reuse finished pairs, resume unfinished probes
-    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
     task.check(cfg)
 
 
+class Evaluation2d(runs.Tool):
+    """``tools/eval_2d.py`` (:func:`jafar.runs.run` owns the protocol): the task's data sets read,
+    the frozen backbone and one upsampler per row built, then every (data set, row) pair evaluated
+    by the task, each in its own directory (finished pairs reused, unfinished probes resumed)."""
+
+    root, schema, script = ROOT, Eval2dConfig, "tools/eval_2d.py"
+    not_identity = NOT_IDENTITY + ("compare", "task.datasets", "dataset", "upsamplers")  # each pair records its own
+    artefacts = ()  # a pair's directory is its own (resume=null redoes it)
+    resume_file = False  # auto: reuse finished pairs, resume unfinished probes
+
+    def configure(self, cfg: DictConfig, overrides) -> DictConfig:
+        return apply_per_task(cfg, overrides)
+
+    def check(self, cfg: DictConfig) -> None:
+        check_config(cfg, get_task(str(cfg.task.name)))
+
+    def check_run_dir(self, cfg: DictConfig, run_dir: Path, identity: dict) -> None:
+        runs.check_run_dir(run_dir, identity, cfg.resume)
+        for key in cfg.task.datasets:
+            for row in cfg.compare:
+                runs.check_run_dir(run_dir / key / row, pair_config(cfg, key, row), cfg.resume)
+
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict:
+        task = get_task(str(cfg.task.name))
+        return {key: build_datasets(cfg, key, task) for key in cfg.task.datasets}
+
+    def build(self, cfg: DictConfig, run_dir: Path, data: dict):
+        backbone = instantiate(cfg.backbone)
+        if "strided" in [str(cfg.upsamplers[r].get("name", r)) for r in cfg.compare] and not hasattr(backbone, "model"):
+            raise ValueError(f"compare includes strided, which needs a timm ViT backbone; {backbone.name} is not one "
+                             f"(drop it: compare=[...]).")
+        return backbone, {row: build_upsampler_row(cfg, row, backbone) for row in cfg.compare}
+
+    def execute(self, job: runs.Job) -> dict:
+        return evaluate_pairs(job)
+
+
+#: the 2-D evaluation tool (``tools/eval_2d.py`` is ``jafar.runs.main(EVALUATION_2D)``)
+EVALUATION_2D = Evaluation2d()
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Evaluate every upsampler of ``compare`` on every data set of ``task.datasets``."""
-    run_dir = Path(run_dir)
-    cfg = apply_per_task(cfg, runs.command_line_overrides())
+    """:func:`jafar.runs.run` of :data:`EVALUATION_2D`: evaluate every upsampler of ``compare`` on
+    every data set of ``task.datasets``."""
+    return runs.run(EVALUATION_2D, cfg, run_dir)
+
+
+def evaluate_pairs(job: runs.Job) -> dict:
+    """Every (data set, row) pair of the run, in order; ``results.json``, ``table.md`` and the
+    pictures rewritten after each."""
+    cfg, run_dir, shared, data = job.cfg, job.run_dir, job.identity, job.data
+    backbone, rows = job.model
     task = get_task(str(cfg.task.name))
-    check_config(cfg, task)
     resume = cfg.resume == "auto"
-    shared = run_config(cfg)
     pairs = [(k, r) for k in cfg.task.datasets for r in cfg.compare]
     configs = {(k, r): pair_config(cfg, k, r) for k, r in pairs}
-    runs.check_run_dir(run_dir, shared, cfg.resume)
-    for (key, row), config in configs.items():
-        runs.check_run_dir(run_dir / key / row, config, cfg.resume)
-    runs.seed_everything(cfg.seed)
-    backbone = instantiate(cfg.backbone)
-    if "strided" in [str(cfg.upsamplers[r].get("name", r)) for r in cfg.compare] and not hasattr(backbone, "model"):
-        raise ValueError(f"compare includes strided, which needs a timm ViT backbone; {backbone.name} is not one "
-                         f"(drop it: compare=[...]).")
-    data = {key: build_datasets(cfg, key, task) for key in cfg.task.datasets}
-    rows = {row: build_upsampler_row(cfg, row, backbone) for row in cfg.compare}
-    runs.claim_run_dir(run_dir, shared, cfg.resume, artefacts=(), record=cfg)
     ctx = EvalContext(cfg=cfg, run_dir=run_dir, backbone=backbone, resume=resume, pair_configs=configs)
     summary = {
         "task": task.name, "title": task.title, "backbone": str(backbone.name),

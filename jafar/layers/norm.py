@@ -130,9 +130,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
     the output in ``out_dtype`` (default: the autocast dtype under autocast, else ``x.dtype``)."""
     out_dtype = autocast_dtype(x) if out_dtype is None else out_dtype
     if use_triton:
-        from ..kernels import encoders as encoder_kernels
+        from ..kernels.attention import available
 
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not encoder_kernels.available(x.device):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not available(x.device):
             raise RuntimeError(f"the Triton GroupNorm takes float32/bf16/fp16 tensors on CUDA (or the CPU under "
                                f"TRITON_INTERPRET=1), got {x.dtype} on {x.device}.")
     with torch.autocast(x.device.type, enabled=False):

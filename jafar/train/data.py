@@ -12,13 +12,13 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from ..utils import atomic_path, derive_seed
+from ..utils import atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -124,55 +124,6 @@ def collate_skipping(items):
     batch = {"skipped": bad, "paths": [it["path"] for it in good]}
     batch["image"] = torch.stack([it["image"] for it in good]) if good else None
     return batch
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """The seed of the random draws of ``step`` (``stream`` separates independent uses)."""
-    return derive_seed(seed, step, stream)
-
-
-class StepBatchSampler(Sampler):
-    """Batches of ``(index, sample_seed)`` for steps ``start_step .. total_steps - 1``.
-
-    The index stream is a concatenation of permutations of the dataset (epoch ``e`` shuffled with
-    ``(seed, e)``); step ``s`` takes items ``s*B .. (s+1)*B - 1`` of it. ``len()`` is
-    ``total_steps``; iteration starts at ``start_step``. Under DDP each rank takes every ``world_size``-th item of a step's global
-    batch of ``B * world_size`` items.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, total_steps: int, seed: int = 0,
-                 start_step: Union[int, Callable[[], int]] = 0, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.total_steps = int(num_items), int(batch_size), int(total_steps)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self._start = start_step
-
-    @property
-    def start_step(self) -> int:
-        """Where iteration starts; a callable (e.g. reading the trainer's restored global step)
-        is evaluated when iteration begins."""
-        return int(self._start() if callable(self._start) else self._start)
-
-    def __len__(self) -> int:
-        # the whole run, so that a loop resumed at step k still counts steps from 0 (the
-        # iterator itself starts at k)
-        return self.total_steps
-
-    def _perm(self, epoch: int) -> List[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch, 7))).tolist()
-
-    def batch(self, step: int) -> List[Tuple[int, int]]:
-        global_bs = self.batch_size * self.world_size
-        out, cache = [], {}
-        for j in range(step * global_bs + self.rank, (step + 1) * global_bs, self.world_size):
-            epoch, pos = divmod(j, self.n)
-            if epoch not in cache:
-                cache[epoch] = self._perm(epoch)
-            out.append((cache[epoch][pos], derive_seed(self.seed, j, 11)))
-        return out
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        for step in range(self.start_step, self.total_steps):
-            yield self.batch(step)
 
 
 def make_loader(dataset: Dataset, batch_sampler=None, batch_size: int = 1, num_workers: int = 0,

@@ -50,7 +50,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ..backbones import Backbone
 from ..frozen import FrozenChildren
 from ..viz import pca_rgb, save_panels
-from .data import step_seed
+from ..runs.samplers import step_seed
 from .losses import CosineMSELoss
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""Compose a pretraining run from a Hydra config: data, backbone, JAFAR, Lightning trainer.
+"""The pretraining tool (:class:`Pretraining`, run by :func:`jafar.runs.run`): data, backbone, JAFAR,
+Lightning trainer.
 
 Entry point: ``tools/pretrain_jafar.py`` (``configs/pretrain.yaml``; schema in
-:mod:`jafar.train.config`). The trainer, checkpoints, resume and run identity are the tools'
-shared ones (:mod:`jafar.runs`).
+:mod:`jafar.train.config`). The protocol, trainer, checkpoints, resume and run identity are the
+tools' shared ones (:mod:`jafar.runs`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import runs
 from ..upsamplers.jafar import save_checkpoint
-from .data import ImageFiles, StepBatchSampler, find_images, make_loader, split_holdout, write_demo_photos
+from ..runs.samplers import StepBatchSampler
+from .config import ROOT, PretrainConfig
+from .data import ImageFiles, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss
 from .module import CONSISTENCY, JafarPretraining
 
@@ -31,8 +34,6 @@ ARTEFACTS = runs.RUN_ARTEFACTS + ("jafar.safetensors",)
 #: the official global batch: train.py on one device, config/dataloader/train.yaml batch_size 4
 #: (github PaulCouairon/JAFAR @ 94d4d54)
 OFFICIAL_BATCH = 4
-#: lightning.Trainer arguments the run sets itself
-TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler")
 
 
 class PretrainData(L.LightningDataModule):
@@ -62,6 +63,8 @@ class PretrainData(L.LightningDataModule):
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse values that would fail (or silently misbehave) later, naming the key."""
+    if int(cfg.trainer.max_steps) <= 0:
+        raise ValueError(f"trainer.max_steps must be a positive number of steps, got {cfg.trainer.max_steps}.")
     r = cfg.recipe
     lo, hi = (float(x) for x in r.lr_scale)
     if not 0 < lo <= hi <= 1:
@@ -85,7 +88,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.upsampler.name != "jafar":
         raise ValueError(f"pretraining trains JAFAR: upsampler must be jafar (upsampler/jafar.yaml), got "
                          f"{cfg.upsampler.name!r}.")
-    runs.check_trainer(cfg.trainer, TRAINER_RESERVED)
 
 
 #: how many images :func:`check_readable` decodes at most before refusing the folder
@@ -103,75 +105,91 @@ def check_readable(files, root, limit: int = READABLE_PROBE) -> None:
                      f"(e.g. {probe[0]['path']}: {probe[0]['error']}).")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train, validate on the held-out images, export ``jafar.safetensors`` and ``results.json``.
-    ``run_dir`` belongs to one configuration (:func:`jafar.runs.check_run_dir`)."""
-    run_dir = Path(run_dir)
-    recipe, data_cfg = cfg.recipe, cfg.data
-    total_steps = int(cfg.trainer.max_steps)
-    if total_steps <= 0:
-        raise ValueError(f"trainer.max_steps must be a positive number of steps, got {total_steps}.")
+class Pretraining(runs.Tool):
+    """``tools/pretrain_jafar.py``: JAFAR's task-agnostic training (:func:`jafar.runs.run` owns the
+    protocol): the images read and checked, the backbone and JAFAR built, then training,
+    validation on the held-out images, ``jafar.safetensors`` and ``results.json``."""
 
-    # ---- inputs first: one clear sentence before any work
-    check_config(cfg)
-    identity = runs.result_config(cfg, NOT_IDENTITY)
-    runs.check_run_dir(run_dir, identity, cfg.resume)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = runs.resolve_resume(cfg.resume, ckpt_dir)
-    if data_cfg.get("prepare") == "demo_photos":
-        write_demo_photos(data_cfg.root)
-    files = find_images(data_cfg.root)
-    if data_cfg.get("val_root"):
-        train_files, val_files = files, find_images(data_cfg.val_root)
-    else:
-        train_files, val_files = split_holdout(files, int(data_cfg.val_images), int(cfg.seed))
-    check_readable(train_files, data_cfg.root)
-    runs.claim_run_dir(run_dir, identity, cfg.resume, ARTEFACTS, record=cfg)
-    log.info("%d training images, %d validation images; run directory %s", len(train_files), len(val_files), run_dir)
+    root, schema, script = ROOT, PretrainConfig, "tools/pretrain_jafar.py"
+    not_identity, artefacts = NOT_IDENTITY, ARTEFACTS
+    checkpoint_keys = ("upsampler.",)
 
-    runs.seed_everything(cfg.seed)
-    backbone = instantiate(cfg.backbone)
-    upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
-    module = JafarPretraining(
-        backbone, upsampler, CosineMSELoss(**cfg.loss), **cfg.optimizer,
-        guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
-        consistency_weight=recipe.consistency_weight, blur_prob=recipe.blur_prob, blur_kernel=recipe.blur_kernel,
-        blur_sigma=recipe.blur_sigma, noise_prob=recipe.noise_prob, noise_std=recipe.noise_std,
-        consistency=recipe.consistency,
-        seed=int(cfg.seed), val_ratios=tuple(cfg.validation.ratios), picture_dir=str(run_dir / "pictures"))
-    datamodule = PretrainData(train_files, val_files, data_cfg, recipe.image_size, total_steps, int(cfg.seed))
+    def check(self, cfg: DictConfig) -> None:
+        check_config(cfg)
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if val_files and trainer_kwargs.get("val_check_interval"):
-        trainer_kwargs["val_check_interval"] = min(int(trainer_kwargs["val_check_interval"]), total_steps)
-    if not val_files:
-        trainer_kwargs["limit_val_batches"] = 0
-    every = min(int(cfg.checkpoint_every), total_steps)
-    # use_distributed_sampler=False: StepBatchSampler and val_dataloader already give each rank its share
-    trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(ckpt_dir, every),
-                                run_config=identity, max_epochs=-1, use_distributed_sampler=False)
-    if trainer.world_size > 1 and trainer.is_global_zero:
-        log.warning(devices_sentence(trainer.world_size, int(data_cfg.batch_size), total_steps,
-                                     float(cfg.optimizer.lr)))
-    with runs.quiet_lightning():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if val_files:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+    def prepare(self, cfg: DictConfig, run_dir: Path) -> dict:
+        data_cfg = cfg.data
+        if data_cfg.get("prepare") == "demo_photos":
+            write_demo_photos(data_cfg.root)
+        files = find_images(data_cfg.root)
+        if data_cfg.get("val_root"):
+            train_files, val_files = files, find_images(data_cfg.val_root)
+        else:
+            train_files, val_files = split_holdout(files, int(data_cfg.val_images), int(cfg.seed))
+        check_readable(train_files, data_cfg.root)
+        log.info("%d training images, %d validation images; run directory %s", len(train_files), len(val_files),
+                 run_dir)
+        return {"train": train_files, "val": val_files}
 
-    if module.trained_steps == 0 and ckpt_path is None:
-        raise RuntimeError(f"no training step ran: every batch of the {len(train_files)} training images under "
-                           f"{data_cfg.root} was unreadable ({len(module.skipped)} unreadable images).")
-    results = {**module.val_results, "step": trainer.global_step, "train_images": len(train_files),
-               "val_images": len(val_files), "skipped_images": module.skipped}
-    if trainer.is_global_zero:
-        meta = {"backbone": str(cfg.backbone.name), "steps": str(trainer.global_step),
-                "recipe": json.dumps(OmegaConf.to_container(recipe, resolve=True))}
-        save_checkpoint(upsampler, run_dir / "jafar.safetensors", metadata=meta)
-        runs.write_results(run_dir, results, identity)
-        if module.skipped:
-            log.warning("%d unreadable images were skipped: %s", len(module.skipped), ", ".join(module.skipped))
-        log.info("results: %s", json.dumps({k: v for k, v in results.items() if k.startswith("x")}))
-    return results
+    def build(self, cfg: DictConfig, run_dir: Path, data: dict) -> JafarPretraining:
+        recipe = cfg.recipe
+        backbone = instantiate(cfg.backbone)
+        upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
+        return JafarPretraining(
+            backbone, upsampler, CosineMSELoss(**cfg.loss), **cfg.optimizer,
+            guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
+            consistency_weight=recipe.consistency_weight, blur_prob=recipe.blur_prob, blur_kernel=recipe.blur_kernel,
+            blur_sigma=recipe.blur_sigma, noise_prob=recipe.noise_prob, noise_std=recipe.noise_std,
+            consistency=recipe.consistency,
+            seed=int(cfg.seed), val_ratios=tuple(cfg.validation.ratios), picture_dir=str(run_dir / "pictures"))
+
+    def execute(self, job: runs.Job) -> dict:
+        cfg, run_dir, module = job.cfg, job.run_dir, job.model
+        data_cfg, total_steps = cfg.data, int(cfg.trainer.max_steps)
+        train_files, val_files = job.data["train"], job.data["val"]
+        datamodule = PretrainData(train_files, val_files, data_cfg, cfg.recipe.image_size, total_steps, int(cfg.seed))
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        if val_files and trainer_kwargs.get("val_check_interval"):
+            trainer_kwargs["val_check_interval"] = min(int(trainer_kwargs["val_check_interval"]), total_steps)
+        if not val_files:
+            trainer_kwargs["limit_val_batches"] = 0
+        every = min(int(cfg.checkpoint_every), total_steps)
+        # use_distributed_sampler=False: StepBatchSampler and val_dataloader already give each rank its share
+        trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=runs.step_checkpoints(job.checkpoint_dir, every),
+                                    callbacks=job.callbacks, run_config=job.identity, tool=self.script, max_epochs=-1,
+                                    use_distributed_sampler=False)
+        if trainer.world_size > 1 and trainer.is_global_zero:
+            log.warning(devices_sentence(trainer.world_size, int(data_cfg.batch_size), total_steps,
+                                         float(cfg.optimizer.lr)))
+        with runs.quiet_lightning():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=job.resume_from)
+            if val_files:
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+
+        if module.trained_steps == 0 and job.resume_from is None:
+            raise RuntimeError(f"no training step ran: every batch of the {len(train_files)} training images under "
+                               f"{data_cfg.root} was unreadable ({len(module.skipped)} unreadable images).")
+        results = {**module.val_results, "step": trainer.global_step, "train_images": len(train_files),
+                   "val_images": len(val_files), "skipped_images": module.skipped}
+        if trainer.is_global_zero:
+            meta = {"backbone": str(cfg.backbone.name), "steps": str(trainer.global_step),
+                    "recipe": json.dumps(OmegaConf.to_container(cfg.recipe, resolve=True))}
+            save_checkpoint(module.upsampler, run_dir / "jafar.safetensors", metadata=meta)
+            runs.write_results(run_dir, results, job.identity)
+            if module.skipped:
+                log.warning("%d unreadable images were skipped: %s", len(module.skipped), ", ".join(module.skipped))
+            log.info("results: %s", json.dumps({k: v for k, v in results.items() if k.startswith("x")}))
+        return results
+
+
+#: the pretraining tool (``tools/pretrain_jafar.py`` is ``jafar.runs.main(PRETRAINING)``)
+PRETRAINING = Pretraining()
+
+
+def run(cfg: DictConfig, run_dir: Path, callbacks=None) -> dict:
+    """:func:`jafar.runs.run` of :data:`PRETRAINING`: train, validate on the held-out images,
+    export ``jafar.safetensors`` and ``results.json`` in ``run_dir``."""
+    return runs.run(PRETRAINING, cfg, run_dir, callbacks)
 
 
 def devices_sentence(world: int, batch: int, max_steps: int, lr: float) -> str:

@@ -406,8 +406,8 @@ class JAFAR(Upsampler):
         :class:`FusedUnit` (saving only its input) and the first convolution, RoPE and the query norm
         are PyTorch's.
         ``train``: whether gradients are needed (found from the inputs and parameters if None)."""
-        from ..kernels.encoders import (available, fused_unit, group_norm_coefficients, group_norm_stats,
-                                        pointwise_conv)
+        from ..kernels.attention import available
+        from ..kernels.encoders import fused_unit, group_norm_coefficients, group_norm_stats, pointwise_conv
 
         if not available(image.device):
             raise RuntimeError(f"encoders='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); the "

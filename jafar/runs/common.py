@@ -38,17 +38,19 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .utils import atomic_path
+from ..utils import atomic_path
 
 log = logging.getLogger(__name__)
 
 #: the project's Hydra config tree (``configs/`` beside the package, as in a source checkout)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: the file of a run directory that records its configuration
 RUN_CONFIG = "run_config.json"
 #: the key under which every Lightning checkpoint carries the same record
 CHECKPOINT_KEY = "run_config"
+#: the key under which every Lightning checkpoint names the tool that wrote it
+TOOL_KEY = "tool"
 
 #: keys that never change a result, in every tool (``fnmatch`` patterns on dotted keys): where
 #: outputs go and what they are called, how to resume, logging and pictures, and how the work is
@@ -334,13 +336,16 @@ def save_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
 
 
 class RecordRunConfig(Callback):
-    """Stores the run's configuration in every checkpoint (``checkpoint["run_config"]``)."""
+    """Stores the run's configuration in every checkpoint (``checkpoint["run_config"]``) and, when
+    given, the tool that wrote it (``checkpoint["tool"]``: its script, e.g. ``tools/train_bev.py``)."""
 
-    def __init__(self, config: dict):
-        self.config = config
+    def __init__(self, config: dict, tool: Optional[str] = None):
+        self.config, self.tool = config, tool
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint[CHECKPOINT_KEY] = self.config
+        if self.tool:
+            checkpoint[TOOL_KEY] = self.tool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +362,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-#: the state-dict key prefix that marks each tool's Lightning checkpoint
-TOOL_KEYS = {"tools/pretrain_jafar.py": "upsampler.", "tools/train_bev.py": "head."}
-
-
-def resolve_resume(resume, checkpoint_dir: Path,
-                   expected_keys: Sequence[str] = (TOOL_KEYS["tools/pretrain_jafar.py"],)) -> Optional[str]:
+def resolve_resume(resume, checkpoint_dir: Path, expected_keys: Sequence[str] = ()) -> Optional[str]:
     """The checkpoint to continue from: ``auto`` -> ``<checkpoint_dir>/last.ckpt`` if present,
-    null -> none (fresh), a path -> that file (refused if missing)."""
+    null -> none (fresh), a path -> that file (refused if missing). ``expected_keys``: the
+    state-dict key prefixes of the tool's checkpoints (:attr:`jafar.runs.Tool.checkpoint_keys`)."""
     if _fresh(resume):
         return None
     if resume == "auto":
@@ -388,7 +389,7 @@ def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = (), given: 
     unreadable, or whose model weights lack ``expected_keys`` (state-dict key prefixes, e.g. the
     other tool's checkpoint). ``given`` prefixes the file's name in the sentence (``resume=auto``
     names the run directory's own ``last.ckpt`` that way)."""
-    from .hub import safe_torch_load
+    from ..hub import safe_torch_load
 
     name = f"{given}resume={str(path)!r}" if not given else f"{given}{str(path)!r}"
     way_out = (", delete it or pass resume=null to start afresh" if given else "")
@@ -403,8 +404,8 @@ def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = (), given: 
     keys = list(ckpt["state_dict"])
     missing = [p for p in expected_keys if not any(k.startswith(p) for k in keys)]
     if missing:
-        other = [tool for tool, prefix in TOOL_KEYS.items() if any(k.startswith(prefix) for k in keys)]
-        which = f"of {other[0]}" if other else "of another tool"
+        writer = ckpt.get(TOOL_KEY)
+        which = f"of {writer}" if writer else "of another tool"
         raise ValueError(f"{name} is a checkpoint {which} (its weights have no "
                          f"{missing[0]!r} keys); expected a last.ckpt written by this tool{way_out}.")
 
@@ -485,7 +486,7 @@ def loggers(run_dir: Path) -> list:
 
 def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckpoint] = None,
                  callbacks: Sequence[Callback] = (), run_config: Optional[dict] = None, log: bool = True,
-                 **kwargs) -> L.Trainer:
+                 tool: Optional[str] = None, **kwargs) -> L.Trainer:
     """``lightning.Trainer`` with the ``trainer`` config (``kwargs`` win), the loggers of
     :func:`loggers` (``log=False``: none), ``callbacks`` then ``checkpointing``, atomic
     checkpoints carrying ``run_config``, outputs in ``run_dir``."""
@@ -496,7 +497,7 @@ def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckp
     args.update(kwargs)
     cbs = list(callbacks) + ([checkpointing] if checkpointing is not None else [])
     if run_config is not None:
-        cbs.append(RecordRunConfig(run_config))
+        cbs.append(RecordRunConfig(run_config, tool))
     if checkpointing is None:
         args.setdefault("enable_checkpointing", False)
     return L.Trainer(**args, callbacks=cbs, logger=loggers(run_dir) if log else False,
