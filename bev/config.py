@@ -67,13 +67,6 @@ class Loss:
 
 
 @dataclass
-class Optimizer:
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    betas: List[float] = MISSING
-
-
-@dataclass
 class Scheduler:
     pct_start: float = MISSING
     div_factor: float = MISSING
@@ -95,7 +88,8 @@ class BevConfig:
     encoder: Encoder = field(default_factory=Encoder)
     min_visibility: int = MISSING
     loss: Loss = field(default_factory=Loss)
-    optimizer: Optimizer = field(default_factory=Optimizer)
+    #: ``_target_`` (a torch.optim class), ``_partial_: true``, ``lr`` and the class's own arguments
+    optimizer: Dict[str, Any] = field(default_factory=dict)
     scheduler: Optional[Scheduler] = None
     epochs: int = MISSING
     negative_control: Optional[str] = MISSING

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -66,9 +66,10 @@ class BevSegmentation(L.LightningModule):
                  lr: float = 3e-4, weight_decay: float = 1e-7, betas: Sequence[float] = (0.9, 0.999),
                  scheduler: Optional[dict] = None, total_steps: Optional[int] = None,
                  iou_visibilities: Sequence[int] = (1, 2), picture_dir: Optional[str] = None,
-                 pictures: int = 2):
+                 pictures: int = 2, optimizer: Optional[Callable] = None):
         super().__init__()
         self.encoder, self.head = encoder, head
+        self.optimizer_factory = optimizer
         self.loss = loss or SimpleBevLoss()
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
         self.scheduler_cfg = dict(scheduler) if scheduler else None
@@ -187,14 +188,20 @@ class BevSegmentation(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        """``optimizer(params)`` when the module was given a factory (the tool: the config's
+        ``optimizer``), else AdamW with ``lr``, ``weight_decay``, ``betas`` (PointBeV's); then, with a
+        ``scheduler``, OneCycle up to the optimizer's learning rate, stepped every batch."""
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(params)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         if not self.scheduler_cfg:
             return opt
         cfg = dict(self.scheduler_cfg)
         total = max(int(self.total_steps or self.trainer.estimated_stepping_batches), 2)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=total, pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
+            opt, max_lr=opt.param_groups[0]["lr"], total_steps=total, pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
             div_factor=float(cfg.get("div_factor", 3.0)), final_div_factor=float(cfg.get("final_div_factor", 20.0)),
             anneal_strategy=str(cfg.get("anneal_strategy", "linear")), cycle_momentum=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -283,8 +283,7 @@ def check_config(cfg: DictConfig) -> None:
                          f"for epochs), got {max_steps}.")
     if int(cfg.checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
-    if not float(cfg.optimizer.lr) > 0:
-        raise ValueError(f"optimizer.lr must be a positive learning rate, got {cfg.optimizer.lr}.")
+    runs.check_optimizer(cfg.optimizer)
     if cfg.trainer.get("max_steps") in (None, -1) and int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
@@ -371,7 +370,8 @@ class BevTraining(runs.Tool):
                              f"validates its own samples): use fewer devices or a larger validation split.")
 
         module = BevSegmentation(
-            encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)), **cfg.optimizer,
+            encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)),
+            optimizer=runs.build_optimizer(cfg.optimizer),
             scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
             total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
             pictures=int(cfg.pictures))

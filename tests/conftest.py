@@ -16,7 +16,8 @@ from jafar.kernels.checks import interpreter  # noqa: E402
 # Under TRITON_INTERPRET=1 make the interpreter's bfloat16 dot and cast behave as the GPU's; the
 # package itself never patches Triton.
 interpreter.apply()
-FIXTURES = Path(os.environ.get("JAFAR_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+#: the reference data of the tests (tests/fixtures/README.md); JAFAR_FIXTURES points elsewhere
+FIXTURES = Path(os.environ.get("JAFAR_FIXTURES", ROOT / "tests" / "fixtures"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -35,8 +36,8 @@ def _exact_float32():
 def official_reference():
     path = FIXTURES / "jafar_official_reference.pt"
     if not path.is_file():
-        pytest.fail(f"fixture {path} is missing: the tests expect ../shared/fixtures beside the "
-                    "repository (or JAFAR_FIXTURES pointing at it).")
+        pytest.fail(f"fixture {path} is missing: tests/fixtures/README.md says how it is made (or set "
+                    "JAFAR_FIXTURES to a folder that holds it).")
     return torch.load(path, weights_only=True)
 
 

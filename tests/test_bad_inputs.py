@@ -190,9 +190,9 @@ CLI_CASES = [
      ValueError, "trainer.accumulate_grad_batches=2 is not supported: tools/pretrain_jafar.py counts one batch as one "
      "step"),
     ("pretrain: optimizer.lr=-1", lambda t: _pretrain(t, "optimizer.lr=-1"), ValueError,
-     "optimizer.lr must be a positive number, got -1"),
+     "optimizer.lr must be a positive learning rate, got -1"),
     ("pretrain: optimizer.lr=0", lambda t: _pretrain(t, "optimizer.lr=0"), ValueError,
-     "optimizer.lr must be a positive number, got 0"),
+     "optimizer.lr must be a positive learning rate, got 0"),
     ("eval_2d demo: mistyped JAFAR checkpoint", _eval_typo, FileNotFoundError,
      "does not exist (pretrain_if_missing=demo trains only the demo's own"),
 ]

@@ -251,3 +251,42 @@ def test_claim_run_dir_writes_the_hydra_record(tmp_path):
     runs.claim_run_dir(tmp_path, {"seed": 3}, "auto", record=cfg)
     assert OmegaConf.load(tmp_path / ".hydra" / "config.yaml") == cfg  # unresolved, as Hydra saves it
     assert OmegaConf.load(tmp_path / ".hydra" / "overrides.yaml") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer comes from the config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_optimizer_is_the_configs_any_torch_optim_class(tmp_path):
+    """``optimizer._target_`` picks the class, its keys are its arguments: SGD with momentum for
+    pretraining and the BeV run (OneCycle then peaks at the SGD learning rate), built by the
+    tools' own build step; a class that is not an optimizer is refused in one sentence."""
+    from bev.run import BEV_TRAINING
+    from jafar.train.config import compose as compose_pretrain
+    from jafar.train.run import PRETRAINING
+
+    sgd = ("optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.weight_decay",
+           "+optimizer.momentum=0.5", "optimizer.lr=0.01")
+    cfg = compose_pretrain("backbone=tiny_vit", "upsampler.qk_dim=16", *sgd)
+    runs.check_optimizer(cfg.optimizer)
+    module = PRETRAINING.build(cfg, tmp_path, None)
+    opt = module.configure_optimizers()
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.5 and opt.defaults["lr"] == 0.01
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in module.upsampler.parameters() if p.requires_grad}
+
+    from bev.module import BevSegmentation
+
+    bev = compose_bev_demo(tmp_path / "none", *sgd)
+    runs.check_optimizer(bev.optimizer)
+    module = BevSegmentation(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), optimizer=runs.build_optimizer(bev.optimizer),
+                             scheduler=dict(bev.scheduler), total_steps=100)
+    out = module.configure_optimizers()
+    assert type(out["optimizer"]) is torch.optim.SGD and out["optimizer"].defaults["momentum"] == 0.5
+    assert out["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(0.01 / float(bev.scheduler.div_factor))
+    assert BEV_TRAINING.checkpoint_keys == ("encoder.", "head.")
+
+    cfg = compose_pretrain("optimizer._target_=torch.nn.Linear")
+    with pytest.raises(ValueError, match=r"optimizer._target_ must name a torch.optim.Optimizer class \(e.g. "
+                                         r"torch.optim.AdamW\), got 'torch.nn.Linear'"):
+        runs.check_optimizer(cfg.optimizer)

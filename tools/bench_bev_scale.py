@@ -3,7 +3,7 @@
 building and the prior baseline, in time and peak memory, each phase in a fresh process.
 
     python tools/make_synthetic_nuscenes.py --out /tmp/trainval --tables-only \\
-        --images ../shared/fixtures/nuscenes_frame
+        --images tests/fixtures/nuscenes_frame
     python tools/bench_bev_scale.py --root /tmp/trainval [--workers 2] [--stack-samples 500]
 
 Phases (a table row each): ``load`` (the devkit's NuScenes), ``build-twice`` (the training and

@@ -7,7 +7,7 @@ and from both the wall time of 100 epochs of v1.0-trainval (28,130 samples at ba
     python tools/bev_throughput.py                        # loader + simplebev x none/jafar, on this machine
     python tools/bev_throughput.py --models simplebev pointbev bevformer --upsamplers none bilinear jafar
 
-The loader reads the real key frame of ``shared/fixtures/nuscenes_frame`` (six 1600 x 900 JPEGs,
+The loader reads the real key frame of ``tests/fixtures/nuscenes_frame`` (six 1600 x 900 JPEGs,
 nuScenes scene-0061, CC BY-NC-SA 4.0) through trainval-sized tables at a small scale
 (:mod:`bev.data.trainval_tables`: every record names those six files), with the training
 augmentation on (decode, resize, zoom, rotation, crop to 224 x 476) and the labels built; it
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FRAME = Path(os.environ.get("JAFAR_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "nuscenes_frame"
+FRAME = Path(os.environ.get("JAFAR_FIXTURES", ROOT / "tests" / "fixtures")) / "nuscenes_frame"
 STEPS_100_EPOCHS = 100 * 28130  # batch 1, one device
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write nuScenes devkit tables for the real key frame of ``shared/fixtures/nuscenes_frame``.
+"""Write nuScenes devkit tables for the real key frame of ``tests/fixtures/nuscenes_frame``.
 
     python tools/make_nuscenes_fixture.py --out /tmp/nuscenes_frame
     python -c "from nuscenes import NuScenes; NuScenes('v1.0-mini', '/tmp/nuscenes_frame')"
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bev.data.from_mmdet3d import write_tables  # noqa: E402
 
-DEFAULT_INFO = ROOT.parent / "shared" / "fixtures" / "nuscenes_frame" / "n015-2018-07-24-11-22-45+0800.pkl"
+DEFAULT_INFO = ROOT / "tests" / "fixtures" / "nuscenes_frame" / "n015-2018-07-24-11-22-45+0800.pkl"
 
 
 def main(argv=None):

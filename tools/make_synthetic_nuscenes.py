@@ -5,7 +5,7 @@
     python -c "from nuscenes import NuScenes; NuScenes('v1.0-mini', 'data/synthetic_nuscenes')"
     python tools/make_synthetic_nuscenes.py --out /tmp/syn --scenes 2 --picture syn.png
     python tools/make_synthetic_nuscenes.py --out /tmp/trainval --tables-only \
-        --images ../shared/fixtures/nuscenes_frame          # v1.0-trainval's size, tables only
+        --images tests/fixtures/nuscenes_frame              # v1.0-trainval's size, tables only
 
 ``--tables-only`` writes devkit tables with v1.0-trainval's record counts (850 real scene names in
 the official splits, 28,130 + 6,019 samples, ~1.17 M annotations, ~2.6 M sample_data and
@@ -80,7 +80,7 @@ def tables_only(p, args, start):
             found = sorted(args.images.glob(f"*__{ch}__*.jpg"))
             if not found:
                 p.error(f"--images {args.images} has no *__{ch}__*.jpg (expected one image per camera, as in "
-                        "shared/fixtures/nuscenes_frame).")
+                        "tests/fixtures/nuscenes_frame).")
             images[ch] = str(found[0])
     version = args.version or "v1.0-trainval"
     try:

@@ -6,7 +6,7 @@ the trainer with its loggers and atomic checkpoints, resuming, JSON results). Se
 
 from .common import (CHECKPOINT_KEY, CONFIG_DIR, NOT_IDENTITY, RUN_ARTEFACTS, RUN_CONFIG, TOOL_KEY,
                      AppendingCSVLogger, AtomicCheckpointIO, RecordRunConfig, RunConfigMismatch, StepCheckpoint,
-                     apply_per_choice, check_checkpoint_file, check_resume, check_run_dir, check_trainer,
+                     apply_per_choice, build_optimizer, check_checkpoint_file, check_optimizer, check_resume, check_run_dir, check_trainer,
                      claim_run_dir, command_line_overrides, compose, config_changes, epoch_checkpoints, fingerprint,
                      global_batch_sentence, is_global_zero, loggers, make_trainer, mismatch_sentence, quiet_lightning,
                      recorded_config, register_configs, resolve_resume, result_config, save_hydra_record,
@@ -17,6 +17,7 @@ from .tool import REFUSED_STATUS, TRAINER_RESERVED, Job, Tool, check_common, mai
 __all__ = [
     "CHECKPOINT_KEY", "CONFIG_DIR", "NOT_IDENTITY", "RUN_ARTEFACTS", "RUN_CONFIG", "TOOL_KEY", "AppendingCSVLogger",
     "AtomicCheckpointIO", "RecordRunConfig", "RunConfigMismatch", "StepCheckpoint", "apply_per_choice",
+    "build_optimizer", "check_optimizer",
     "check_checkpoint_file", "check_resume", "check_run_dir", "check_trainer", "claim_run_dir",
     "command_line_overrides", "compose", "config_changes", "epoch_checkpoints", "fingerprint",
     "global_batch_sentence", "is_global_zero", "loggers", "make_trainer", "mismatch_sentence", "quiet_lightning",

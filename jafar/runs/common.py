@@ -166,6 +166,33 @@ def check_resume(resume, allow_path: bool = True) -> None:
                      f"(start afresh){', or a checkpoint file' if allow_path else ''}, got {resume!r}.")
 
 
+def check_optimizer(node, key: str = "optimizer") -> None:
+    """``<key>`` builds an optimizer: a ``_target_`` that is a ``torch.optim.Optimizer`` class,
+    ``_partial_: true`` (the module calls it with its trainable parameters) and a positive ``lr``."""
+    target, lr = node.get("_target_"), node.get("lr")
+    try:
+        from hydra.utils import get_class
+
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - any failure to import is the same sentence
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"{key}._target_ must name a torch.optim.Optimizer class (e.g. torch.optim.AdamW), "
+                         f"got {target!r}.")
+    if node.get("_partial_") is not True:
+        raise ValueError(f"{key}._partial_ must be true (the module calls the optimizer with its trainable "
+                         f"parameters), got {node.get('_partial_')!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"{key}.lr must be a positive learning rate, got {lr}.")
+
+
+def build_optimizer(node):
+    """The ``torch.optim`` factory of a config node (:func:`check_optimizer`): ``params -> optimizer``."""
+    from hydra.utils import instantiate
+
+    return instantiate(node)
+
+
 # ---------------------------------------------------------------------------------------------
 # seeding
 # ---------------------------------------------------------------------------------------------

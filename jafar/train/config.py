@@ -64,13 +64,6 @@ class Loss:
 
 
 @dataclass
-class Optimizer:
-    lr: float = MISSING
-    betas: List[float] = MISSING
-    weight_decay: float = MISSING
-
-
-@dataclass
 class Validation:
     ratios: List[int] = MISSING
 
@@ -86,7 +79,8 @@ class PretrainConfig:
     data: ImageData = field(default_factory=ImageData)
     recipe: Recipe = field(default_factory=Recipe)
     loss: Loss = field(default_factory=Loss)
-    optimizer: Optimizer = field(default_factory=Optimizer)
+    #: ``_target_`` (a torch.optim class), ``_partial_: true``, ``lr`` and the class's own arguments
+    optimizer: Dict[str, Any] = field(default_factory=dict)
     validation: Validation = field(default_factory=Validation)
     trainer: Dict[str, Any] = field(default_factory=dict)  # lightning.Trainer arguments (names checked by the run)
 

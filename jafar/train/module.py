@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import lightning as L
 import torch
@@ -95,7 +95,7 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
                  consistency_weight: float = 0.1, blur_prob: float = 0.5, blur_kernel: int = 5,
                  blur_sigma: float = 1.0, noise_prob: float = 0.3, noise_std: float = 0.02,
                  consistency: str = "official", seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8),
-                 picture_dir: Optional[str] = None):
+                 picture_dir: Optional[str] = None, optimizer: Optional[Callable] = None):
         super().__init__()
         if consistency not in CONSISTENCY:
             raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {consistency!r}.")
@@ -104,6 +104,7 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         self.add_frozen("backbone", backbone)  # moves with .to(), not part of the checkpoints
         self.loss = loss if loss is not None else CosineMSELoss()
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
+        self.optimizer_factory = optimizer
         self.guidance_scale, self.lr_scale = float(guidance_scale), tuple(lr_scale)
         self.consistency_weight = float(consistency_weight)
         self.blur_prob, self.blur_kernel, self.blur_sigma = float(blur_prob), int(blur_kernel), float(blur_sigma)
@@ -194,7 +195,11 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        """``optimizer(params)`` when the module was given a factory (the tools: the config's
+        ``optimizer``), else AdamW with ``lr``, ``betas``, ``weight_decay`` (the official one)."""
         params = [p for p in self.upsampler.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
     def on_save_checkpoint(self, checkpoint):

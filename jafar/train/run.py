@@ -83,8 +83,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {r.consistency!r}.")
     if int(cfg.checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
-    if not float(cfg.optimizer.lr) > 0:
-        raise ValueError(f"optimizer.lr must be a positive number, got {cfg.optimizer.lr}.")
+    runs.check_optimizer(cfg.optimizer)
     if cfg.upsampler.name != "jafar":
         raise ValueError(f"pretraining trains JAFAR: upsampler must be jafar (upsampler/jafar.yaml), got "
                          f"{cfg.upsampler.name!r}.")
@@ -136,7 +135,7 @@ class Pretraining(runs.Tool):
         backbone = instantiate(cfg.backbone)
         upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
         return JafarPretraining(
-            backbone, upsampler, CosineMSELoss(**cfg.loss), **cfg.optimizer,
+            backbone, upsampler, CosineMSELoss(**cfg.loss), optimizer=runs.build_optimizer(cfg.optimizer),
             guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
             consistency_weight=recipe.consistency_weight, blur_prob=recipe.blur_prob, blur_kernel=recipe.blur_kernel,
             blur_sigma=recipe.blur_sigma, noise_prob=recipe.noise_prob, noise_std=recipe.noise_std,
