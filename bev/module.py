@@ -201,7 +201,8 @@ class BevSegmentation(L.LightningModule):
         cfg = dict(self.scheduler_cfg)
         total = max(int(self.total_steps or self.trainer.estimated_stepping_batches), 2)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=opt.param_groups[0]["lr"], total_steps=total, pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
+            opt, max_lr=opt.param_groups[0]["lr"], total_steps=total,
+            pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
             div_factor=float(cfg.get("div_factor", 3.0)), final_div_factor=float(cfg.get("final_div_factor", 20.0)),
             anneal_strategy=str(cfg.get("anneal_strategy", "linear")), cycle_momentum=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

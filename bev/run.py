@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from jafar import runs
-from jafar.utils import derive_seed
 from jafar.runs.samplers import ShardSampler, StepBatchSampler
+from jafar.utils import derive_seed
 
 from .config import ROOT, BevConfig, apply_per_model
 from .geometry import BevGrid

@@ -9,10 +9,17 @@ from an RGB batch in [0, 1] to upsampled features (``jafar.pipeline``).
 
 from .backbones import Backbone, build_backbone
 from .layers.attention import head_averaged_attention
-from .upsamplers import (Interpolate, JAFAR, Upsampler, build_upsampler, create_upsampler, list_upsamplers,
-                         register_upsampler)
-from .upsamplers.jafar import HUB_NAMES, OFFICIAL_RELEASES, from_pretrained, load_checkpoint, save_checkpoint
 from .pipeline import JafarFeatures, load
+from .upsamplers import (
+                         JAFAR,
+                         Interpolate,
+                         Upsampler,
+                         build_upsampler,
+                         create_upsampler,
+                         list_upsamplers,
+                         register_upsampler,
+)
+from .upsamplers.jafar import HUB_NAMES, OFFICIAL_RELEASES, from_pretrained, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [

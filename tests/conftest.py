@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``tests.errors_doc`` and the other test helpers by their full names
     sys.path.insert(0, str(ROOT))
 
-from tests import errors_doc  # noqa: E402
 from jafar.kernels.checks import interpreter  # noqa: E402
+from tests import errors_doc  # noqa: E402
 
 # Under TRITON_INTERPRET=1 make the interpreter's bfloat16 dot and cast behave as the GPU's; the
 # package itself never patches Triton.

@@ -11,8 +11,16 @@ from torch import nn
 
 from conftest import refuse_network
 from jafar import backbones as bb
-from jafar.backbones import (IMAGENET_MEAN, IMAGENET_STD, MOBILENET_BACKBONES, TIMM_BACKBONES,
-                             build_backbone, list_backbones, load_mobilenet_v2, mobilenet_v2_weights_path)
+from jafar.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MOBILENET_BACKBONES,
+    TIMM_BACKBONES,
+    build_backbone,
+    list_backbones,
+    load_mobilenet_v2,
+    mobilenet_v2_weights_path,
+)
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)
 

@@ -18,7 +18,8 @@ from conftest import FIXTURES
 
 nuscenes = pytest.importorskip("nuscenes")
 from nuscenes.nuscenes import NuScenes  # noqa: E402
-from nuscenes.utils.geometry_utils import transform_matrix as devkit_transform, view_points  # noqa: E402
+from nuscenes.utils.geometry_utils import transform_matrix as devkit_transform  # noqa: E402
+from nuscenes.utils.geometry_utils import view_points
 from pyquaternion import Quaternion  # noqa: E402
 
 from bev.data.nuscenes import NuScenesBev  # noqa: E402

@@ -114,10 +114,9 @@ def trainval_root(tmp_path_factory):
     """The trainval-sized tables at CI size: 3 training and 1 validation scene of the official
     splits (scale 0.004), the real key frame's six images shared by every camera record."""
     pytest.importorskip("nuscenes")
-    from conftest import FIXTURES
-
     from bev.data.tables import CAMERAS
     from bev.data.trainval_tables import write_trainval_tables
+    from conftest import FIXTURES
 
     frame = FIXTURES / "nuscenes_frame"
     images = {ch: str(next(frame.glob(f"*__{ch}__*.jpg"))) for ch in CAMERAS}
@@ -170,9 +169,8 @@ def test_feature_cache_never_hits_across_settings_that_change_the_features(synth
     goes under the data root, said in the log; float16 is stored by default."""
     import logging
 
-    from conftest import compose_bev_demo
-
     from bev.run import SeededSamples, build_datasets, build_grid, build_model, collate, feature_cache_dir
+    from conftest import compose_bev_demo
 
     cache = tmp_path / "cache"
 

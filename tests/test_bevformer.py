@@ -381,9 +381,8 @@ def test_mmcv_kernel_gets_mmcvs_arguments(monkeypatch):
 
 def test_bevformer_trains_and_validates_through_run(synthetic_root, tmp_path):
     pytest.importorskip("nuscenes")
-    from conftest import compose_bev_demo
-
     from bev.run import run
+    from conftest import compose_bev_demo
 
     cfg = compose_bev_demo(synthetic_root, "model=bevformer", "model.latent_dim=16", "model.num_layers=2",
                            "model.num_heads=2", "model.ffn_dim=16", "model.self_points=2", "model.cross_points=8",

@@ -89,7 +89,6 @@ def test_failures_flag_a_fused_path_less_accurate_than_pytorch():
 def test_encoder_kernels_compile_for_sm90():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
-    from jafar.kernels import encoders as ek
 
     from jafar.kernels.checks.compile import compile_encoders
 

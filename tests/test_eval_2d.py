@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import ROOT
 from jafar.backbones import Backbone
+from jafar.eval.config import compose as compose_eval
 from jafar.eval.probes import SegmentationProbe
+from jafar.eval.report import Column
 from jafar.eval.run import run
 from jafar.eval.tasks import TASKS, Task, picture_indices, register_task
-from jafar.eval.report import Column
-from jafar.eval.config import compose as compose_eval
 from jafar.runs import RunConfigMismatch
 
 

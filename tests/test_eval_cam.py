@@ -7,14 +7,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_eval_2d import compose_eval
 
 from jafar import build_backbone, build_upsampler
-from jafar.eval.cam import (CamClassifier, CamMeter, adcc, average_drop, average_gain, average_increase, cam_metrics,
-                            cam_row, coherency, complexity, draw_correct, explanation_map, grad_cam,
-                            score_explanations)
+from jafar.eval.cam import (
+    CamClassifier,
+    CamMeter,
+    adcc,
+    average_drop,
+    average_gain,
+    average_increase,
+    cam_metrics,
+    cam_row,
+    coherency,
+    complexity,
+    draw_correct,
+    explanation_map,
+    grad_cam,
+    score_explanations,
+)
 from jafar.eval.datasets import ImageNetFolder
 from jafar.eval.run import run
-from test_eval_2d import compose_eval
 
 # ---------------------------------------------------------------------------------------------
 # metrics

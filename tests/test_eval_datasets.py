@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jafar.eval.datasets import (ADE20K, COCOStuff, Cityscapes, DepthFolder, VOCSegmentation, load_depth)
+from jafar.eval.datasets import ADE20K, Cityscapes, COCOStuff, DepthFolder, VOCSegmentation, load_depth
 from jafar.eval.demo_data import SEG_CLASS_NAMES, voc_palette, write_demo_depth, write_demo_segmentation
 
 

@@ -10,11 +10,12 @@ from omegaconf import open_dict
 
 pytest.importorskip("open_clip")
 
+from test_eval_2d import compose_eval  # noqa: E402
+
 from jafar import build_upsampler  # noqa: E402
 from jafar.eval.maskclip import build_maskclip  # noqa: E402
 from jafar.eval.ovseg import segment  # noqa: E402
 from jafar.eval.run import run  # noqa: E402
-from test_eval_2d import compose_eval  # noqa: E402
 
 #: a tiny open_clip CLIP (random weights): 2 vision blocks of width 32 on 16 px patches, 1 text block
 TINY = {"embed_dim": 24,

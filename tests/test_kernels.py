@@ -230,7 +230,6 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     # to the cubin (types, layouts, shared memory), as the GPU will at its first call
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("interpreter enabled: the kernels are not compilable functions")
-    from jafar.kernels import attention as kernels
 
     from jafar.kernels.checks.compile import compile_attention
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import refuse_network
 import hubconf
 import jafar
-from jafar import JAFAR, HUB_NAMES, build_backbone
+from conftest import refuse_network
+from jafar import HUB_NAMES, JAFAR, build_backbone
 from jafar.upsamplers import jafar as ckpt
 
 #: the official hub's names and the release file each loads (github PaulCouairon/JAFAR hubconf.py:

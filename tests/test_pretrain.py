@@ -16,10 +16,9 @@ from PIL import Image
 from conftest import ROOT
 from jafar import JAFAR, build_backbone, load_checkpoint
 from jafar.backbones import IMAGENET_MEAN, IMAGENET_STD
-from jafar.train.config import compose as compose_pretrain
 from jafar.runs.samplers import StepBatchSampler
-from jafar.train.data import (ImageFiles, collate_skipping, find_images, resize_center_crop,
-                              split_holdout)
+from jafar.train.config import compose as compose_pretrain
+from jafar.train.data import ImageFiles, collate_skipping, find_images, resize_center_crop, split_holdout
 from jafar.train.losses import CosineMSELoss
 from jafar.train.module import JafarPretraining, round_to_multiple
 

@@ -64,9 +64,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from jafar import JAFAR  # noqa: E402
+from jafar.kernels.checks import interpreter  # noqa: E402
 from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
 from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
-from jafar.kernels.checks import interpreter  # noqa: E402
 
 interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (jafar/kernels/checks/interpreter.py)
 

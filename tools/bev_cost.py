@@ -45,7 +45,8 @@ def build_head(model: str, in_channels: int, grid, options=None):
     """The head of ``configs/model/<model>.yaml`` with its default settings (``options``
     override model keys, e.g. ``{"layer_query": "chained"}``), through the BeV tool's own
     construction path (:func:`bev.heads.build_head`)."""
-    from bev.heads import build_head as build, model_config
+    from bev.heads import build_head as build
+    from bev.heads import model_config
 
     return build(model, in_channels, grid, **{**model_config(model), **(options or {})})
 

@@ -37,7 +37,6 @@ STEPS_100_EPOCHS = 100 * 28130  # batch 1, one device
 
 def loader_rate(root: Path, workers: int, samples: int) -> float:
     """Samples/s of the training loader (augmentation on) over ``samples`` samples, after the first."""
-    import torch
     from torch.utils.data import DataLoader
 
     from bev.data.nuscenes import NuScenesBev

@@ -236,9 +236,9 @@ class Round:
 
     def bev_row(self, model: str, upsampler: str) -> dict:
         """One BeV training step (forward, backward, AdamW) as ``tools/bev_cost.py`` times it."""
-        import jafar
         from torch.utils.flop_counter import FlopCounterMode
 
+        import jafar
         from bev.encoder import build_multicamera_encoder
         from bev.geometry import BevGrid
         from bev.losses import SimpleBevLoss

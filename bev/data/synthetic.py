@@ -606,8 +606,8 @@ def generate(out, scenes: int, samples_per_scene: int = DEFAULT_SAMPLES_PER_SCEN
     temporary folder beside ``out`` and renamed into place when complete; if ``out`` already
     holds a set made with the same parameters (``out/synthetic.json``) it is returned untouched,
     and a set with other parameters is replaced (refused in one sentence with ``replace=False``,
-    as ``tools/train_bev.py`` does: a shared data set is never deleted silently). ``workers`` processes render the scenes (default:
-    one per available core); the output does not depend on it.
+    as ``tools/train_bev.py`` does: a shared data set is never deleted silently). ``workers``
+    processes render the scenes (default: one per available core); the output does not depend on it.
     """
     val_scenes, image_size = _check(scenes, samples_per_scene, image_size, version, seed, val_scenes, workers)
     out = Path(out)

@@ -33,13 +33,12 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 
-from .. import geometry as G
 from .synthetic import CAMERA_CALIBRATION, DISTRACTORS, LIDAR_CALIBRATION, VEHICLES
-from .tables import CAMERAS, VISIBILITY, TABLE_NAMES, token, usec
+from .tables import CAMERAS, TABLE_NAMES, VISIBILITY, token, usec
 
 #: v1.0-trainval's key frames per split (nuScenes' paper and devkit, ``nusc.list_scenes()``)
 TRAIN_SAMPLES, VAL_SAMPLES = 28130, 6019
@@ -135,7 +134,6 @@ def write_trainval_tables(out, version: str = "v1.0-trainval", scale: float = 1.
     shares = shares / shares.sum()
     dist_names = list(DISTRACTORS)
     vis_p = np.array(VISIBILITY_SHARES) / sum(VISIBILITY_SHARES)
-    cam2ego = {ch: G.transform_matrix(*CAMERA_CALIBRATION[ch][:2]) for ch in CAMERAS}
     intrinsics = {}
     for ch in CAMERAS:
         fx, fy, cx, cy = CAMERA_CALIBRATION[ch][2]
@@ -205,7 +203,7 @@ def write_trainval_tables(out, version: str = "v1.0-trainval", scale: float = 1.
         # sample_data and ego poses, per channel in time order (key frame, then its sweeps)
         for ch in channels:
             kind = modality[ch]
-            times, keys = [], []
+            times = []
             for k in range(n_samples):
                 tk = t0 + 0.5 * k
                 key_t = tk if ch == "LIDAR_TOP" else tk - rng.uniform(0.0, 0.05)

@@ -105,8 +105,9 @@ plus about 4 GFLOPs of bilinear taps (:meth:`BEVFormer.uncounted_flops`); forwar
 on the CPU peaks at about 7 GB resident.
 
 CPU demo (``experiment=demo model=bevformer``): ``per_model.bevformer`` in
-``configs/experiment/train_bev/demo.yaml`` sets ``query_downsample: 2`` for that experiment only (2 m query cells on the demo's 1 m grid,
-BEVFormer-tiny's query spacing); ``model.query_downsample=1`` restores one query per cell.
+``configs/experiment/train_bev/demo.yaml`` sets ``query_downsample: 2`` for that experiment only
+(2 m query cells on the demo's 1 m grid, BEVFormer-tiny's query spacing);
+``model.query_downsample=1`` restores one query per cell.
 """
 
 from __future__ import annotations
@@ -627,7 +628,8 @@ class BEVFormer(nn.Module):
         ref_cam = rebatch.gather_per_camera(loc)  # (B*N, Lmax, D, 2)
         self.last_cross_pairs = b * n * rebatch.max_len
 
-        query = self.bev_queries[None].repeat(b, 1, 1).to(latent.dtype)  # a copy: a view of a parameter under no_grad still requires grad
+        # a copy: a view of a parameter under no_grad still requires grad
+        query = self.bev_queries[None].repeat(b, 1, 1).to(latent.dtype)
         # "pointbev": PointBeV's second query_gen call, a copy of the same parameter (a view of it
         # under no_grad would still require grad, which torch's flop counter refuses)
         query_pos = query if self.layer_query == "pointbev" else self.query_pos()[None].to(latent.dtype)

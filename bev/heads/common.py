@@ -24,8 +24,15 @@ from torch import nn
 
 from jafar.registry import Registry
 
-from ..geometry import (BevGrid, apply_transform, inside_image, invert_rigid_torch, pixels_to_grid_sample,
-                        project_points, scale_intrinsics)
+from ..geometry import (
+    BevGrid,
+    apply_transform,
+    inside_image,
+    invert_rigid_torch,
+    pixels_to_grid_sample,
+    project_points,
+    scale_intrinsics,
+)
 
 #: every BeV head, by name (``model.name`` in the config): each module of this package registers its own
 HEADS = Registry("BeV head", package="bev.heads", key="model")

@@ -83,8 +83,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import (BevGrid, apply_transform, inside_image, invert_rigid_torch, pixels_to_grid_sample,
-                        project_points, scale_intrinsics)
+from ..geometry import (
+    BevGrid,
+    apply_transform,
+    inside_image,
+    invert_rigid_torch,
+    pixels_to_grid_sample,
+    project_points,
+    scale_intrinsics,
+)
 from .common import HEADS, MIN_DEPTH, check_camera_inputs
 
 try:

@@ -35,6 +35,7 @@ from torch import nn
 from ..geometry import BevGrid
 from .common import HEADS, BevDecoder, check_camera_inputs, lift_to_voxels
 
+
 @HEADS.register("simplebev")
 class SimpleBeV(nn.Module):
     """SimpleBEV's head on multi-camera features: neck, lifting, BeV compressor, decoder.

@@ -322,5 +322,5 @@ def prepare(kind: str, root, **kwargs) -> Path:
     return writers[kind](root, **kwargs)
 
 
-__all__: List[str] = ["CAM_PHOTOS", "write_demo_classification", "SEG_CLASSES", "SEG_CLASS_NAMES", "make_mosaic", "render_depth_scene", "voc_palette",
-                      "write_demo_segmentation", "write_demo_depth", "prepare"]
+__all__: List[str] = ["CAM_PHOTOS", "write_demo_classification", "SEG_CLASSES", "SEG_CLASS_NAMES", "make_mosaic",
+                      "render_depth_scene", "voc_palette", "write_demo_segmentation", "write_demo_depth", "prepare"]

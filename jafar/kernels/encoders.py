@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import CONFIGS, next_pow2 as _next_pow2, triton
+from .attention import CONFIGS, triton
+from .attention import next_pow2 as _next_pow2
 
 if triton is not None:
     import triton.language as tl

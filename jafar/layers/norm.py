@@ -36,8 +36,8 @@ class GroupNorm(nn.GroupNorm):
     ``nn.GroupNorm``'s rounded to that dtype, the rounding the next convolution applied anyway.
 
     ``impl`` (constructor argument; :func:`set_group_norm` changes it on a whole model):
-    ``"auto"`` (:func:`group_norm` on CUDA, ``F.group_norm`` elsewhere, where PyTorch's kernel is not the bottleneck), ``"var_mean"``
-    (:func:`group_norm` everywhere), ``"native"`` (``F.group_norm``, output cast to the autocast
+    ``"auto"`` (:func:`group_norm` on CUDA, ``F.group_norm`` elsewhere, where PyTorch's kernel is not
+    the bottleneck), ``"var_mean"`` (:func:`group_norm` everywhere), ``"native"`` (``F.group_norm``, output cast to the autocast
     dtype), ``"official"`` (exactly ``nn.GroupNorm``, float32 output under autocast: the
     benchmark's rows of the official algorithm) and ``"triton"`` (statistics in one pass and the
     backward as Triton kernels, ``jafar.kernels.encoders``: no float32 copy of a half-precision

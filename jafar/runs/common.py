@@ -86,7 +86,8 @@ def compose(root: str, overrides: Sequence[str] = ()) -> DictConfig:
     """``configs/<root>.yaml`` with ``overrides`` (command-line syntax), as the tool composes it.
     Call :func:`register_configs` for the tool first. Inside a running Hydra app (whose config
     tree is this one) it composes there; elsewhere it opens the tree for the call."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():

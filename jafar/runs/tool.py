@@ -34,8 +34,17 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from .common import (RUN_ARTEFACTS, check_resume, check_run_dir, check_trainer, claim_run_dir,
-                     command_line_overrides, resolve_resume, result_config, seed_everything)
+from .common import (
+    RUN_ARTEFACTS,
+    check_resume,
+    check_run_dir,
+    check_trainer,
+    claim_run_dir,
+    command_line_overrides,
+    resolve_resume,
+    result_config,
+    seed_everything,
+)
 
 #: lightning.Trainer arguments every tool sets itself (the checkpoints, loggers, epochs and samplers)
 TRAINER_RESERVED = ("max_epochs", "callbacks", "logger", "plugins", "default_root_dir", "use_distributed_sampler",

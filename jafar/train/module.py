@@ -49,8 +49,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from ..backbones import Backbone
 from ..frozen import FrozenChildren
-from ..viz import pca_rgb, save_panels
 from ..runs.samplers import step_seed
+from ..viz import pca_rgb, save_panels
 from .losses import CosineMSELoss
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import runs
-from ..upsamplers.jafar import save_checkpoint
 from ..runs.samplers import StepBatchSampler
+from ..upsamplers.jafar import save_checkpoint
 from .config import ROOT, PretrainConfig
 from .data import ImageFiles, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss

@@ -19,8 +19,15 @@ from typing import Optional
 
 from torch import nn
 
-from .base import (UPSAMPLERS, Upsampler, UpsamplerEntry, create_upsampler, list_upsamplers, register_upsampler,
-                   upsampler_entry)
+from .base import (
+    UPSAMPLERS,
+    Upsampler,
+    UpsamplerEntry,
+    create_upsampler,
+    list_upsamplers,
+    register_upsampler,
+    upsampler_entry,
+)
 from .featup import FEATUP_RELEASES, FeatUpJBU
 from .interpolate import Interpolate
 from .jafar import JAFAR

@@ -10,11 +10,11 @@ CUDA extension). Random weights unless loaded.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import warnings
 
 from .. import hub
 from .base import Upsampler, check_features, check_image, check_output_size, register_upsampler

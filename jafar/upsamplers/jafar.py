@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import hub
 from ..layers.attention import DEFAULT_MEMORY_BUDGET, MODES, head_averaged_attention
 from ..layers.norm import GROUP_NORM_IMPLS, GroupNorm, set_group_norm
 from ..layers.rope import RoPE
-from .. import hub
 from ..utils import atomic_path, autocast_dtype
 from .base import Upsampler, check_output_size, register_upsampler
 

@@ -9,8 +9,16 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ..cam import (CamClassifier, CamMeter, _check_definition, build_cam_classifier, cam_row, draw_correct, grad_cam,
-                   score_explanations)
+from ..cam import (
+    CamClassifier,
+    CamMeter,
+    _check_definition,
+    build_cam_classifier,
+    cam_row,
+    draw_correct,
+    grad_cam,
+    score_explanations,
+)
 from ..report import Column
 from . import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task
 
