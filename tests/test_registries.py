@@ -211,3 +211,23 @@ def test_code_configs_tests_and_docs_speak_of_what_the_code_does():
             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
             if HISTORY.search(line) and p != Path(__file__)]
     assert hits == []
+
+
+def test_every_registered_entry_has_its_yaml_and_every_yaml_names_an_entry():
+    """The config groups and the registries agree: ``configs/upsampler/<name>.yaml`` names a
+    registered upsampler (``none``, BeV's no-upsampler choice, excepted), ``configs/model/`` a
+    registered head, ``configs/task/`` a registered task, and every entry has its yaml."""
+    import yaml
+
+    from bev.heads import HEADS
+    from jafar.eval.tasks import TASKS
+    from jafar.upsamplers import UPSAMPLERS
+
+    for group, registry, key, extra in (("upsampler", UPSAMPLERS, "name", {"none"}), ("model", HEADS, "name", set()),
+                                        ("task", TASKS, "name", set())):
+        named = {}
+        for path in sorted((ROOT / "configs" / group).glob("*.yaml")):
+            node = yaml.safe_load(path.read_text())
+            named[path.stem] = (node.get("task", node) if group == "task" else node).get(key, path.stem)
+        assert set(named.values()) - extra <= set(registry.list()), (group, named)
+        assert set(registry.list()) <= set(named.values()), (group, registry.list())
