@@ -67,14 +67,6 @@ class Loss:
 
 
 @dataclass
-class Scheduler:
-    pct_start: float = MISSING
-    div_factor: float = MISSING
-    final_div_factor: float = MISSING
-    anneal_strategy: str = MISSING
-
-
-@dataclass
 class BevConfig:
     name: str = MISSING
     seed: int = MISSING
@@ -90,7 +82,8 @@ class BevConfig:
     loss: Loss = field(default_factory=Loss)
     #: ``_target_`` (a torch.optim class), ``_partial_: true``, ``lr`` and the class's own arguments
     optimizer: Dict[str, Any] = field(default_factory=dict)
-    scheduler: Optional[Scheduler] = None
+    #: ``_target_`` (a torch.optim.lr_scheduler class), ``_partial_: true`` and its arguments; null: none
+    scheduler: Optional[Dict[str, Any]] = None
     epochs: int = MISSING
     negative_control: Optional[str] = MISSING
     prior_baseline: bool = MISSING

@@ -64,7 +64,7 @@ class VisibleIoU(BinaryJaccardIndex):
 class BevSegmentation(L.LightningModule):
     def __init__(self, encoder: nn.Module, head: nn.Module, loss: Optional[SimpleBevLoss] = None,
                  lr: float = 3e-4, weight_decay: float = 1e-7, betas: Sequence[float] = (0.9, 0.999),
-                 scheduler: Optional[dict] = None, total_steps: Optional[int] = None,
+                 scheduler: Optional[Callable] = None, total_steps: Optional[int] = None,
                  iou_visibilities: Sequence[int] = (1, 2), picture_dir: Optional[str] = None,
                  pictures: int = 2, optimizer: Optional[Callable] = None):
         super().__init__()
@@ -72,7 +72,7 @@ class BevSegmentation(L.LightningModule):
         self.optimizer_factory = optimizer
         self.loss = loss or SimpleBevLoss()
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
-        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.scheduler_factory = scheduler
         self.total_steps = total_steps
         self.iou_visibilities = tuple(int(v) for v in iou_visibilities)
         self.ious = nn.ModuleDict({f"vis{v}": VisibleIoU(v) for v in self.iou_visibilities})
@@ -189,22 +189,25 @@ class BevSegmentation(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         """``optimizer(params)`` when the module was given a factory (the tool: the config's
-        ``optimizer``), else AdamW with ``lr``, ``weight_decay``, ``betas`` (PointBeV's); then, with a
-        ``scheduler``, OneCycle up to the optimizer's learning rate, stepped every batch."""
+        ``optimizer``), else AdamW with ``lr``, ``weight_decay``, ``betas`` (PointBeV's); then, with
+        a ``scheduler`` factory (the config's ``scheduler``), ``scheduler(optimizer)`` stepped every
+        batch. A ``OneCycleLR`` factory is given what only the run knows: ``max_lr`` (the optimizer's
+        learning rate), ``total_steps`` and a ``pct_start`` that keeps both phases non-empty
+        (:func:`one_cycle_pct_start`)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory(params)
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-        if not self.scheduler_cfg:
+        factory = self.scheduler_factory
+        if factory is None:
             return opt
-        cfg = dict(self.scheduler_cfg)
-        total = max(int(self.total_steps or self.trainer.estimated_stepping_batches), 2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=opt.param_groups[0]["lr"], total_steps=total,
-            pct_start=one_cycle_pct_start(float(cfg.get("pct_start", 0.05)), total),
-            div_factor=float(cfg.get("div_factor", 3.0)), final_div_factor=float(cfg.get("final_div_factor", 20.0)),
-            anneal_strategy=str(cfg.get("anneal_strategy", "linear")), cycle_momentum=False)
+        if getattr(factory, "func", factory) is torch.optim.lr_scheduler.OneCycleLR:
+            total = max(int(self.total_steps or self.trainer.estimated_stepping_batches), 2)
+            pct = one_cycle_pct_start(float(getattr(factory, "keywords", {}).get("pct_start", 0.3)), total)
+            sched = factory(opt, max_lr=opt.param_groups[0]["lr"], total_steps=total, pct_start=pct)
+        else:
+            sched = factory(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

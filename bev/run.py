@@ -284,6 +284,9 @@ def check_config(cfg: DictConfig) -> None:
     if int(cfg.checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {cfg.checkpoint_every}.")
     runs.check_optimizer(cfg.optimizer)
+    if cfg.scheduler:
+        runs.check_partial(cfg.scheduler, "scheduler", torch.optim.lr_scheduler.LRScheduler,
+                           "torch.optim.lr_scheduler.LRScheduler", "torch.optim.lr_scheduler.OneCycleLR")
     if cfg.trainer.get("max_steps") in (None, -1) and int(cfg.epochs) < 1:
         raise ValueError(f"epochs must be a positive integer when trainer.max_steps is not set, got {cfg.epochs}.")
     if str(cfg.model.get("name")) not in HEADS:
@@ -371,8 +374,8 @@ class BevTraining(runs.Tool):
 
         module = BevSegmentation(
             encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)),
-            optimizer=runs.build_optimizer(cfg.optimizer),
-            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+            optimizer=runs.build_partial(cfg.optimizer),
+            scheduler=runs.build_partial(cfg.scheduler) if cfg.scheduler else None,
             total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
             pictures=int(cfg.pictures))
 

@@ -54,7 +54,7 @@ def test_depth_presets_paper_and_the_authors_command():
     # github PaulCouairon/JAFAR issues/5: optimizer.lr=5e-3 dataset_evaluation=coco
     # train_dataloader.batch_size=2 num_epochs=5, on train_probes.py's unnormalised depth images
     cmd = compose_eval("task=depth", "experiment=official_command")
-    assert list(cmd.task.datasets) == ["coco"] and cmd.task.probe.lr == 5e-3 and cmd.task.probe.batch_size == 2
+    assert list(cmd.task.datasets) == ["coco"] and cmd.task.probe.optimizer.lr == 5e-3 and cmd.task.probe.batch_size == 2
     assert cmd.task.probe.epochs == 5 and cmd.dataset.coco.epochs is None and cmd.task.probe.scheduler == "official"
     assert cmd.task.normalize_input is False and cmd.task.gradient_weight == 0
     seg = compose_eval("task=seg", "experiment=official_command")  # config/eval.yaml as released
@@ -110,15 +110,15 @@ def test_seg_end_to_end_then_reuse(tmp_path):
     # another setting in the same run directory: refused before any work, naming the key and the
     # ways out; with resume=null the pair is redone under the new setting
     finished = (tmp_path / "run" / "results.json").read_text()
-    changed = tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.lr=0.05")
-    with pytest.raises(RunConfigMismatch, match=r"task\.probe\.lr: 0\.005 -> 0\.05.*new name=.*resume=null"):
+    changed = tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.optimizer.lr=0.05")
+    with pytest.raises(RunConfigMismatch, match=r"task\.probe\.optimizer\.lr: 0\.005 -> 0\.05.*new name=.*resume=null"):
         run(changed, tmp_path / "run")
     assert result_file.is_file() and (tmp_path / "run" / "results.json").read_text() == finished
-    run(tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.lr=0.05", "resume=null"), tmp_path / "run")
+    run(tiny("seg", tmp_path / "data", "compare=[bilinear]", "task.probe.optimizer.lr=0.05", "resume=null"), tmp_path / "run")
     assert result_file.stat().st_mtime_ns != stamp
 
     # a new row in the same configuration is added, the finished ones reused
-    again = run(tiny("seg", tmp_path / "data", "compare=[bilinear,nearest]", "task.probe.lr=0.05"), tmp_path / "run")
+    again = run(tiny("seg", tmp_path / "data", "compare=[bilinear,nearest]", "task.probe.optimizer.lr=0.05"), tmp_path / "run")
     assert set(again["results"]["demo_seg"]) == {"bilinear", "nearest"}
 
 

@@ -279,12 +279,24 @@ def test_the_optimizer_is_the_configs_any_torch_optim_class(tmp_path):
 
     bev = compose_bev_demo(tmp_path / "none", *sgd)
     runs.check_optimizer(bev.optimizer)
-    module = BevSegmentation(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), optimizer=runs.build_optimizer(bev.optimizer),
-                             scheduler=dict(bev.scheduler), total_steps=100)
+    module = BevSegmentation(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), optimizer=runs.build_partial(bev.optimizer),
+                             scheduler=runs.build_partial(bev.scheduler), total_steps=100)
     out = module.configure_optimizers()
     assert type(out["optimizer"]) is torch.optim.SGD and out["optimizer"].defaults["momentum"] == 0.5
     assert out["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(0.01 / float(bev.scheduler.div_factor))
     assert BEV_TRAINING.checkpoint_keys == ("encoder.", "head.")
+    # any other scheduler is called with the optimizer alone, and stepped every batch too
+    import functools
+
+    module = BevSegmentation(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), optimizer=runs.build_partial(bev.optimizer),
+                             scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=7))
+    out = module.configure_optimizers()
+    assert type(out["lr_scheduler"]["scheduler"]) is torch.optim.lr_scheduler.StepLR
+    assert out["lr_scheduler"]["interval"] == "step"
+    with pytest.raises(ValueError, match=r"scheduler._target_ must name a torch.optim.lr_scheduler.LRScheduler class"):
+        from bev.run import check_config
+
+        check_config(compose_bev_demo(tmp_path / "none", "scheduler._target_=torch.nn.Linear"))
 
     cfg = compose_pretrain("optimizer._target_=torch.nn.Linear")
     with pytest.raises(ValueError, match=r"optimizer._target_ must name a torch.optim.Optimizer class \(e.g. "

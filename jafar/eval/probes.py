@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -124,7 +124,7 @@ class LinearProbe(FrozenChildren, L.LightningModule):
     def __init__(self, backbone, upsampler: nn.Module, target_size: int, lr: float = 5e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5, epochs: int = 20,
                  scheduler: str = "official", hflip: float = 0.5, seed: int = 0, picture_indices: Sequence[int] = (),
-                 cache_features: bool = False, normalize_input: bool = True):
+                 cache_features: bool = False, normalize_input: bool = True, optimizer: Optional[Callable] = None):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
@@ -134,6 +134,7 @@ class LinearProbe(FrozenChildren, L.LightningModule):
         self.add_frozen("upsampler", upsampler)
         self.target_size = int(target_size)
         self.lr, self.betas, self.weight_decay = float(lr), tuple(float(b) for b in betas), float(weight_decay)
+        self.optimizer_factory = optimizer
         self.epochs, self.schedule = int(epochs), scheduler
         self.normalize_input = bool(normalize_input)
         self.hflip, self.seed = float(hflip), int(seed)
@@ -202,8 +203,12 @@ class LinearProbe(FrozenChildren, L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, betas=self.betas,
-                                weight_decay=self.weight_decay)
+        # optimizer(params) when given (the tool: task.probe.optimizer), else the official AdamW
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(self.classifier.parameters())
+        else:
+            opt = torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, betas=self.betas,
+                                    weight_decay=self.weight_decay)
         t_max, interval = scheduler_plan(self.schedule, self.epochs,
                                          lambda: int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t_max))

@@ -13,7 +13,7 @@ _WHERE = {
     **{name: "common" for name in (
         "CHECKPOINT_KEY", "CONFIG_DIR", "NOT_IDENTITY", "RUN_ARTEFACTS", "RUN_CONFIG", "TOOL_KEY", "AppendingCSVLogger",
         "AtomicCheckpointIO", "RecordRunConfig", "RunConfigMismatch", "StepCheckpoint", "apply_per_choice",
-        "build_optimizer", "check_optimizer", "check_checkpoint_file", "check_resume", "check_run_dir",
+        "build_partial", "check_optimizer", "check_partial", "check_checkpoint_file", "check_resume", "check_run_dir",
         "check_trainer", "claim_run_dir", "command_line_overrides", "compose", "config_changes", "epoch_checkpoints",
         "fingerprint", "global_batch_sentence", "is_global_zero", "loggers", "make_trainer", "mismatch_sentence",
         "quiet_lightning", "recorded_config", "register_configs", "resolve_resume", "result_config",

@@ -167,28 +167,35 @@ def check_resume(resume, allow_path: bool = True) -> None:
                      f"(start afresh){', or a checkpoint file' if allow_path else ''}, got {resume!r}.")
 
 
-def check_optimizer(node, key: str = "optimizer") -> None:
-    """``<key>`` builds an optimizer: a ``_target_`` that is a ``torch.optim.Optimizer`` class,
-    ``_partial_: true`` (the module calls it with its trainable parameters) and a positive ``lr``."""
-    target, lr = node.get("_target_"), node.get("lr")
+def check_partial(node, key: str, base: type, base_name: str, example: str) -> None:
+    """``<key>`` is a ``_target_`` that names a subclass of ``base`` and ``_partial_: true`` (the
+    module calls it with what only it has: the parameters, the optimizer), in one sentence each."""
+    target = node.get("_target_")
     try:
         from hydra.utils import get_class
 
         cls = get_class(str(target))
     except Exception:  # noqa: BLE001 - any failure to import is the same sentence
         cls = None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"{key}._target_ must name a torch.optim.Optimizer class (e.g. torch.optim.AdamW), "
-                         f"got {target!r}.")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{key}._target_ must name a {base_name} class (e.g. {example}), got {target!r}.")
     if node.get("_partial_") is not True:
-        raise ValueError(f"{key}._partial_ must be true (the module calls the optimizer with its trainable "
-                         f"parameters), got {node.get('_partial_')!r}.")
+        raise ValueError(f"{key}._partial_ must be true (the module completes the call), got "
+                         f"{node.get('_partial_')!r}.")
+
+
+def check_optimizer(node, key: str = "optimizer") -> None:
+    """``<key>`` builds an optimizer: a ``_target_`` that is a ``torch.optim.Optimizer`` class,
+    ``_partial_: true`` (the module calls it with its trainable parameters) and a positive ``lr``."""
+    check_partial(node, key, torch.optim.Optimizer, "torch.optim.Optimizer", "torch.optim.AdamW")
+    lr = node.get("lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"{key}.lr must be a positive learning rate, got {lr}.")
 
 
-def build_optimizer(node):
-    """The ``torch.optim`` factory of a config node (:func:`check_optimizer`): ``params -> optimizer``."""
+def build_partial(node):
+    """The factory a checked config node describes (:func:`check_partial`): ``hydra.utils.instantiate``
+    of a ``_partial_`` node, e.g. ``params -> optimizer`` or ``optimizer -> scheduler``."""
     from hydra.utils import instantiate
 
     return instantiate(node)

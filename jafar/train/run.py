@@ -135,7 +135,7 @@ class Pretraining(runs.Tool):
         backbone = instantiate(cfg.backbone)
         upsampler = instantiate(cfg.upsampler, feature_dim=int(backbone.embed_dim))
         return JafarPretraining(
-            backbone, upsampler, CosineMSELoss(**cfg.loss), optimizer=runs.build_optimizer(cfg.optimizer),
+            backbone, upsampler, CosineMSELoss(**cfg.loss), optimizer=runs.build_partial(cfg.optimizer),
             guidance_scale=recipe.guidance_scale, lr_scale=tuple(recipe.lr_scale),
             consistency_weight=recipe.consistency_weight, blur_prob=recipe.blur_prob, blur_kernel=recipe.blur_kernel,
             blur_sigma=recipe.blur_sigma, noise_prob=recipe.noise_prob, noise_std=recipe.noise_std,

@@ -27,8 +27,8 @@ class ProbeTask(Task):
     def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits) -> dict:
         t = ctx.cfg.task
         p = t.probe
-        return dict(target_size=int(t.target_size or t.image_size), lr=float(p.lr), betas=tuple(p.betas),
-                    weight_decay=float(p.weight_decay), epochs=self.epochs(ctx.cfg, data),
+        return dict(target_size=int(t.target_size or t.image_size), optimizer=runs.build_partial(p.optimizer),
+                    epochs=self.epochs(ctx.cfg, data),
                     scheduler=str(p.scheduler), hflip=float(p.hflip), normalize_input=bool(t.normalize_input),
                     seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)),
                     cache_features=bool(p.get("cache_features", False)))
@@ -58,8 +58,7 @@ class ProbeTask(Task):
                                  f"probe.epochs), got {e!r}.")
         if not 0 <= float(p.hflip) <= 1:
             raise ValueError(f"task.probe.hflip must be a probability, got {p.hflip}.")
-        if not float(p.lr) > 0:
-            raise ValueError(f"task.probe.lr must be positive, got {p.lr}.")
+        runs.check_optimizer(p.optimizer, "task.probe.optimizer")
 
     def evaluate(self, ctx, data, row, upsampler, out_dir):
         cfg, p = ctx.cfg, ctx.cfg.task.probe
