@@ -2,6 +2,7 @@
 edited, imports that point one way, and a tree that speaks of what the code does."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_a_new_upsampler_file_and_a_new_head_file_are_covered_by_the_contract_te
         jafar.upsamplers.__path__.append({str(ups)!r})
         bev.heads.__path__.append({str(heads)!r})
     '''))
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "extra_entries", "-p", "no:cacheprovider", "-rA",
          "tests/test_upsampler_registry.py::test_every_registered_upsampler_shares_the_call_and_describes_itself",
