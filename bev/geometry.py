@@ -64,6 +64,24 @@ def yaw_to_quaternion(yaw: float) -> np.ndarray:
     return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
 
 
+def quaternion_yaw(q: ArrayLike) -> float:
+    """The yaw of pyquaternion's ``Quaternion.yaw_pitch_roll`` (z-y'-x'' Tait-Bryan angles) of a
+    ``[w, x, y, z]`` quaternion, normalised first: ``atan2(2 (w z - x y), 1 - 2 (y^2 + z^2))``.
+    PointBeV's yaw-only ego frame takes this angle (github valeoai/PointBeV, ``pointbev/utils/
+    geom.py`` ``get_yawtransfmat_from_mat``); with pitch or roll it differs slightly from
+    :func:`rotation_yaw` (the heading of the rotated x axis)."""
+    w, x, y, z = (np.asarray(q, dtype=np.float64) / np.linalg.norm(np.asarray(q, dtype=np.float64))).tolist()
+    return float(np.arctan2(2 * (w * z - x * y), 1 - 2 * (y ** 2 + z ** 2)))
+
+
+def yaw_only_pose(translation: ArrayLike, rotation: ArrayLike) -> np.ndarray:
+    """4x4 transform of a pose with its pitch and roll dropped: the rotation about z by
+    :func:`quaternion_yaw` and the full translation (github valeoai/PointBeV, ``pointbev/utils/
+    geom.py`` ``get_yawtransfmat_from_mat``, applied to the ego pose of the LiDAR sample in
+    ``pointbev/data/dataset/nuscenes_temporal.py``): the frame of PointBeV's labels."""
+    return transform_matrix(translation, yaw_to_quaternion(quaternion_yaw(rotation)))
+
+
 def rotation_yaw(rotation: np.ndarray) -> float:
     """Yaw (about z) of a rotation matrix, as the devkit's ``quaternion_yaw``: the angle of the
     rotated x axis projected on the xy plane."""
@@ -271,3 +289,51 @@ def warp_image(image, affine: np.ndarray, out_hw: Tuple[int, int]):
     inv = np.linalg.inv(A)
     return image.transform((int(out_hw[1]), int(out_hw[0])), Image.AFFINE, tuple(inv[:2].ravel()),
                            resample=Image.BILINEAR)
+
+
+def pointbev_image_affine(raw_hw: Tuple[int, int], out_hw: Tuple[int, int], scale: float,
+                          crop_up_pct: float, zoom: float = 1.0, rotation_deg: float = 0.0) -> np.ndarray:
+    """3x3 affine raw camera image -> network input of PointBeV's image pipeline (github
+    valeoai/PointBeV, ``pointbev/data/dataset/nuscenes_common.py`` ``_sample_augmentation`` and
+    ``pointbev/utils/imgs.py`` ``get_affinity_matrix_from_augm``), written from that code:
+    resize by ``scale`` (``newW, newH = int(W scale), int(H scale)``); crop the top
+    ``crop_h = int((1 - crop_up_pct) newH)`` rows (the sky); a zoom about the centre of what is
+    left (``(1 - zoom) / 2`` of its width and height floored on each side: ``zoom > 1`` pads);
+    that region stretched to ``out_hw`` (width and height each by its own factor) and centred
+    horizontally; then a rotation by ``rotation_deg`` about the output's centre (``theta = -deg``
+    in PointBeV's matrix; an image rotated by PIL's ``rotate(deg)``). No flip. At validation
+    PointBeV takes the mean scale, ``zoom = 1`` and no rotation. Pixel-corner coordinates, as
+    PIL's ``Image.transform`` that PointBeV (and :func:`warp_image`) apply it with."""
+    (h_raw, w_raw), (h, w) = raw_hw, out_hw
+    new_w, new_h = int(w_raw * scale), int(h_raw * scale)
+    crop_h = int((1 - crop_up_pct) * new_h)
+    zoom_h, zoom_w = ((new_h - crop_h) * (1 - zoom)) // 2, (new_w * (1 - zoom)) // 2
+    region_w, region_h = new_w + 2 * zoom_w, new_h - crop_h + 2 * zoom_h
+    if not (region_w > 0 and region_h > 0):
+        raise ValueError(f"pointbev_image_affine: scale={scale}, crop_up_pct={crop_up_pct}, zoom={zoom} leave no "
+                         f"image of a {w_raw}x{h_raw} camera.")
+    sx, sy = w / region_w, h / region_h
+    A = np.array([[scale * sx, 0.0, (w - w_raw * scale * sx) / 2],
+                  [0.0, scale * sy, (h - (h_raw * scale + crop_h) * sy) / 2],
+                  [0.0, 0.0, 1.0]])
+    theta = -float(rotation_deg) * math.pi / 180
+    c, s = math.cos(theta), math.sin(theta)
+    x, y = w / 2, h / 2
+    R = np.array([[c, -s, -x * c + y * s + x], [s, c, -x * s - y * c + y], [0.0, 0.0, 1.0]])
+    return R @ A
+
+
+def simplebev_image_affine(raw_hw: Tuple[int, int], out_hw: Tuple[int, int], resize: float = 1.0,
+                           crop_shift: Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """3x3 affine raw camera image -> network input of SimpleBEV's image pipeline (github
+    aharley/simple_bev, ``nuscenesdataset.py`` ``sample_augmentation`` and ``get_image_data``):
+    the whole image resized to ``(int(w resize), int(h resize))`` (each axis its own factor), then
+    a crop of ``out_hw`` centred (``int((new - out) / 2)``) and moved by ``crop_shift``
+    ``(dx, dy)`` pixels (SimpleBEV draws ``int(U(-o, o))`` per axis, ``o = int(h (1 - 0.8))``,
+    ``train_nuscenes.py``). At validation: ``resize = 1``, no shift (the image resized to
+    ``out_hw``). Pixel-corner coordinates."""
+    (h_raw, w_raw), (h, w) = raw_hw, out_hw
+    new_w, new_h = int(w * resize), int(h * resize)
+    crop_w = int((new_w - w) / 2) + int(crop_shift[0])
+    crop_h = int((new_h - h) / 2) + int(crop_shift[1])
+    return np.array([[new_w / w_raw, 0.0, -crop_w], [0.0, new_h / h_raw, -crop_h], [0.0, 0.0, 1.0]])

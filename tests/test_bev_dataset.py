@@ -28,6 +28,9 @@ INFO = FIXTURES / "nuscenes_frame" / "n015-2018-07-24-11-22-45+0800.pkl"
 ORDER = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT"]
 S = 476 / 1600  # default resize: W / W_raw
 CROP_Y = 900 * S - 224  # the bottom 224 rows of the 267.75-row resized image are kept
+# the named options these tests check by hand: labels on the cell-centre lattice in the full ego frame,
+# the fixed-scale bottom crop (PointBeV's labels and images: tests/test_bev_pointbev_pipeline.py)
+OURS = dict(raster="polygon", image_augment="bottom_crop")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def nusc(root):
 
 @pytest.fixture(scope="module")
 def ds(root):
-    return NuScenesBev(root, "v1.0-mini", "train")
+    return NuScenesBev(root, "v1.0-mini", "train", **OURS)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def test_sample_keys_shapes_and_dtypes(ds, sample, nusc):
     expected = {"images": ((6, 3, 224, 476), torch.float32), "intrinsics": ((6, 3, 3), torch.float32),
                 "cam2ego": ((6, 4, 4), torch.float32), "seg": ((1, 200, 200), torch.float32),
                 "visibility": ((1, 200, 200), torch.uint8), "centerness": ((1, 200, 200), torch.float32),
-                "offset": ((2, 200, 200), torch.float32)}
+                "offset": ((2, 200, 200), torch.float32), "valid_centerness": ((1, 200, 200), torch.bool)}
     assert set(sample) == set(expected) | {"token"}
     for key, (shape, dtype) in expected.items():
         assert tuple(sample[key].shape) == shape and sample[key].dtype == dtype, key
@@ -124,7 +127,7 @@ def test_seg_shows_the_truck_where_it_is(ds, sample):
     assert len(boxes) == 13
     assert ((np.abs(boxes[:, 0]) < 50) & (np.abs(boxes[:, 1]) < 50)).sum() == 6
     np.testing.assert_array_equal(seg, rasterize_footprints(
-        [((b[0], b[1]), (b[3], b[4]), b[6]) for b in boxes], G.BevGrid()))
+        [((b[0], b[1]), (b[3], b[4]), b[6]) for b in boxes], G.BevGrid(), raster="polygon"))
     labels, _ = ndimage.label(seg > 0)
     truck = labels == labels[132, 109]
     assert labels[132, 109] > 0 and truck.sum() > 40
@@ -167,7 +170,7 @@ def test_vehicle_box_projects_into_the_camera_that_sees_it(ds, sample, nusc):
 
 
 def test_the_dataset_reads_the_same_sample_with_a_given_devkit_and_a_dict_grid(root, nusc, sample):
-    small = NuScenesBev(root, "v1.0-mini", "train", grid={"x_bounds": [-25, 25], "y_bounds": [-25, 25]},
+    small = NuScenesBev(root, "v1.0-mini", "train", **OURS, grid={"x_bounds": [-25, 25], "y_bounds": [-25, 25]},
                         cameras=["CAM_FRONT", "CAM_BACK"], nusc=nusc)
     s = small[0]
     assert s["seg"].shape == (1, 100, 100) and s["images"].shape == (2, 3, 224, 476)
@@ -200,7 +203,7 @@ def test_targets_visibility_levels_and_mask_rule():
     assert (off[:, seg == 0] == 0).all()
     # no box: all zero
     empty = bev_targets([], grid)
-    assert all(not v.any() for v in empty.values())
+    assert all(not v.any() for k, v in empty.items() if k != "valid_centerness") and empty["valid_centerness"].all()
 
 
 def test_targets_refuse_bad_input():
@@ -250,7 +253,7 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
     a half-pixel convention slip would be 0.35 px off)."""
     aug_root, points = _root_with_blobs(root, nusc, tmp_path)
 
-    ds = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=["CAM_FRONT"], augment=True, seed=7)
+    ds = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=["CAM_FRONT"], augment=True, seed=7)
     seen = []
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -267,7 +270,7 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
     assert min(np.abs(seen[a] - seen[b]).max() for a in range(3) for b in range(a)) > 1.0
     ds.set_epoch(1)
     torch.testing.assert_close(ds[0]["intrinsics"][0], torch.from_numpy(seen[1]))
-    again = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=["CAM_FRONT"], augment=True, seed=7)
+    again = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=["CAM_FRONT"], augment=True, seed=7)
     again.set_epoch(1)
     torch.testing.assert_close(again[0]["images"], ds[0]["images"])
     rotations = []
@@ -327,9 +330,9 @@ def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_pat
     are the boxes moved by the drawn motion; validation (augment=False) is never moved."""
     aug_root, points = _root_with_blobs(root, nusc, tmp_path)
     cameras = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_BACK"]  # CAM_FRONT first: never SimpleBEV's reference camera
-    plain = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=True, seed=7)
+    plain = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=cameras, augment=True, seed=7)
     for mode in ("pointbev", "simplebev"):
-        ds = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=True, seed=7, bev_augment=mode)
+        ds = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=cameras, augment=True, seed=7, bev_augment=mode)
         flipped_seen = set()
         for seed in range(4):
             s, base = ds.get(0, seed=seed), plain.get(0, seed=seed)
@@ -361,13 +364,13 @@ def test_bev_augment_moves_frame_labels_and_cameras_together(root, nusc, tmp_pat
                 c = inv @ np.r_[b[:3], 1.0]
                 h = inv[:3, :3] @ np.array([math.cos(b[6]), math.sin(b[6]), 0.0])
                 moved_boxes.append(((c[0], c[1]), (b[3], b[4]), math.atan2(h[1], h[0])))
-            np.testing.assert_array_equal(s["seg"][0].numpy(), rasterize_footprints(moved_boxes, ds.grid))
+            np.testing.assert_array_equal(s["seg"][0].numpy(), rasterize_footprints(moved_boxes, ds.grid, raster="polygon"))
             assert s["seg"].sum() > 0
         if mode == "simplebev":
             assert flipped_seen == {True, False}  # both draws met in four seeds
         # reproducible from (seed, index); off without augment (validation)
         np.testing.assert_array_equal(ds.bev_motion(0, seed=3)[0], ds.bev_motion(0, seed=3)[0])
-        val = NuScenesBev(aug_root, "v1.0-mini", "train", cameras=cameras, augment=False, bev_augment=mode)
+        val = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=cameras, augment=False, bev_augment=mode)
         np.testing.assert_array_equal(val.bev_motion(0, seed=3)[0], np.eye(4))
     with pytest.raises(ValueError, match="bev_augment must be one of"):
         NuScenesBev(root, "v1.0-mini", "train", bev_augment="lss")

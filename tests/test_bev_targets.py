@@ -34,7 +34,7 @@ def test_polygon_raster_of_a_box_by_hand():
     box = ((10.1, -5.1), (2.0, 4.0), 0.0)
     corners = footprint_lattice(*box, grid)
     assert sorted(map(tuple, corners.tolist())) == [(116, 87), (116, 91), (124, 87), (124, 91)]
-    mask = rasterize_footprints([box], grid)
+    mask = rasterize_footprints([box], grid, raster="polygon")
     expected = np.zeros(grid.shape, dtype=np.uint8)
     expected[116:125, 87:92] = 1
     np.testing.assert_array_equal(mask, expected)
@@ -43,7 +43,7 @@ def test_polygon_raster_of_a_box_by_hand():
     expected[116:124, 88:92] = 1
     np.testing.assert_array_equal(centre, expected)
     # every target follows the footprint's cells: visibility on the 45 cells, offsets there only
-    t = bev_targets([box + (3,)], grid)
+    t = bev_targets([box + (3,)], grid, raster="polygon")
     assert (t["visibility"][0] == 3).sum() == 45 and (t["visibility"][0] > 0).sum() == 45
     assert (np.abs(t["offset"]).sum(0) > 0).sum() == 45 and t["offset"][:, 124, 87] == pytest.approx(
         [(10.1 + 50) / 0.5 - 124.5, (-5.1 + 50) / 0.5 - 87.5])
@@ -111,7 +111,7 @@ def test_real_frame_vehicles_in_the_grid(tmp_path):
     # PointBeV's polygon labels have 382 cells where the centre rule has 293 (with the scanlines
     # along ego x instead of ego y, OpenCV's rounding gives 383)
     assert rasterize_footprints(boxes, grid, raster="center").sum() == 293
-    mask = rasterize_footprints(boxes, grid)
+    mask = rasterize_footprints(boxes, grid, raster="polygon")
     assert mask.sum() == 382
     labels, n = ndimage.label(mask)
     # six vehicles with their centres in the grid, plus the rear of the bus centred at

@@ -65,18 +65,20 @@ def test_truck_is_at_its_ego_position(nusc):
     assert nearest == pytest.approx([16.19, 4.53], abs=0.02)
 
 
-def test_dataset_labels_are_polygons_by_default(nusc):
-    """NuScenesBev(root, "v1.0-mini", split="all") on the real key frame: PointBeV's polygon labels
-    by default (382 cells; tests/test_bev_targets.py derives the rule), today's centre rule with
-    raster="center" (293 cells), the truck's footprint at ego (16.2, +4.5) m either way."""
+def test_dataset_labels_of_each_raster(nusc):
+    """NuScenesBev(root, "v1.0-mini", split="all") on the real key frame: PointBeV's labels by
+    default (raster="pointbev"; tests/test_bev_pointbev_pipeline.py checks them cell for cell), its
+    fill on the cell-centre lattice with raster="polygon" (382 cells; tests/test_bev_targets.py
+    derives the rule), the centre rule with raster="center" (293 cells), the truck's footprint at
+    ego (16.2, +4.5) m in each."""
     from scipy import ndimage
 
     from bev.data.nuscenes import NuScenesBev
 
     root = nusc.dataroot
     counts = {}
-    for raster in ("polygon", "center"):
-        kwargs = {} if raster == "polygon" else {"raster": "center"}
+    for raster in ("pointbev", "polygon", "center"):
+        kwargs = {} if raster == "pointbev" else {"raster": raster}
         seg = NuScenesBev(root, "v1.0-mini", split="all", nusc=nusc, **kwargs).targets(0)["seg"][0]
         counts[raster] = int(seg.sum())
         labels, _ = ndimage.label(seg > 0)
@@ -86,4 +88,4 @@ def test_dataset_labels_are_polygons_by_default(nusc):
         assert -50 + 0.5 * (rows.mean() + 0.5) == pytest.approx(16.2, abs=0.3)
         assert -50 + 0.5 * (cols.mean() + 0.5) == pytest.approx(4.5, abs=0.3)
         assert seg[132, 91] == 0 and seg[67, 109] == 0  # not mirrored
-    assert counts == {"polygon": 382, "center": 293}
+    assert counts == {"pointbev": 403, "polygon": 382, "center": 293}

@@ -28,6 +28,9 @@ from .targets import RASTERS, bev_targets
 #: ``data.bev_augment``: the random BeV-frame motions of training (:meth:`NuScenesBev.bev_motion`)
 BEV_AUGMENTS = ("none", "pointbev", "simplebev")
 
+#: ``data.image_augment``: the camera image pipelines (:meth:`NuScenesBev.image_affines`)
+IMAGE_AUGMENTS = ("pointbev", "bottom_crop", "simplebev")
+
 #: a split name that selects every scene in the tables (not an official split)
 ALL_SCENES = "all"
 
@@ -91,11 +94,13 @@ def _bad_table_sentence(dataroot: Path, version: str) -> str:
 
 
 def check_label_options(raster: str, bev_augment: str, bev_translation: Sequence[float], bev_yaw_deg: float,
-                        prefix: str = "") -> None:
-    """Refuse, in one sentence, a label rule or BeV augmentation :class:`NuScenesBev` does not
-    know (``prefix``: how the caller names the keys, e.g. ``"data."``)."""
+                        prefix: str = "", image_augment: str = "pointbev") -> None:
+    """Refuse, in one sentence, a label rule, image pipeline or BeV augmentation :class:`NuScenesBev`
+    does not know (``prefix``: how the caller names the keys, e.g. ``"data."``)."""
     if str(raster) not in RASTERS:
         raise ValueError(f"{prefix}raster must be one of {list(RASTERS)}, got {raster!r}.")
+    if str(image_augment) not in IMAGE_AUGMENTS:
+        raise ValueError(f"{prefix}image_augment must be one of {list(IMAGE_AUGMENTS)}, got {image_augment!r}.")
     if str(bev_augment) not in BEV_AUGMENTS:
         raise ValueError(f"{prefix}bev_augment must be one of {list(BEV_AUGMENTS)}, got {bev_augment!r}.")
     trans = [float(v) for v in bev_translation]
@@ -115,7 +120,8 @@ class NuScenesBev(torch.utils.data.Dataset):
       the sample's ``vehicle.*`` boxes (every visibility level; ``min_visibility`` is kept as an
       attribute for :func:`bev.data.targets.visibility_mask`, the cells the loss and IoU count),
       rasterised by ``raster``, in the BeV frame of the sample (the reference ego frame, or the
-      randomly moved one of ``bev_augment``);
+      randomly moved one of ``bev_augment``), and ``valid_centerness`` (the cells PointBeV's
+      centerness loss counts at ``min_visibility``);
     * ``token``: the sample token.
 
     Args:
@@ -131,21 +137,40 @@ class NuScenesBev(torch.utils.data.Dataset):
         min_visibility: the visibility level below which boxes are ignored by the loss and IoU.
         image_size: ``(H, W)`` of the returned images (default 224 x 476, the paper's input
             without upsampler, a multiple of the ViT's 14-pixel patch).
-        resize_scale: the resize factor of the raw images; None means ``W / W_raw`` (476 / 1600).
-            The resized image is cropped to ``image_size`` keeping its bottom rows, centred
-            horizontally (:func:`bev.geometry.image_affine`).
-        augment: random zoom, rotation and horizontal crop position (off: the fixed crop).
+        image_augment: the camera image pipeline (:meth:`image_affines`): ``"pointbev"`` (PointBeV's,
+            :func:`bev.geometry.pointbev_image_affine`: a random resize in ``scale_range``, the sky
+            crop ``crop_up_pct``, a zoom about the centre, a rotation), ``"bottom_crop"`` (a fixed
+            ``resize_scale``, the bottom rows kept, a random horizontal crop position, a zoom
+            anchored at the bottom edge, a rotation: :func:`bev.geometry.image_affine`) or
+            ``"simplebev"`` (SimpleBEV's: the whole image resized to ``image_size`` times a random
+            factor in ``resize_lim``, a randomly shifted centre crop:
+            :func:`bev.geometry.simplebev_image_affine`). Validation takes each pipeline's fixed
+            setting.
+        scale_range: ``"pointbev"``'s resize factor of the raw images, uniform in the range while
+            augmenting, its mean otherwise (github valeoai/PointBeV ``configs/data/augs/
+            scale_0_3.yaml`` ``scale`` = [0.294, 0.308]).
+        crop_up_pct: ``"pointbev"``'s fraction of the resized height kept below the sky crop (same
+            file: 0.83).
+        resize_lim: ``"simplebev"``'s range of the random resize (github aharley/simple_bev
+            ``train_nuscenes.py``: [0.8, 1.2]; its crop shift is ``int(H (1 - resize_lim[0]))``).
+        resize_scale: ``"bottom_crop"``'s resize factor of the raw images; None means ``W / W_raw``
+            (476 / 1600).
+        augment: draw the pipeline's random parts (off: its validation setting).
         zoom: the range of the random zoom (github valeoai/PointBeV,
-            ``configs/data/augs/scale_0_3.yaml`` ``zoom_lim``).
+            ``configs/data/augs/scale_0_3.yaml`` ``zoom_lim``; ``"pointbev"`` and ``"bottom_crop"``).
         rotation_deg: the range of the random in-plane rotation in degrees (same file, ``rot_lim``).
         seed: augmentation draws come from ``np.random.default_rng([seed, epoch, index])``, so a
             sample's augmentation depends only on (seed, epoch, index), in any worker. Call
             :meth:`set_epoch` each epoch (with ``persistent_workers=True`` the workers keep the
             epoch they were started with).
         sigma: the centerness Gaussian's standard deviation in cells.
-        raster: the label rule (:func:`bev.data.targets.rasterize_footprints`): ``"polygon"``,
-            PointBeV's filled footprint polygon (the default), or ``"center"``, the cells whose
-            centre lies inside the footprint.
+        raster: the label rule (:func:`bev.data.targets.bev_targets`): ``"pointbev"`` (the
+            default), PointBeV's labels exactly: its lattice, rounding, fill and overlap rule, from
+            the boxes' bottom corners in PointBeV's yaw-only ego frame
+            (:func:`bev.geometry.yaw_only_pose` of the LiDAR ego pose; the cameras' ``cam2ego`` are
+            given in that frame too); ``"polygon"``, the same fill on the cell-centre lattice
+            (labels aligned with the features) in the full ego frame; or ``"center"``, the cells
+            whose centre lies inside the footprint.
         bev_augment: the random motion of the BeV frame while augmenting (``augment=True``; off
             otherwise, so off at validation), :meth:`bev_motion`: ``"none"``, ``"pointbev"``
             (a random translation and yaw of the BeV frame) or ``"simplebev"`` (SimpleBEV's
@@ -165,7 +190,9 @@ class NuScenesBev(torch.utils.data.Dataset):
                  min_visibility: int = 2, image_size: Sequence[int] = (224, 476),
                  resize_scale: Optional[float] = None, augment: bool = False,
                  zoom: Sequence[float] = (0.95, 1.05), rotation_deg: Sequence[float] = (-2.5, 2.5),
-                 seed: int = 0, sigma: float = 3.0, raster: str = "polygon", bev_augment: str = "none",
+                 image_augment: str = "pointbev", scale_range: Sequence[float] = (0.294, 0.308),
+                 crop_up_pct: float = 0.83, resize_lim: Sequence[float] = (0.8, 1.2),
+                 seed: int = 0, sigma: float = 3.0, raster: str = "pointbev", bev_augment: str = "none",
                  bev_translation: Sequence[float] = (30.0, 20.0, 0.0), bev_yaw_deg: float = 20.0, nusc=None):
         self.dataroot = Path(dataroot).expanduser()
         self.version = str(version)
@@ -177,6 +204,10 @@ class NuScenesBev(torch.utils.data.Dataset):
         self.augment = bool(augment)
         self.zoom = tuple(float(v) for v in zoom)
         self.rotation_deg = tuple(float(v) for v in rotation_deg)
+        self.image_augment = str(image_augment)
+        self.scale_range = tuple(float(v) for v in scale_range)
+        self.crop_up_pct = float(crop_up_pct)
+        self.resize_lim = tuple(float(v) for v in resize_lim)
         self.seed = int(seed)
         self.sigma = float(sigma)
         self.raster = str(raster)
@@ -246,11 +277,18 @@ class NuScenesBev(torch.utils.data.Dataset):
             raise ValueError(f"zoom must be a range (low, high) with 0 < low <= high, got {self.zoom}.")
         if len(self.rotation_deg) != 2 or not self.rotation_deg[0] <= self.rotation_deg[1]:
             raise ValueError(f"rotation_deg must be a range (low, high) with low <= high, got {self.rotation_deg}.")
+        for name in ("scale_range", "resize_lim"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"{name} must be a range (low, high) with 0 < low <= high, got {lo_hi}.")
+        if not 0 < self.crop_up_pct <= 1:
+            raise ValueError(f"crop_up_pct must be the kept fraction of the image height in (0, 1], got {self.crop_up_pct}.")
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
         if not 1 <= self.min_visibility <= 4:
             raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {self.min_visibility}.")
-        check_label_options(self.raster, self.bev_augment, self.bev_translation, self.bev_yaw_deg)
+        check_label_options(self.raster, self.bev_augment, self.bev_translation, self.bev_yaw_deg,
+                            image_augment=self.image_augment)
 
     @classmethod
     def check_split(cls, version: str, split: str, scenes=None) -> None:
@@ -289,17 +327,23 @@ class NuScenesBev(torch.utils.data.Dataset):
         return split, list(official[split])
 
     def _read(self, nusc, scenes: List[dict]):
-        """Per sample: token, image paths, raw sizes, intrinsics, cam2ego and ego-frame boxes."""
+        """Per sample: token, image paths, raw sizes, intrinsics, cam2ego and the boxes (and their
+        bottom corners) in the reference frame: the LiDAR ego pose, with its pitch and roll dropped
+        under ``raster="pointbev"`` as PointBeV does (:func:`bev.geometry.yaw_only_pose`)."""
         self.tokens: List[str] = []
         self._paths: List[Tuple[str, ...]] = []
-        sizes, intrinsics, cam2ego, boxes, starts = [], [], [], [], [0]
+        sizes, intrinsics, cam2ego, boxes, corners, starts = [], [], [], [], [], [0]
+        local = G.box_corners((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.0)[[2, 3, 7, 6]]  # Box.bottom_corners(), unit box
         for scene in scenes:
             token = scene["first_sample_token"]
             while token:
                 sample = nusc.get("sample", token)
                 lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
                 ref = nusc.get("ego_pose", lidar["ego_pose_token"])
-                global2ref = G.transform_matrix(ref["translation"], ref["rotation"], inverse=True)
+                if self.raster == "pointbev":
+                    global2ref = G.invert_rigid(G.yaw_only_pose(ref["translation"], ref["rotation"]))
+                else:
+                    global2ref = G.transform_matrix(ref["translation"], ref["rotation"], inverse=True)
                 paths = []
                 for channel in self.cameras:
                     if channel not in sample["data"]:
@@ -324,6 +368,8 @@ class NuScenesBev(torch.utils.data.Dataset):
                     T = global2ref @ G.transform_matrix(ann["translation"], ann["rotation"])
                     w, l, h = ann["size"]
                     boxes.append([T[0, 3], T[1, 3], T[2, 3], w, l, h, G.rotation_yaw(T[:3, :3]), level])
+                    # the devkit's Box(translation, size, rotation).bottom_corners() moved to the frame
+                    corners.append(((local * np.array([l, w, h])) @ T[:3, :3].T + T[:3, 3])[:, :2])
                 starts.append(len(boxes))
                 self.tokens.append(token)
                 self._paths.append(tuple(paths))
@@ -333,6 +379,7 @@ class NuScenesBev(torch.utils.data.Dataset):
         self._intrinsics = np.stack(intrinsics).reshape(n, c, 3, 3)
         self._cam2ego = np.stack(cam2ego).reshape(n, c, 4, 4)
         self._boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 8)
+        self._corners = np.asarray(corners, dtype=np.float64).reshape(-1, 4, 2)
         self._box_start = np.asarray(starts, dtype=np.int64)
 
     # ------------------------------------------------------------------ access
@@ -349,9 +396,10 @@ class NuScenesBev(torch.utils.data.Dataset):
         return self._boxes[self._box_start[index]:self._box_start[index + 1]].copy()
 
     def image_affines(self, index: int, seed: Optional[int] = None) -> np.ndarray:
-        """``(N, 3, 3)`` pixel affines raw image -> returned image of sample ``index`` (when
-        augmenting: the draws of ``seed`` if given, else this epoch's)."""
-        h, w = self.image_size
+        """``(N, 3, 3)`` pixel affines raw image -> returned image of sample ``index`` under
+        ``image_augment`` (when augmenting: the draws of ``seed`` if given, else this epoch's; one
+        draw per camera, as PointBeV and SimpleBEV draw them)."""
+        size = self.image_size
         if not self.augment:
             rng = None
         elif seed is not None:
@@ -359,13 +407,30 @@ class NuScenesBev(torch.utils.data.Dataset):
         else:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         out = []
-        for h_raw, w_raw in self._sizes[index]:
-            scale = self.resize_scale if self.resize_scale is not None else w / w_raw
-            if rng is None:
-                out.append(G.image_affine((h_raw, w_raw), (h, w), scale))
-            else:
-                out.append(G.image_affine((h_raw, w_raw), (h, w), scale, zoom=rng.uniform(*self.zoom),
-                                          rotation_deg=rng.uniform(*self.rotation_deg), crop_x_frac=rng.uniform()))
+        for raw in self._sizes[index]:
+            raw = (int(raw[0]), int(raw[1]))
+            if self.image_augment == "pointbev":
+                if rng is None:
+                    out.append(G.pointbev_image_affine(raw, size, float(np.mean(self.scale_range)), self.crop_up_pct))
+                else:
+                    out.append(G.pointbev_image_affine(raw, size, rng.uniform(*self.scale_range), self.crop_up_pct,
+                                                       zoom=rng.uniform(*self.zoom),
+                                                       rotation_deg=rng.uniform(*self.rotation_deg)))
+            elif self.image_augment == "simplebev":
+                if rng is None:
+                    out.append(G.simplebev_image_affine(raw, size))
+                else:
+                    reach = int(size[0] * (1 - self.resize_lim[0]))
+                    resize = rng.uniform(*self.resize_lim)
+                    shift = (int(rng.uniform(-reach, reach)), int(rng.uniform(-reach, reach)))
+                    out.append(G.simplebev_image_affine(raw, size, resize, shift))
+            else:  # bottom_crop
+                scale = self.resize_scale if self.resize_scale is not None else size[1] / raw[1]
+                if rng is None:
+                    out.append(G.image_affine(raw, size, scale))
+                else:
+                    out.append(G.image_affine(raw, size, scale, zoom=rng.uniform(*self.zoom),
+                                              rotation_deg=rng.uniform(*self.rotation_deg), crop_x_frac=rng.uniform()))
         return np.stack(out)
 
     def bev_motion(self, index: int, seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -431,12 +496,24 @@ class NuScenesBev(torch.utils.data.Dataset):
             out.append(((x, y), (b[3], b[4]), math.atan2(h[1], h[0]), int(b[7])))
         return out
 
+    def corners(self, index: int, motion: Optional[np.ndarray] = None) -> np.ndarray:
+        """``(M, 4, 2)`` bottom corners ``(x, y)`` of the boxes of sample ``index`` (the devkit's
+        ``Box.bottom_corners()`` order) in the reference frame or, given ``motion``, in the frame it
+        maps to the reference (its inverse applied; PointBeV ``_prepare_points_to_gtimg``)."""
+        c = self._corners[self._box_start[index]:self._box_start[index + 1]]
+        if motion is None:
+            return c.copy()
+        inv = np.linalg.inv(np.asarray(motion, dtype=np.float64))
+        return c @ inv[:2, :2].T + inv[:2, 3]
+
     def targets(self, index: int, motion: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
         """The BeV targets of sample ``index`` alone (no image is read): ``seg``, ``visibility``,
-        ``centerness``, ``offset`` as numpy arrays, in the reference ego frame or, given
-        ``motion`` (:meth:`bev_motion`), in the moved BeV frame."""
+        ``centerness``, ``offset``, ``valid_centerness`` as numpy arrays, in the reference frame
+        or, given ``motion`` (:meth:`bev_motion`), in the moved BeV frame."""
         motion = np.eye(4) if motion is None else np.asarray(motion, dtype=np.float64)
-        return bev_targets(self._moved_boxes(index, motion), self.grid, self.sigma, raster=self.raster)
+        corners = self.corners(index, motion) if self.raster == "pointbev" else None
+        return bev_targets(self._moved_boxes(index, motion), self.grid, self.sigma, raster=self.raster,
+                           min_visibility=self.min_visibility, corners=corners)
 
     def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
         return self.get(index)
@@ -482,4 +559,4 @@ class NuScenesBev(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"NuScenesBev({len(self)} samples, {self.version} {self.split!r}, {len(self.scenes)} scenes, "
                 f"{len(self.cameras)} cameras, images {self.image_size}, augment={self.augment}, "
-                f"raster={self.raster!r}, bev_augment={self.bev_augment!r})")
+                f"image_augment={self.image_augment!r}, raster={self.raster!r}, bev_augment={self.bev_augment!r})")
