@@ -25,11 +25,15 @@ class BevData:
     scenes: Any = MISSING  # null, a list of scene names, {split: [names]}, or a JSON file
     cameras: List[str] = MISSING
     image_size: List[int] = MISSING
-    resize_scale: Optional[float] = MISSING
+    image_augment: str = MISSING  # pointbev | bottom_crop | simplebev (bev.data.nuscenes.NuScenesBev.image_affines)
     augment: bool = MISSING
+    scale_range: List[float] = MISSING
+    crop_up_pct: float = MISSING
     zoom: List[float] = MISSING
     rotation_deg: List[float] = MISSING
-    raster: str = MISSING  # polygon | center (bev.data.targets.rasterize_footprints)
+    resize_lim: List[float] = MISSING
+    resize_scale: Optional[float] = MISSING
+    raster: str = MISSING  # pointbev | polygon | center (bev.data.targets.bev_targets)
     bev_augment: str = MISSING  # none | pointbev | simplebev (bev.data.nuscenes.NuScenesBev.bev_motion)
     bev_translation: List[float] = MISSING
     bev_yaw_deg: float = MISSING
@@ -61,6 +65,7 @@ class Encoder:
 
 @dataclass
 class Loss:
+    name: str = MISSING  # pointbev | simplebev (bev.losses.LOSSES)
     pos_weight: float = MISSING
     seg_scale: float = MISSING
     learned_weights: bool = MISSING

@@ -1,6 +1,22 @@
-"""SimpleBEV's losses and their learned weighting, with the visibility mask.
+"""The BeV losses: PointBeV's (``loss.name=pointbev``, the paper setting's) and SimpleBEV's
+(``loss.name=simplebev``), each with the learned weighting and the visibility mask.
 
-Facts taken from SimpleBEV (github aharley/simple_bev, ``train_nuscenes.py`` and
+PointBeV's (github valeoai/PointBeV, ``pointbev/models/trainer.py`` ``_common_step_losses`` and
+``_get_masks``, ``pointbev/loss/segmentation.py`` ``BCELoss`` and ``SpatialLoss``,
+``pointbev/loss/common.py`` ``Weighting`` in its ``learned`` mode, ``configs/train.yaml``):
+
+* segmentation: ``BCEWithLogits(pos_weight=2.13)``, mean over the cells of ``valid_binimg`` (the
+  visibility mask) and, for a sparse head, its predicted cells;
+* centerness: plain MSE, mean over the cells of ``valid_centerness`` (the targets' mask around the
+  boxes seen less than ``min_visibility``; and a sparse head's cells);
+* offsets: L1, mean over both channels of the cells whose target is not the ignore value 255
+  (the cells of a box) within the segmentation's mask; the targets are integer offsets;
+* each mean ``sum(loss * mask) / (sum(mask) + 1e-6)``;
+* weighting: one learned ``w`` per term, initialised to 0, ``term * c * exp(-w) + 0.5 w`` with
+  ``c = 10`` for the segmentation and 0.5 for the others; the total is the *mean* of the three
+  (``total_loss / len(losses)``), which is what the gradient clip at 5 sees.
+
+SimpleBEV's: facts taken from SimpleBEV (github aharley/simple_bev, ``train_nuscenes.py`` and
 ``nets/segnet.py``), also used by PointBeV (github valeoai/PointBeV, ``configs/train.yaml``:
 ``pos_weight: 2.13``, ``weights_kwargs.mode: learned``):
 
@@ -14,6 +30,9 @@ Facts taken from SimpleBEV (github aharley/simple_bev, ``train_nuscenes.py`` and
 
 Cells of vehicle boxes whose nuScenes visibility level is below ``min_visibility`` are ignored
 by every term (:func:`bev.data.targets.visibility_mask`).
+
+Both keep the learned weights under the same names (``ce_weight``, ``center_weight``,
+``offset_weight``).
 """
 
 from __future__ import annotations
@@ -69,3 +88,42 @@ class SimpleBevLoss(nn.Module):
                  + center / (2 * torch.exp(self.center_weight)) + 0.5 * self.center_weight
                  + offset / (2 * torch.exp(self.offset_weight)) + 0.5 * self.offset_weight)
         return {"loss": total, "bce": ce.detach(), "center": center.detach(), "offset": offset.detach()}
+
+
+class PointBevLoss(SimpleBevLoss):
+    """PointBeV's three terms, masks and weighting (module docstring); ``forward`` returns the total
+    and its parts. The batch needs ``valid_centerness`` (:func:`bev.data.targets.bev_targets`)."""
+
+    def forward(self, out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor],
+                point_mask: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+        if "valid_centerness" not in batch:
+            raise KeyError("loss.name=pointbev needs the targets' valid_centerness map (bev.data.targets.bev_targets) "
+                           "in the batch.")
+        seg = batch["seg"].float()
+        valid = visibility_mask(batch["seg"], batch["visibility"], self.min_visibility)
+        centre_valid = batch["valid_centerness"].bool()
+        if point_mask is not None:
+            valid = valid & point_mask
+            centre_valid = centre_valid & point_mask
+        bce = F.binary_cross_entropy_with_logits(out["seg"].float(), seg, reduction="none", pos_weight=self.pos_weight)
+        ce = masked_mean(bce, valid)
+        center = masked_mean((out["centerness"].float() - batch["centerness"].float()) ** 2, centre_valid)
+        l1 = (out["offset"].float() - batch["offset"].float()).abs()  # (B, 2, X, Y)
+        offset = masked_mean(l1, (valid & (batch["seg"] > 0)).expand_as(l1))
+        terms = (self.seg_scale * ce * torch.exp(-self.ce_weight) + 0.5 * self.ce_weight,
+                 0.5 * center * torch.exp(-self.center_weight) + 0.5 * self.center_weight,
+                 0.5 * offset * torch.exp(-self.offset_weight) + 0.5 * self.offset_weight)
+        total = (terms[0] + terms[1] + terms[2]) / 3
+        return {"loss": total, "bce": ce.detach(), "center": center.detach(), "offset": offset.detach()}
+
+
+#: ``loss.name`` -> the loss class (``configs/loss/<name>.yaml``)
+LOSSES = {"pointbev": PointBevLoss, "simplebev": SimpleBevLoss}
+
+
+def build_loss(name: str = "pointbev", **options) -> SimpleBevLoss:
+    """The BeV loss ``name`` (:data:`LOSSES`) with ``options`` (``pos_weight``, ``seg_scale``,
+    ``learned_weights``, ``min_visibility``)."""
+    if name not in LOSSES:
+        raise ValueError(f"loss.name must be one of {sorted(LOSSES)}, got {name!r}.")
+    return LOSSES[name](**options)

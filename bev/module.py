@@ -1,5 +1,6 @@
 """LightningModule of BeV vehicle segmentation: encoder (frozen backbone + upsampler), a BeV head,
-SimpleBEV's losses, IoU under the visibility mask, pictures.
+the loss (:mod:`bev.losses`: PointBeV's by default), IoU under the visibility mask, pictures, and
+the best validation IoU kept with its weights.
 
 The recipe (the paper's, which takes PointBeV's: github valeoai/PointBeV ``configs/model/
 optimizer/adamW.yaml`` and ``configs/model/scheduler/onecycle.yaml``): AdamW, lr 3e-4, weight
@@ -27,7 +28,7 @@ from torch import nn
 from torchmetrics.classification import BinaryJaccardIndex
 
 from .data.targets import visibility_mask
-from .losses import SimpleBevLoss
+from .losses import PointBevLoss, SimpleBevLoss
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,57 @@ class VisibleIoU(BinaryJaccardIndex):
         return tp / union if union > 0 else torch.zeros_like(union)
 
 
+class BestValidation(L.Callback):
+    """Keeps the weights of the best validation: after every validation whose ``key`` IoU (the
+    trained visibility level's) beats the best so far (strictly: the earliest of equal ones
+    stays), the full state is saved to ``<dirpath>/best.ckpt`` (atomic, like every checkpoint of
+    the run; under DDP every rank has the same IoU, from counts summed over ranks, and rank 0
+    writes). PointBeV's model selection (github valeoai/PointBeV ``configs/callbacks/
+    default_pl.yaml``: ``ModelCheckpoint`` on the validation IoU, ``mode: max``, ``save_top_k: 1``;
+    ``pointbev/train.py`` then evaluates ``best_model_path`` on the validation set).
+
+    :attr:`best` (``{"step", "iou", "iou_vis1", ...}``) travels in every checkpoint (callback state,
+    and ``checkpoint["best_validation"]`` for a reader of ``best.ckpt``). The step checkpoint of a
+    validated step is written after its validation (:class:`jafar.runs.common.StepCheckpoint`
+    ``validate_every``), so a resumed run knows the best of every step before it, and a run killed
+    between ``best.ckpt`` and ``last.ckpt`` redoes that step and writes the same file again."""
+
+    FILE = "best.ckpt"
+
+    def __init__(self, dirpath, key: str):
+        self.dirpath, self.key = Path(dirpath), str(key)
+        self.best: Optional[dict] = None
+
+    @property
+    def state_key(self) -> str:
+        return "BestValidation"
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict.get("best")
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.FILE
+
+    def _better(self, candidate: Optional[dict]) -> bool:
+        return candidate is not None and (self.best is None or candidate["iou"] > self.best["iou"])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.key not in pl_module.val_results:
+            return
+        candidate = {"step": int(trainer.global_step), "iou": float(pl_module.val_results[self.key]),
+                     **{k: float(v) for k, v in pl_module.val_results.items()}}
+        if self._better(candidate):
+            self.best = candidate
+            trainer.save_checkpoint(self.path)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["best_validation"] = self.best
+
+
 class BevSegmentation(L.LightningModule):
     def __init__(self, encoder: nn.Module, head: nn.Module, loss: Optional[SimpleBevLoss] = None,
                  lr: float = 3e-4, weight_decay: float = 1e-7, betas: Sequence[float] = (0.9, 0.999),
@@ -70,7 +122,7 @@ class BevSegmentation(L.LightningModule):
         super().__init__()
         self.encoder, self.head = encoder, head
         self.optimizer_factory = optimizer
-        self.loss = loss or SimpleBevLoss()
+        self.loss = loss or PointBevLoss()
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
         self.scheduler_factory = scheduler
         self.total_steps = total_steps

@@ -28,8 +28,8 @@ from jafar.utils import derive_seed
 from .config import ROOT, BevConfig, apply_per_model
 from .geometry import BevGrid
 from .heads import HEADS, build_head
-from .losses import SimpleBevLoss
-from .module import BevSegmentation, LabelCounts, prior_baseline
+from .losses import LOSSES, build_loss
+from .module import BestValidation, BevSegmentation, LabelCounts, prior_baseline
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def collate(items):
     return batch
 
 
-def build_datasets(data_cfg: DictConfig, grid: BevGrid):
+def build_datasets(data_cfg: DictConfig, grid: BevGrid, min_visibility: int = 2):
     """``(train, val)`` data sets from one load of the devkit tables per process
     (:func:`bev.data.nuscenes.load_tables`): the tables are dropped once both sets have taken
     their compact per-sample arrays, which are all the loader workers receive."""
@@ -108,8 +108,9 @@ def build_datasets(data_cfg: DictConfig, grid: BevGrid):
     for split in (data_cfg.train_split, data_cfg.val_split):  # a bad split or scenes file: refused before the load
         NuScenesBev.check_split(str(data_cfg.version), str(split), _split_scenes(data_cfg, str(split)))
     nusc = load_tables(str(data_cfg.dataroot), str(data_cfg.version), checked=True)
-    train = build_dataset(data_cfg, str(data_cfg.train_split), grid, augment=bool(data_cfg.augment), nusc=nusc)
-    val = build_dataset(data_cfg, str(data_cfg.val_split), grid, augment=False, nusc=nusc)
+    train = build_dataset(data_cfg, str(data_cfg.train_split), grid, augment=bool(data_cfg.augment), nusc=nusc,
+                          min_visibility=min_visibility)
+    val = build_dataset(data_cfg, str(data_cfg.val_split), grid, augment=False, nusc=nusc, min_visibility=min_visibility)
     del nusc
     return train, val
 
@@ -124,14 +125,16 @@ def _split_scenes(data_cfg: DictConfig, split: str):
     return scenes
 
 
-def build_dataset(data_cfg: DictConfig, split: str, grid: BevGrid, augment: bool, nusc=None):
+def build_dataset(data_cfg: DictConfig, split: str, grid: BevGrid, augment: bool, nusc=None, min_visibility: int = 2):
     from .data.nuscenes import NuScenesBev
 
     return NuScenesBev(
         dataroot=str(data_cfg.dataroot), version=str(data_cfg.version), split=split,
         scenes=_split_scenes(data_cfg, split),
         cameras=list(data_cfg.cameras), grid=grid, image_size=tuple(data_cfg.image_size),
-        resize_scale=data_cfg.get("resize_scale"), augment=augment,
+        resize_scale=data_cfg.get("resize_scale"), augment=augment, image_augment=str(data_cfg.image_augment),
+        scale_range=tuple(data_cfg.scale_range), crop_up_pct=float(data_cfg.crop_up_pct),
+        resize_lim=tuple(data_cfg.resize_lim), min_visibility=int(min_visibility),
         zoom=tuple(data_cfg.zoom), rotation_deg=tuple(data_cfg.rotation_deg),
         raster=str(data_cfg.raster), bev_augment=str(data_cfg.bev_augment),  # BeV motion: training only (augment)
         bev_translation=tuple(data_cfg.bev_translation), bev_yaw_deg=float(data_cfg.bev_yaw_deg), nusc=nusc)
@@ -274,7 +277,9 @@ def check_config(cfg: DictConfig) -> None:
     from .data.nuscenes import check_label_options
 
     check_label_options(cfg.data.raster, cfg.data.bev_augment, cfg.data.bev_translation, cfg.data.bev_yaw_deg,
-                        prefix="data.")
+                        prefix="data.", image_augment=cfg.data.image_augment)
+    if str(cfg.loss.name) not in LOSSES:
+        raise ValueError(f"loss.name must be one of {sorted(LOSSES)}, got {cfg.loss.name!r}.")
     if cfg.negative_control not in (None, "shuffle_extrinsics"):
         raise ValueError(f"negative_control must be null or 'shuffle_extrinsics', got {cfg.negative_control!r}.")
     max_steps = cfg.trainer.get("max_steps")
@@ -330,7 +335,7 @@ class BevTraining(runs.Tool):
         grid = build_grid(cfg)
         prepare_data(cfg.data)
         cache_dir = feature_cache_dir(cfg)
-        train_set, val_set = build_datasets(cfg.data, grid)
+        train_set, val_set = build_datasets(cfg.data, grid, int(cfg.min_visibility))
         log.info("%d training samples, %d validation samples; run directory %s", len(train_set), len(val_set), run_dir)
         return {"grid": grid, "cache_dir": cache_dir, "train": train_set, "val": val_set}
 
@@ -354,7 +359,10 @@ class BevTraining(runs.Tool):
         val_every = trainer_kwargs.pop("val_check_interval", None)
         trainer_kwargs["sync_batchnorm"] = sync_batchnorm_applies(trainer_kwargs)
         checkpointing = runs.step_checkpoints(job.checkpoint_dir, cfg.checkpoint_every)
-        trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing, callbacks=job.callbacks,
+        trained = int(cfg.min_visibility)
+        best = BestValidation(job.checkpoint_dir, f"iou_vis{trained}")
+        trainer = runs.make_trainer(run_dir, trainer_kwargs, checkpointing=checkpointing,
+                                    callbacks=[best, *job.callbacks],
                                     run_config=job.identity, tool=self.script, max_steps=-1, max_epochs=-1,
                                     use_distributed_sampler=False)
         bs = int(data_cfg.batch_size)
@@ -365,6 +373,7 @@ class BevTraining(runs.Tool):
         trainer.fit_loop.epoch_loop.max_steps = int(max_steps)  # known only now: it depends on the world size
         # The sampler's one pass (Lightning's "epoch") is the whole run: validation steps are counted here.
         trainer.val_check_interval = validation_interval(val_every, steps_per_epoch, int(max_steps))
+        checkpointing.validate_every = trainer.val_check_interval  # checkpoints of validated steps: after validation
         if world > 1 and trainer.is_global_zero:
             log.warning(devices_sentence(world, bs, len(train_set), steps_per_epoch, int(max_steps), cfg))
         if len(val_set) < world:
@@ -372,7 +381,7 @@ class BevTraining(runs.Tool):
                              f"validates its own samples): use fewer devices or a larger validation split.")
 
         module = BevSegmentation(
-            encoder, head, SimpleBevLoss(**cfg.loss, min_visibility=int(cfg.min_visibility)),
+            encoder, head, build_loss(**cfg.loss, min_visibility=int(cfg.min_visibility)),
             optimizer=runs.build_partial(cfg.optimizer),
             scheduler=runs.build_partial(cfg.scheduler) if cfg.scheduler else None,
             total_steps=int(max_steps), iou_visibilities=(1, 2), picture_dir=str(run_dir / "pictures"),
@@ -394,9 +403,11 @@ class BevTraining(runs.Tool):
             if module.validated_at != trainer.global_step:  # the final weights not validated yet
                 trainer.validate(module, dataloaders=val_loader, verbose=False)
 
-        trained = int(cfg.min_visibility)
         results = {"val": {"iou": module.val_results.get(f"iou_vis{trained}"), **module.val_results,
-                           "trained_min_visibility": trained},
+                           "trained_min_visibility": trained, "step": trainer.global_step},
+                   "best": {**(best.best or {}), "trained_min_visibility": trained,
+                            "checkpoint": str(best.path.relative_to(run_dir)) if best.path.is_relative_to(run_dir)
+                            else str(best.path)},
                    "model": str(cfg.model.name), "upsampler": str(cfg.upsampler.name),
                    "backbone": str(cfg.backbone.name), "negative_control": cfg.negative_control,
                    "min_visibility": trained, "step": trainer.global_step,

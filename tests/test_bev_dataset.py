@@ -247,13 +247,15 @@ def _blob_centre(img, u, v):
     return np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
 
 
-def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
-    """Blobs drawn at the raw projections of ego points land, after the random zoom, rotation and
-    crop, at the projections through the returned intrinsics and cam2ego (measured: within 0.01 px;
-    a half-pixel convention slip would be 0.35 px off)."""
+@pytest.mark.parametrize("image_augment", ["bottom_crop", "pointbev", "simplebev"])
+def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path, image_augment):
+    """Blobs drawn at the raw projections of ego points land, after each pipeline's random resize,
+    zoom, rotation and crop, at the projections through the returned intrinsics and cam2ego
+    (measured: within 0.01 px; a half-pixel convention slip would be 0.35 px off)."""
     aug_root, points = _root_with_blobs(root, nusc, tmp_path)
 
-    ds = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=["CAM_FRONT"], augment=True, seed=7)
+    ds = NuScenesBev(aug_root, "v1.0-mini", "train", raster="polygon", image_augment=image_augment,
+                     cameras=["CAM_FRONT"], augment=True, seed=7)
     seen = []
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -270,7 +272,8 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
     assert min(np.abs(seen[a] - seen[b]).max() for a in range(3) for b in range(a)) > 1.0
     ds.set_epoch(1)
     torch.testing.assert_close(ds[0]["intrinsics"][0], torch.from_numpy(seen[1]))
-    again = NuScenesBev(aug_root, "v1.0-mini", "train", **OURS, cameras=["CAM_FRONT"], augment=True, seed=7)
+    again = NuScenesBev(aug_root, "v1.0-mini", "train", raster="polygon", image_augment=image_augment,
+                        cameras=["CAM_FRONT"], augment=True, seed=7)
     again.set_epoch(1)
     torch.testing.assert_close(again[0]["images"], ds[0]["images"])
     rotations = []
@@ -278,7 +281,35 @@ def test_augmented_images_and_intrinsics_agree(root, nusc, tmp_path):
         ds.set_epoch(epoch)
         A = ds.image_affines(0)[0]
         rotations.append(math.degrees(math.atan2(A[1, 0], A[0, 0])))
-    assert all(-2.5 <= r <= 2.5 for r in rotations) and max(map(abs, rotations)) > 0.1
+    if image_augment == "simplebev":  # SimpleBEV: resize and crop, no rotation
+        assert rotations == [0.0, 0.0, 0.0]
+    else:
+        assert all(-2.5 <= r <= 2.5 for r in rotations) and max(map(abs, rotations)) > 0.1
+
+
+def test_pointbev_and_simplebev_image_affines_by_hand():
+    """PointBeV's validation pipeline on a 1600 x 900 camera to 224 x 476 (scale 0.301, the mean of
+    [0.294, 0.308]): resized to int(481.6) x int(270.9) = 481 x 270, int(0.17 * 270) = 45 sky rows
+    cropped, the 481 x 225 rest stretched to 476 x 224 and centred: u' = 0.301 * 476 / 481 u +
+    (476 - 1600 * 0.301 * 476 / 481) / 2, v' = 0.301 * 224 / 225 v + (224 - (270.9 + 45) * 224 /
+    225) / 2. Training with zoom 1.05: floor(225 * -0.05 / 2) = -6 and floor(481 * -0.05 / 2) =
+    -13 pixels each side, so the region is 455 x 213. SimpleBEV's validation: the whole image
+    resized to 476 x 224."""
+    A = G.pointbev_image_affine((900, 1600), (224, 476), 0.301, 0.83)
+    sx, sy = 0.301 * 476 / 481, 0.301 * 224 / 225
+    np.testing.assert_allclose(A, [[sx, 0, (476 - 1600 * sx) / 2], [0, sy, (224 - (270.9 + 45) * 224 / 225) / 2],
+                                   [0, 0, 1]], rtol=1e-12, atol=1e-12)
+    Z = G.pointbev_image_affine((900, 1600), (224, 476), 0.301, 0.83, zoom=1.05)
+    np.testing.assert_allclose(np.diag(Z)[:2], [0.301 * 476 / 455, 0.301 * 224 / 213], rtol=1e-12)
+    R = G.pointbev_image_affine((900, 1600), (224, 476), 0.301, 0.83, rotation_deg=2.0)
+    centre = np.linalg.solve(A, [238, 112, 1])  # the raw pixel at the output's centre stays there
+    np.testing.assert_allclose(R @ centre, [238, 112, 1], atol=1e-9)
+    assert math.degrees(math.atan2(R[1, 0], R[0, 0])) == pytest.approx(-2.0)  # PIL's rotate(2): counter-clockwise
+    np.testing.assert_allclose(G.simplebev_image_affine((900, 1600), (224, 476)),
+                               [[476 / 1600, 0, 0], [0, 224 / 900, 0], [0, 0, 1]])
+    # resize 1.1, shift (3, -4): 523 x 246, crop int(47 / 2) + 3 = 26, int(22 / 2) - 4 = 7
+    np.testing.assert_allclose(G.simplebev_image_affine((900, 1600), (224, 476), 1.1, (3, -4)),
+                               [[523 / 1600, 0, -26], [0, 246 / 900, -7], [0, 0, 1]])
 
 
 def test_loader_with_workers_and_pinned_memory(ds, sample):

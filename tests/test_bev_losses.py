@@ -1,4 +1,4 @@
-"""SimpleBEV's losses, the visibility mask, the IoU metric and the prior-map baseline, against
+"""PointBeV's and SimpleBEV's losses, the visibility mask, the IoU metric and the prior-map baseline, against
 hand-computed values."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bev.data.targets import visibility_mask
-from bev.losses import SimpleBevLoss, balanced_mse
+from bev.losses import PointBevLoss, SimpleBevLoss, balanced_mse, build_loss
 from bev.module import LabelCounts, VisibleIoU, prior_baseline
 from bev.run import shuffle_extrinsics
 
@@ -47,6 +47,54 @@ def test_loss_terms_by_hand():
     assert abs(out["loss"].item() - (10 * bce + center / 2 + 3.0 / 2)) < 1e-4
     out["loss"].backward()
     assert loss.ce_weight.grad is not None and loss.ce_weight.grad.item() != 0
+
+
+def test_pointbev_loss_by_hand():
+    """PointBeV's terms on a 2 x 2 map (github valeoai/PointBeV pointbev/models/trainer.py
+    _common_step_losses, pointbev/loss/segmentation.py, pointbev/loss/common.py Weighting, worked
+    by hand): BCE on the valid_binimg cells; plain MSE on the valid_centerness cells; L1 mean over
+    both channels of the box cells kept by valid_binimg; learned weights w (here set to 0.3, -0.2,
+    0.1): term * c * exp(-w) + 0.5 w with c = 10, 0.5, 0.5; the total is their mean."""
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, 0.0]]]])
+    seg = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    vis = torch.tensor([[[[4, 0], [1, 3]]]], dtype=torch.uint8)  # (1,0) is 0-40 % visible: ignored
+    valid_c = torch.tensor([[[[True, True], [False, True]]]])     # the targets' mask around that box
+    center_t = torch.tensor([[[[1.0, 0.2], [0.6, 0.0]]]])
+    center_p = torch.tensor([[[[0.5, 0.0], [0.0, 0.5]]]])
+    off_t = torch.zeros(1, 2, 2, 2)
+    off_t[0, :, 0, 0] = torch.tensor([1.0, -2.0])
+    off_t[0, :, 1, 1] = torch.tensor([3.0, 0.0])
+    off_p = torch.zeros(1, 2, 2, 2)
+    off_p[0, :, 1, 0] = torch.tensor([5.0, 5.0])  # on the ignored cell: not counted
+    loss = PointBevLoss(min_visibility=2)
+    with torch.no_grad():
+        loss.ce_weight.fill_(0.3), loss.center_weight.fill_(-0.2), loss.offset_weight.fill_(0.1)
+    batch = {"seg": seg, "visibility": vis, "centerness": center_t, "offset": off_t, "valid_centerness": valid_c}
+    out = loss({"seg": logits, "centerness": center_p, "offset": off_p}, batch)
+    sp = lambda x: math.log1p(math.exp(-x))  # -log(sigmoid(x))
+    eps = 1e-6
+    bce = (2.13 * sp(2.0) + sp(1.0) + 2.13 * sp(0.0)) / (3 + eps)  # cells (0,0), (0,1), (1,1)
+    center = (0.5 ** 2 + 0.2 ** 2 + 0.5 ** 2) / (3 + eps)      # cells (0,0), (0,1), (1,1)
+    offset = (1 + 2 + 3 + 0) / (4 + eps)                          # cells (0,0), (1,1), two channels each
+    assert out["bce"].item() == pytest.approx(bce, rel=1e-6)
+    assert out["center"].item() == pytest.approx(center, rel=1e-6)
+    assert out["offset"].item() == pytest.approx(offset, rel=1e-6)
+    total = (10 * bce * math.exp(-0.3) + 0.15 + 0.5 * center * math.exp(0.2) - 0.1
+             + 0.5 * offset * math.exp(-0.1) + 0.05) / 3
+    assert out["loss"].item() == pytest.approx(total, rel=1e-6)
+    out["loss"].backward()
+    # d total / d w_ce = (-10 bce exp(-w) + 0.5) / 3
+    assert loss.ce_weight.grad.item() == pytest.approx((-10 * bce * math.exp(-0.3) + 0.5) / 3, rel=1e-5)
+    # a sparse head's point mask restricts every term
+    mask = torch.tensor([[[[True, False], [True, True]]]])
+    sparse = loss({"seg": logits, "centerness": center_p, "offset": off_p}, batch, point_mask=mask)
+    assert sparse["bce"].item() == pytest.approx((2.13 * sp(2.0) + 2.13 * sp(0.0)) / (2 + eps), rel=1e-6)
+    assert sparse["center"].item() == pytest.approx((0.5 ** 2 + 0.5 ** 2) / (2 + eps), rel=1e-6)
+    with pytest.raises(KeyError, match="valid_centerness"):
+        loss({"seg": logits, "centerness": center_p, "offset": off_p}, {k: v for k, v in batch.items() if k != "valid_centerness"})
+    assert isinstance(build_loss("simplebev"), SimpleBevLoss) and type(build_loss()) is PointBevLoss
+    with pytest.raises(ValueError, match="loss.name must be one of"):
+        build_loss("focal")
 
 
 def test_balanced_mse_weights_positives_and_negatives_equally():

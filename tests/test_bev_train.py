@@ -1,8 +1,10 @@
 """tools/train_bev.py's composition on a tiny synthetic nuScenes: every upsampler runs training
 and validation steps, results.json is written, and a rerun resumes from the last checkpoint."""
 
+import csv
 import json
 
+import lightning as L
 import pytest
 import torch
 
@@ -63,6 +65,44 @@ def test_killed_run_resumes_exactly(synthetic_root, tmp_path, head):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class KillInValidation(L.Callback):
+    """Dies at the end of the validation of step ``at``, after best.ckpt and before last.ckpt."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_step == self.at and trainer.state.fn == "fit":
+            raise RuntimeError("killed")
+
+
+def test_best_validation_checkpoint_is_kept_and_resumes_exactly(synthetic_root, tmp_path):
+    """Validation after every step of 4: results.json gives the best validation IoU with its
+    step beside the last one, checkpoints/best.ckpt holds that step's weights; runs killed before a
+    step, or inside a validation between best.ckpt and last.ckpt, end with the same best record and
+    the same best weights as the uninterrupted run."""
+    args = ("upsampler=bilinear", "trainer.max_steps=4", "checkpoint_every=1", "trainer.val_check_interval=1",
+            "optimizer.lr=0.05", "prior_baseline=false", "pictures=0")
+    straight = run(compose_demo(synthetic_root, *args), tmp_path / "straight")
+    saved = json.loads((tmp_path / "straight" / "results.json").read_text())
+    best, last = saved["best"], saved["val"]
+    assert last["step"] == 4 and 1 <= best["step"] <= 4 and best["checkpoint"] == "checkpoints/best.ckpt"
+    assert best["iou"] == best["iou_vis2"] >= last["iou"] and straight["best"] == best
+    ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert ckpt["global_step"] == best["step"] and ckpt["best_validation"]["iou"] == best["iou"]
+    history = [float(r["val/iou_vis2"]) for r in csv.DictReader(open(tmp_path / "straight" / "csv" / "metrics.csv"))
+               if r.get("val/iou_vis2")]
+    assert len(history) == 4 and best["iou"] == pytest.approx(max(history)) and history.index(max(history)) + 1 == best["step"]
+    for name, kill in (("before", KillAt(3)), ("inside", KillInValidation(best["step"]))):
+        with pytest.raises(RuntimeError, match="killed"):
+            run(compose_demo(synthetic_root, *args), tmp_path / name, callbacks=[kill])
+        resumed = run(compose_demo(synthetic_root, *args), tmp_path / name)
+        assert resumed["best"] == best, name
+        other = torch.load(tmp_path / name / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+        for k in ckpt["state_dict"]:
+            assert torch.equal(ckpt["state_dict"][k], other[k]), (name, k)
 
 
 def test_bad_config_is_refused_before_any_work(synthetic_root, tmp_path):

@@ -72,6 +72,16 @@ and PointBeV (github valeoai/PointBeV, ``pointbev/models/bevformer.py``,
   weights and values; the other ``num_layers - 1`` layers of PointBeV's model never reach the
   output (nor get a gradient), so we build only that one layer: the same function and the
   same trained weights, without PointBeV's dead layers and their compute.
+* ``"pointbev_all_layers"``: the same output computed as PointBeV's loop computes it, for cost
+  measurements (``tools/bev_cost.py``): ``num_layers`` layers are built and every one runs on the
+  initial query (``DefAttnVT.forward``: ``for i in range(self.n_layers): queries =
+  self.sa_layers[i](query, query_pos)`` ... ``self.last_norm_layers[i](queries)``, and
+  ``BevFormerNetwork.forward`` in ``pointbev/models/bevformer.py`` hands the result to the
+  heads), and all outputs but the last are discarded. Given the same weights for the last layer
+  (``layers[-1]`` here, ``layers[0]`` of ``"pointbev"``), the output is ``"pointbev"``'s; the
+  forward costs ``num_layers`` layers (the FLOPs of the paper's Table 14, which follows
+  PointBeV's code). The first ``num_layers - 1`` layers never get a gradient, as in PointBeV, so
+  multi-process (DDP) training with this mode needs unused parameters to be allowed.
 * ``"chained"``: BEVFormer's encoder as BEVFormer and SimpleBEV's ``Bevformernet`` run it,
   ``num_layers`` layers in sequence, each on the previous one's output, with the learned
   row/column positional embedding above and values without it: a deeper model than the one
@@ -134,7 +144,7 @@ from .common import HEADS, MIN_DEPTH, BevDecoder, check_camera_inputs, output_he
 DEFORM_ATTN_IMPLS = ("pytorch", "mmcv")
 DECODERS = ("conv", "simplebev")
 #: what each encoder layer takes as its query (``layer_query``; module docstring)
-LAYER_QUERIES = ("pointbev", "chained")
+LAYER_QUERIES = ("pointbev", "pointbev_all_layers", "chained")
 
 #: normalised sampling location given to reference points behind a camera: a whole feature map
 #: to the left of and above it, so that learned offsets of a few pixels still sample zeros
@@ -487,8 +497,10 @@ class BEVFormer(nn.Module):
             ResNet-18 BeV decoder and heads).
         deform_attn_impl: ``"pytorch"`` or ``"mmcv"`` (see the module docstring).
         layer_query: ``"pointbev"`` (each layer on the initial query, the query as its own
-            positional embedding: PointBeV's static BEVFormer; one layer built) or ``"chained"``
-            (``num_layers`` layers in sequence, learned row/column embedding); module docstring.
+            positional embedding: PointBeV's static BEVFormer; one layer built),
+            ``"pointbev_all_layers"`` (the same output, with PointBeV's ``num_layers`` layers built
+            and run, all but the last discarded: PointBeV's cost) or ``"chained"`` (``num_layers``
+            layers in sequence, learned row/column embedding); module docstring.
 
     Call: ``head(features (B, N, C, h, w), intrinsics (B, N, 3, 3) in the input image's pixels,
     cam2ego (B, N, 4, 4), image_size (H, W))`` -> ``dict(seg (B, 1, X, Y) logits, centerness
@@ -545,8 +557,9 @@ class BEVFormer(nn.Module):
             self.row_embed = nn.Parameter(torch.rand(xq, latent_dim // 2))
             self.col_embed = nn.Parameter(torch.rand(yq, latent_dim // 2))
         # "pointbev": only the last of PointBeV's num_layers layers reaches the output; it is the
-        # one built (the others would hold weights that never get a gradient)
-        built = num_layers if layer_query == "chained" else 1
+        # one built (the others would hold weights that never get a gradient);
+        # "pointbev_all_layers" builds and runs them all, as PointBeV does
+        built = 1 if layer_query == "pointbev" else num_layers
         self.layers = nn.ModuleList([
             EncoderLayer(latent_dim, num_heads, self_points, cross_points, num_levels, len(heights), ffn_dim,
                          float(dropout), deform_attn_impl) for _ in range(built)])
@@ -585,10 +598,11 @@ class BEVFormer(nn.Module):
 
     def query_pos(self) -> torch.Tensor:
         """``(Q, C)`` the positional embedding: with ``layer_query="chained"``, BEVFormer's
-        learned one (column half, then row half); with ``"pointbev"``, the query parameter itself
+        learned one (column half, then row half); with ``"pointbev"`` (and
+        ``"pointbev_all_layers"``), the query parameter itself
         (PointBeV's ``BeVFormer.forward`` calls its ``query_gen`` twice, for the query and for
         ``query_pos``, and both return the one ``nn.Parameter``)."""
-        if self.layer_query == "pointbev":
+        if self.layer_query != "chained":
             return self.bev_queries
         xq, yq = self.query_shape
         half = self.latent_dim // 2
@@ -603,6 +617,11 @@ class BEVFormer(nn.Module):
             # every PointBeV layer starts again from the initial query, so the output is the last
             # layer's on it (DefAttnVT.forward); the self-attention samples query + query_pos
             query = self.layers[-1](query, query_pos, *context, value_with_pos=True)
+        elif self.layer_query == "pointbev_all_layers":
+            # PointBeV's loop as written: every layer on the initial query, only the last output kept
+            for layer in self.layers:
+                out = layer(query, query_pos, *context, value_with_pos=True)
+            query = out
         else:
             for layer in self.layers:
                 query = layer(query, query_pos, *context)
@@ -632,7 +651,7 @@ class BEVFormer(nn.Module):
         query = self.bev_queries[None].repeat(b, 1, 1).to(latent.dtype)
         # "pointbev": PointBeV's second query_gen call, a copy of the same parameter (a view of it
         # under no_grad would still require grad, which torch's flop counter refuses)
-        query_pos = query if self.layer_query == "pointbev" else self.query_pos()[None].to(latent.dtype)
+        query_pos = query if self.layer_query != "chained" else self.query_pos()[None].to(latent.dtype)
         return query, query_pos, (ref_2d, self.query_shape, values, spatial_shapes, ref_cam, rebatch, views)
 
     def dense(self, query: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -447,7 +447,33 @@ def check_checkpoint_file(path: Path, expected_keys: Sequence[str] = (), given: 
 
 class StepCheckpoint(ModelCheckpoint):
     """:class:`ModelCheckpoint` that also saves the final state when training ends on a step that
-    is not a multiple of ``every_n_train_steps`` (the results are always for saved weights)."""
+    is not a multiple of ``every_n_train_steps`` (the results are always for saved weights).
+
+    ``validate_every`` (training steps; set by a run that validates every that many steps): on a
+    step that is validated, the checkpoint is written after that validation instead of before it
+    (Lightning validates after the step's ``on_train_batch_end``), so it holds what the validation
+    changed (the best IoU so far, ``bev.module.BestValidation``): a run killed during the
+    validation resumes from the previous checkpoint and validates that step again."""
+
+    validate_every: Optional[int] = None
+
+    def _deferred(self, trainer) -> bool:
+        every = self.validate_every
+        return bool(every) and trainer.global_step > 0 and trainer.global_step % int(every) == 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._deferred(trainer):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if (self._deferred(trainer) and not trainer.sanity_checking and trainer.state.fn == "fit"
+                and self._last_global_step_saved != trainer.global_step
+                and trainer.global_step % max(1, self._every_n_train_steps) == 0):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
