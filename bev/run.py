@@ -277,7 +277,8 @@ def check_config(cfg: DictConfig) -> None:
     from .data.nuscenes import check_label_options
 
     check_label_options(cfg.data.raster, cfg.data.bev_augment, cfg.data.bev_translation, cfg.data.bev_yaw_deg,
-                        prefix="data.", image_augment=cfg.data.image_augment)
+                        prefix="data.", image_augment=cfg.data.image_augment, scale_range=cfg.data.scale_range,
+                        crop_up_pct=cfg.data.crop_up_pct, resize_lim=cfg.data.resize_lim)
     if str(cfg.loss.name) not in LOSSES:
         raise ValueError(f"loss.name must be one of {sorted(LOSSES)}, got {cfg.loss.name!r}.")
     if cfg.negative_control not in (None, "shuffle_extrinsics"):

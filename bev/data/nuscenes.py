@@ -94,13 +94,21 @@ def _bad_table_sentence(dataroot: Path, version: str) -> str:
 
 
 def check_label_options(raster: str, bev_augment: str, bev_translation: Sequence[float], bev_yaw_deg: float,
-                        prefix: str = "", image_augment: str = "pointbev") -> None:
-    """Refuse, in one sentence, a label rule, image pipeline or BeV augmentation :class:`NuScenesBev`
-    does not know (``prefix``: how the caller names the keys, e.g. ``"data."``)."""
+                        prefix: str = "", image_augment: str = "pointbev", scale_range: Sequence[float] = (0.294, 0.308),
+                        crop_up_pct: float = 0.83, resize_lim: Sequence[float] = (0.8, 1.2)) -> None:
+    """Refuse, in one sentence, a label rule, image pipeline (or its ranges) or BeV augmentation
+    :class:`NuScenesBev` does not know (``prefix``: how the caller names the keys, e.g. ``"data."``)."""
     if str(raster) not in RASTERS:
         raise ValueError(f"{prefix}raster must be one of {list(RASTERS)}, got {raster!r}.")
     if str(image_augment) not in IMAGE_AUGMENTS:
         raise ValueError(f"{prefix}image_augment must be one of {list(IMAGE_AUGMENTS)}, got {image_augment!r}.")
+    for name, lo_hi in (("scale_range", scale_range), ("resize_lim", resize_lim)):
+        lo_hi = [float(v) for v in lo_hi]
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"{prefix}{name} must be a range [low, high] with 0 < low <= high, got {lo_hi}.")
+    if not 0 < float(crop_up_pct) <= 1:
+        raise ValueError(f"{prefix}crop_up_pct must be the kept fraction of the image height in (0, 1], "
+                         f"got {crop_up_pct}.")
     if str(bev_augment) not in BEV_AUGMENTS:
         raise ValueError(f"{prefix}bev_augment must be one of {list(BEV_AUGMENTS)}, got {bev_augment!r}.")
     trans = [float(v) for v in bev_translation]
@@ -277,18 +285,13 @@ class NuScenesBev(torch.utils.data.Dataset):
             raise ValueError(f"zoom must be a range (low, high) with 0 < low <= high, got {self.zoom}.")
         if len(self.rotation_deg) != 2 or not self.rotation_deg[0] <= self.rotation_deg[1]:
             raise ValueError(f"rotation_deg must be a range (low, high) with low <= high, got {self.rotation_deg}.")
-        for name in ("scale_range", "resize_lim"):
-            lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-                raise ValueError(f"{name} must be a range (low, high) with 0 < low <= high, got {lo_hi}.")
-        if not 0 < self.crop_up_pct <= 1:
-            raise ValueError(f"crop_up_pct must be the kept fraction of the image height in (0, 1], got {self.crop_up_pct}.")
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}.")
         if not 1 <= self.min_visibility <= 4:
             raise ValueError(f"min_visibility must be a nuScenes visibility level 1..4, got {self.min_visibility}.")
         check_label_options(self.raster, self.bev_augment, self.bev_translation, self.bev_yaw_deg,
-                            image_augment=self.image_augment)
+                            image_augment=self.image_augment, scale_range=self.scale_range,
+                            crop_up_pct=self.crop_up_pct, resize_lim=self.resize_lim)
 
     @classmethod
     def check_split(cls, version: str, split: str, scenes=None) -> None:
