@@ -53,15 +53,10 @@ than ``N_fine`` cells lie in the anchors' windows, the ones kept are those of th
 (PointBeV keeps the first ``N_fine`` in raster order); anchors are taken among the predicted
 cells only.
 
-Losses: the BeV core's ``bev.losses.SimpleBevLoss`` with ``point_mask``. PointBeV's learned
-weighting (``pointbev/models/trainer.py``, ``pointbev/loss/common.py``, ``Weighting`` in mode
-``learned``) is SimpleBEV's, ``coeff * exp(-w) * loss + 0.5 w`` with coeff 10 for the
-segmentation and 0.5 for centerness and offset, except that PointBeV divides the sum by the
-number of terms (3): the same optimum, gradients 3x smaller, which AdamW's normalisation
-absorbs (only its epsilon and the gradient clipping at norm 5 see the scale). Its centerness term
-is a plain MSE over the valid cells (``SpatialLoss(norm=2)``, not SimpleBEV's balanced MSE) and
-its offset L1 is averaged over the two channels (SimpleBEV sums them; a constant factor the
-learned weight absorbs). Those two shape only the auxiliary heads; the BeV core's loss is kept.
+Losses: the run's ``loss`` (``bev.losses``; PointBeV's by default, ``loss=pointbev``: its
+terms, masks and learned weighting from ``pointbev/models/trainer.py`` and ``pointbev/loss/``)
+with ``point_mask``, the cells this head predicted, masked into every term as PointBeV's
+``_get_masks`` does.
 
 spconv notes: its sparse max pool starts from 0 (it returns ``max(0, inputs)``; every pool here
 follows a ReLU, so it is the max pool), its 1x1 convs are one matrix product (here
