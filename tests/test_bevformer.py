@@ -313,6 +313,40 @@ def test_layer_query_pointbev_is_the_last_layer_on_the_initial_query():
         assert not torch.allclose(other["seg"], got["seg"])
 
 
+def test_layer_query_pointbev_all_layers_runs_every_layer_and_keeps_pointbev_output():
+    """layer_query="pointbev_all_layers" builds and runs PointBeV's num_layers layers, each on the
+    initial query (pointbev/models/view_transform/attention.py, DefAttnVT.forward), and keeps the
+    last one's output: "pointbev"'s output given the same weights for that layer, at num_layers
+    times the layers' cost; the discarded layers get no gradient (as in PointBeV)."""
+    torch.manual_seed(6)
+    kw = dict(latent_dim=16, num_layers=3, num_heads=2, self_points=2, cross_points=2, ffn_dim=8)
+    every = BEVFormer(6, GRID, layer_query="pointbev_all_layers", **kw).eval()
+    assert len(every.layers) == 3 and not hasattr(every, "row_embed")
+    with torch.no_grad():
+        for name, p in every.named_parameters():
+            if name.endswith(("sampling_offsets.weight", "attention_weights.weight")):
+                p.normal_(0, 0.05)
+    single = BEVFormer(6, GRID, layer_query="pointbev", **kw).eval()
+    own = {k: v for k, v in every.state_dict().items() if not k.startswith("layers.")}
+    own.update({f"layers.0.{k}": v for k, v in every.layers[-1].state_dict().items()})
+    single.load_state_dict(own)
+    calls = []
+    for i, layer in enumerate(every.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+    f, K, T, size = _inputs(batch=1)
+    with torch.no_grad():
+        got, expected = every(f, K, T, size), single(f, K, T, size)
+    assert calls == [0, 1, 2]
+    for key in ("seg", "centerness", "offset"):
+        torch.testing.assert_close(got[key], expected[key])
+    assert every.uncounted_flops(6) == 3 * single.uncounted_flops(6)
+    every.train()
+    out = every(f, K, T, size)
+    (out["seg"].square().mean() + out["offset"].abs().mean()).backward()
+    assert all(p.grad is None for layer in every.layers[:-1] for p in layer.parameters())
+    assert every.layers[-1].ffn[0].weight.grad.abs().sum() > 0
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="query_downsample"):
         BEVFormer(6, GRID, query_downsample=3)
