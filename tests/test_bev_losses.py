@@ -91,8 +91,10 @@ def test_pointbev_loss_by_hand():
     assert sparse["bce"].item() == pytest.approx((2.13 * sp(2.0) + 2.13 * sp(0.0)) / (2 + eps), rel=1e-6)
     assert sparse["center"].item() == pytest.approx((0.5 ** 2 + 0.5 ** 2) / (2 + eps), rel=1e-6)
     with pytest.raises(KeyError, match="valid_centerness"):
-        loss({"seg": logits, "centerness": center_p, "offset": off_p}, {k: v for k, v in batch.items() if k != "valid_centerness"})
-    assert isinstance(build_loss("simplebev"), SimpleBevLoss) and type(build_loss()) is PointBevLoss
+        without = {k: v for k, v in batch.items() if k != "valid_centerness"}
+        loss({"seg": logits, "centerness": center_p, "offset": off_p}, without)
+    assert isinstance(build_loss("simplebev"), SimpleBevLoss)
+    assert type(build_loss()) is PointBevLoss
     with pytest.raises(ValueError, match="loss.name must be one of"):
         build_loss("focal")
 
