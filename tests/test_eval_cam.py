@@ -145,7 +145,7 @@ def test_adcc_formula_by_hand():
     assert adcc(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(1.0)
 
 
-def test_meter_averages_per_image_and_gives_adcc_of_means():
+def test_meter_averages_per_image_and_gives_adcc_of_the_means():
     meter = CamMeter()
     cam = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.5, 1.0]]])
     cam_e = torch.tensor([[[1.0, 3.0, 2.0]], [[0.0, 0.5, 1.0]]])
@@ -158,8 +158,26 @@ def test_meter_averages_per_image_and_gives_adcc_of_means():
     # image 1: clamped maps (1, 1, 1) -> constant -> coherency 0, ADCC 0; image 2: r = 1
     assert out["coherency"] == pytest.approx(0.5)
     assert out["complexity"] == pytest.approx((1.0 + 0.5) / 2)
-    assert out["adcc"] == pytest.approx((0.0 + 3 / (1 / 1 + 1 / 0.5 + 1 / 1)) / 2)
-    assert out["adcc_of_means"] == pytest.approx(3 / (1 / 0.5 + 1 / 0.25 + 1 / 0.75))
+    assert out["adcc_mean_per_image"] == pytest.approx((0.0 + 3 / (1 / 1 + 1 / 0.5 + 1 / 1)) / 2)
+    assert out["adcc"] == pytest.approx(3 / (1 / 0.5 + 1 / 0.25 + 1 / 0.75))  # of the means (1 - 0.75, 1 - 0.25)
+
+
+#: the paper's Table 2 (A.D, Coh., Cplx., ADCC in %), transcribed from ../shared/reference/jafar_paper.md
+TABLE_2 = {"Bilinear": (19.0, 88.8, 59.9, 61.7), "Large Image (x8)": (48.8, 67.9, 38.0, 59.5),
+           "Strided": (19.8, 85.9, 54.2, 65.3), "CARAFE": (49.9, 66.9, 34.9, 59.7), "SAPA": (8.5, 96.5, 69.6, 55.4),
+           "Dysample": (17.8, 90.2, 60.7, 61.6), "ReSFU": (14.5, 92.1, 64.2, 59.4), "FeatUp": (15.3, 91.6, 58.2, 64.3),
+           "LIFT": (66.9, 65.2, 9.4, 53.0), "JAFAR": (17.4, 91.4, 44.1, 73.3)}
+
+
+@pytest.mark.parametrize("row", list(TABLE_2))
+def test_the_paper_table_2_adcc_is_the_adcc_of_its_column_means(row):
+    """Equation 10 by hand on the printed means gives every printed ADCC of Table 2 to 0.1
+    (JAFAR: 3 / (100/91.4 + 100/55.9 + 100/82.6) = 73.3), and our adcc() gives the same."""
+    drop, coh, cplx, printed = TABLE_2[row]
+    by_hand = 300 / (100 / coh + 100 / (100 - cplx) + 100 / (100 - drop))
+    assert abs(by_hand - printed) <= 0.1 + 1e-9
+    ours = 100 * adcc(torch.tensor([drop / 100]), torch.tensor([coh / 100]), torch.tensor([cplx / 100])).item()
+    assert ours == pytest.approx(by_hand, rel=1e-6)
     assert CamMeter().compute()["images"] == 0
 
 
