@@ -141,7 +141,9 @@ def test_trainval_tables_have_the_real_splits_and_record_ratios(trainval_root):
     assert 20 * 164 <= counts["sample_annotation"] <= 48 * 164
     sample = train[0]
     assert sample["images"].shape == (6, 3, 224, 476) and len(train.boxes(0)) > 0
-    assert sample["intrinsics"][1, 0, 2] == pytest.approx(816.2670 * 476 / 1600, rel=1e-5)
+    # PointBeV's validation pipeline: scale 0.301, 481 columns stretched to 476 and centred
+    sx = 0.301 * 476 / 481
+    assert sample["intrinsics"][1, 0, 2] == pytest.approx(816.2670 * sx + (476 - 1600 * sx) / 2, rel=1e-5)
 
 
 def test_tables_are_loaded_once_for_train_and_val(trainval_root, monkeypatch):
@@ -164,7 +166,7 @@ def test_tables_are_loaded_once_for_train_and_val(trainval_root, monkeypatch):
 
 
 def test_feature_cache_never_hits_across_settings_that_change_the_features(synthetic_root, tmp_path, caplog):
-    """Changing data.image_size, the resize scale or the camera order gives another cache file (a
+    """Changing data.image_size, the resize scale range or the camera order gives another cache file (a
     miss), the same settings read their own file back (a hit); without encoder.cache_dir the cache
     goes under the data root, said in the log; float16 is stored by default."""
     import logging
@@ -190,7 +192,7 @@ def test_feature_cache_never_hits_across_settings_that_change_the_features(synth
     assert len(new) == 1 and torch.load(next(iter(new)))["features"].dtype == torch.float16
     again, new = features()
     assert not new and torch.equal(again, base)  # a hit: the stored features
-    for change in ("data.image_size=[48,96]", "data.resize_scale=0.05",
+    for change in ("data.image_size=[48,96]", "data.scale_range=[0.2,0.2]",
                    "data.cameras=[CAM_FRONT,CAM_FRONT_LEFT,CAM_FRONT_RIGHT,CAM_BACK_LEFT,CAM_BACK,CAM_BACK_RIGHT]"):
         _, new = features(change)
         assert len(new) == 1, change  # a miss: computed and stored under another name

@@ -68,7 +68,7 @@ def test_backbone_configs_name_known_models(path: Path):
 def test_one_tree_one_root_per_tool_no_computed_groups():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["eval_2d.yaml", "pretrain.yaml", "train_bev.yaml"]
     assert sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()) == [
-        "backbone", "data", "dataset", "experiment", "model", "task", "upsampler"]
+        "backbone", "data", "dataset", "experiment", "loss", "model", "task", "upsampler"]
     assert sorted(p.name for p in (CONFIGS / "experiment").iterdir()) == sorted(TOOLS)
     for path in CONFIGS.rglob("*.yaml"):
         cfg = OmegaConf.load(path)

@@ -6,7 +6,10 @@ the registry imports every module of this package on its first lookup):
 * ``jafar.py``: JAFAR (the architecture, its official releases and checkpoint adapter);
 * ``interpolate.py``: nearest, bilinear, bicubic (training-free);
 * ``reencode.py``: the paper's "Large Image" and "Strided" rows (the backbone again);
-* ``featup.py``: FeatUp's JBU stack (and its releases); ``lift.py``: LiFT.
+* ``featup.py``: FeatUp's JBU stack (and its releases); ``lift.py``: LiFT;
+* the task-dependent baselines of the paper's Tables 1-2, pure PyTorch: ``carafe.py`` (MMCV's
+  CARAFEPack), ``dysample.py`` (DySample), ``sapa.py`` (SAPA, guided by the image), ``resfu.py``
+  (ReSFU as reconstructed from its paper, guided by the image).
 
 :func:`build_upsampler` is the public entry (also ``jafar.build_upsampler``): it takes the
 backbone's width from ``backbone`` when ``feature_dim`` is omitted, then calls the registered

@@ -184,15 +184,16 @@ class ReSFU(Upsampler):
         return self
 
     def describe(self) -> str:
-        return (f"ReSFU (direct to the output size, k={self.kernel_size}, fine-grained neighbours; guidance: the "
-                f"image, conv-embedded), weights: {self.weights_source}.")
+        return (f"ReSFU as reconstructed here from its paper's stated design (not the authors' module: alignment, "
+                f"similarity and neighbour forms are our choices; direct to the output size, k={self.kernel_size}; "
+                f"guidance: the image, conv-embedded), weights: {self.weights_source}.")
 
     def extra_repr(self) -> str:
         return (f"feature_dim={self.feature_dim}, kernel_size={self.kernel_size}, embedding_dim={self.embedding_dim}, "
                 f"guidance_dim={self.guidance_dim}, weights={self.weights_source!r}")
 
 
-@register_upsampler("resfu", summary="ReSFU (direct similarity-based upsampling to the output size)")
+@register_upsampler("resfu", summary="ReSFU reconstructed from its paper (direct similarity-based upsampling to the output size)")
 def resfu(feature_dim=None, checkpoint=None, backbone=None, **options) -> ReSFU:
     """``checkpoint``: one of our trained ReSFU state dicts (a path); options: :class:`ReSFU`'s."""
     if feature_dim is None:
