@@ -134,3 +134,51 @@ def no_options(name: str, checkpoint, options: dict) -> None:
     if checkpoint is not None or options:
         given = dict(options, **({"checkpoint": checkpoint} if checkpoint is not None else {}))
         raise ValueError(f"the {name!r} upsampler takes no checkpoint or options, got {given}.")
+
+
+class LearnedUpsampler(Upsampler):
+    """An upsampler with weights, built for one feature width ``feature_dim``: the width check
+    (:meth:`check_width`, one sentence naming the class's ``label``) and :meth:`load_weights`
+    (a state dict of the module, optionally under ``state_dict`` and with ``module.`` prefixes,
+    read without running pickled code)."""
+
+    feature_dim: int
+    #: how the messages name the upsampler
+    label: str = "upsampler"
+    weights_source = "random init"
+
+    def check_width(self, features: torch.Tensor) -> None:
+        if features.shape[1] != self.feature_dim:
+            raise ValueError(f"{self.label} built for {self.feature_dim}-channel features got {features.shape[1]}.")
+
+    def load_weights(self, path):
+        """Load a state dict of this module (upstream's where the parameter names follow it)."""
+        from .. import hub
+
+        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
+        hub.load_into(self, state, path, f"{type(self).__name__}(feature_dim={self.feature_dim})")
+        self.weights_source = str(path)
+        return self
+
+
+class StackedUpsampler(LearnedUpsampler):
+    """The task-dependent upsamplers as the paper's appendix A.2 stacks them: the modules in
+    ``self.stages`` applied in turn (each ``stage(x)``, or ``stage(image, x)`` when ``guided``),
+    then bilinear (``align_corners=False``) to the output size when it differs."""
+
+    guided: bool = False
+    stages: nn.ModuleList
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
+        size = check_output_size(output_size)
+        check_features(features)
+        if self.guided:
+            check_image(image, features)
+            image = image.to(features.dtype)
+        self.check_width(features)
+        x = features
+        for stage in self.stages:
+            x = stage(image, x) if self.guided else stage(x)
+        if tuple(x.shape[-2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x

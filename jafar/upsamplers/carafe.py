@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from .base import Upsampler, check_features, check_output_size, register_upsampler
+from .base import StackedUpsampler, register_upsampler
 
 
 def carafe_reassemble(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
@@ -87,10 +86,12 @@ class CARAFEStage(nn.Module):
         return carafe_reassemble(x, self.kernels(x), self.up_kernel, self.up_group, self.scale_factor)
 
 
-class CARAFE(Upsampler):
+class CARAFE(StackedUpsampler):
     """``stages`` CARAFEPack stages (x``scale_factor`` each; four x2 = x16, the paper's setting),
     then bilinear (``align_corners=False``) to ``output_size``. Feature-only: the image is not
     used. Weights: random (task-dependent: trained with the probe) unless :meth:`load_weights`."""
+
+    label = "CARAFE"
 
     def __init__(self, feature_dim: int, stages: int = 4, scale_factor: int = 2, up_kernel: int = 5, up_group: int = 1,
                  encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64):
@@ -103,25 +104,6 @@ class CARAFE(Upsampler):
             CARAFEStage(self.feature_dim, scale_factor, up_kernel, up_group, encoder_kernel, encoder_dilation,
                         compressed_channels) for _ in range(stages))
         self.weights_source = "random init"
-
-    def forward(self, image, features: torch.Tensor, output_size) -> torch.Tensor:
-        size = check_output_size(output_size)
-        check_features(features)
-        if features.shape[1] != self.feature_dim:
-            raise ValueError(f"CARAFE built for {self.feature_dim}-channel features got {features.shape[1]}.")
-        x = features
-        for stage in self.stages:
-            x = stage(x)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
-    def load_weights(self, path) -> "CARAFE":
-        """Load a state dict of this module (``stages.<n>.channel_compressor`` ...)."""
-        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        hub.load_into(self, state, path, f"CARAFE(feature_dim={self.feature_dim})")
-        self.weights_source = str(path)
-        return self
 
     def describe(self) -> str:
         o = self.options

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from .base import Upsampler, check_features, check_output_size, register_upsampler
+from .base import StackedUpsampler, register_upsampler
 
 STYLES = ("lp", "pl")
 
@@ -96,10 +95,12 @@ class DySampleStage(nn.Module):
         return dysample_sample(x, self.offsets(x), self.scale, self.groups)
 
 
-class DySample(Upsampler):
+class DySample(StackedUpsampler):
     """``stages`` DySample modules (x``scale`` each; four x2 = x16, the paper's setting), then
     bilinear (``align_corners=False``) to ``output_size``. Feature-only: the image is not used.
     Weights: random (task-dependent: trained with the probe) unless :meth:`load_weights`."""
+
+    label = "DySample"
 
     def __init__(self, feature_dim: int, stages: int = 4, scale: int = 2, style: str = "lp", groups: int = 4,
                  dyscope: bool = False):
@@ -108,25 +109,6 @@ class DySample(Upsampler):
         self.options = dict(stages=stages, scale=scale, style=style, groups=groups, dyscope=dyscope)
         self.stages = nn.ModuleList(DySampleStage(self.feature_dim, scale, style, groups, dyscope) for _ in range(stages))
         self.weights_source = "random init"
-
-    def forward(self, image, features: torch.Tensor, output_size) -> torch.Tensor:
-        size = check_output_size(output_size)
-        check_features(features)
-        if features.shape[1] != self.feature_dim:
-            raise ValueError(f"DySample built for {self.feature_dim}-channel features got {features.shape[1]}.")
-        x = features
-        for stage in self.stages:
-            x = stage(x)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
-    def load_weights(self, path) -> "DySample":
-        """Load a state dict of this module (``stages.<n>.offset`` ...)."""
-        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        hub.load_into(self, state, path, f"DySample(feature_dim={self.feature_dim})")
-        self.weights_source = str(path)
-        return self
 
     def describe(self) -> str:
         o = self.options

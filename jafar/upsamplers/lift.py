@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from .base import Upsampler, check_features, check_image, check_output_size, register_upsampler
+from .base import LearnedUpsampler, check_features, check_image, check_output_size, register_upsampler
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1, bias: bool = True):
@@ -36,10 +35,12 @@ class _LiftUp(nn.Module):
         return self.conv_1.double_conv(torch.cat([self.up(x), guidance], dim=1))
 
 
-class LiFT(Upsampler):
+class LiFT(LearnedUpsampler):
     """LiFT: x2 features from the features and the image, then bilinear to ``output_size`` (the
     paper's usage of LiFT as a baseline). Weights: random unless :meth:`load_weights` is given a
     released module (upstream's releases are for DINO v1 ViTs, key facet of layer 11)."""
+
+    label = "LiFT"
 
     def __init__(self, feature_dim: int):
         super().__init__()
@@ -60,19 +61,11 @@ class LiFT(Upsampler):
         size = check_output_size(output_size)
         check_features(features)
         check_image(image, features)
-        if features.shape[1] != self.feature_dim:
-            raise ValueError(f"LiFT built for {self.feature_dim}-channel features got {features.shape[1]}.")
+        self.check_width(features)
         x = self.upsample2(image, features)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
-
-    def load_weights(self, path) -> "LiFT":
-        """Load a released LiFT module (a state dict, ``module.`` prefixes stripped) or ours."""
-        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        hub.load_into(self, state, path, f"LiFT(feature_dim={self.feature_dim})")
-        self.weights_source = str(path)
-        return self
 
     def describe(self) -> str:
         return (f"LiFT (x2 then bilinear), weights: {self.weights_source}. LiFT's released modules are for "

@@ -53,8 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from .base import Upsampler, check_features, check_image, check_output_size, register_upsampler
+from .base import LearnedUpsampler, check_features, check_image, check_output_size, register_upsampler
 
 #: gathered neighbourhood elements per chunk of output rows (``B * C * rows * W * k * k``)
 CHUNK_ELEMENTS = 1 << 24
@@ -118,7 +117,7 @@ def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-class ReSFU(Upsampler):
+class ReSFU(LearnedUpsampler):
     """ReSFU: one guided similarity-based step from the features straight to ``output_size``.
 
     Args:
@@ -128,6 +127,8 @@ class ReSFU(Upsampler):
         guidance_dim: width of the image embedding (32: our choice).
         max_elements: gathered elements per chunk of output rows (memory bound).
     """
+
+    label = "ReSFU"
 
     def __init__(self, feature_dim: int, kernel_size: int = 5, embedding_dim: int = 64, guidance_dim: int = 32,
                  max_elements: int = CHUNK_ELEMENTS):
@@ -171,17 +172,9 @@ class ReSFU(Upsampler):
         size = check_output_size(output_size)
         check_features(features)
         check_image(image, features)
-        if features.shape[1] != self.feature_dim:
-            raise ValueError(f"ReSFU built for {self.feature_dim}-channel features got {features.shape[1]}.")
+        self.check_width(features)
         q, k = self.queries_and_keys(image.to(features.dtype), features, size)
         return resfu_attention(q, k, features, self.inner, self.difference, self.kernel_size, self.max_elements)
-
-    def load_weights(self, path) -> "ReSFU":
-        """Load our own trained ReSFU state dict (upstream releases no weights for this setting)."""
-        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        hub.load_into(self, state, path, f"ReSFU(feature_dim={self.feature_dim})")
-        self.weights_source = str(path)
-        return self
 
     def describe(self) -> str:
         return (f"ReSFU as reconstructed here from its paper's stated design (not the authors' module: alignment, "

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from .base import Upsampler, check_features, check_image, check_output_size, register_upsampler
+from .base import StackedUpsampler, register_upsampler
 
 #: gathered neighbourhood elements per chunk of output rows (``B * C * rows * W * k * k``); bounds
 #: the memory of one forward without autograd (autograd keeps every chunk's gathers)
@@ -132,7 +131,7 @@ class SAPAStage(nn.Module):
         return sapa_attention(q, k, features, self.kernel_size, self.max_elements)
 
 
-class SAPA(Upsampler):
+class SAPA(StackedUpsampler):
     """SAPA as the paper's baseline: ``stages`` x2 SAPA modules, then bilinear to ``output_size``.
 
     Args:
@@ -143,6 +142,9 @@ class SAPA(Upsampler):
         guidance_dim: width of the image embedding that stands for SAPA's ``y`` (32: our choice).
         max_elements: gathered elements per chunk of output rows (memory bound).
     """
+
+    label = "SAPA"
+    guided = True
 
     def __init__(self, feature_dim: int, stages: int = 4, kernel_size: int = 5, embedding_dim: int = 64,
                  guidance_dim: int = 32, max_elements: int = CHUNK_ELEMENTS):
@@ -155,27 +157,6 @@ class SAPA(Upsampler):
             SAPAStage(self.feature_dim, self.guidance_dim, self.embedding_dim, self.kernel_size, 2, True, max_elements)
             for _ in range(self.n_stages))
         self.weights_source = "random init"
-
-    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
-        size = check_output_size(output_size)
-        check_features(features)
-        check_image(image, features)
-        if features.shape[1] != self.feature_dim:
-            raise ValueError(f"SAPA built for {self.feature_dim}-channel features got {features.shape[1]}.")
-        x = features
-        image = image.to(features.dtype)
-        for stage in self.stages:
-            x = stage(image, x)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-
-    def load_weights(self, path) -> "SAPA":
-        """Load our own trained SAPA state dict (upstream releases no weights for this setting)."""
-        state = hub.read_state_dict(path, nested=("state_dict",), strip_prefix="module.")
-        hub.load_into(self, state, path, f"SAPA(feature_dim={self.feature_dim})")
-        self.weights_source = str(path)
-        return self
 
     def describe(self) -> str:
         return (f"SAPA ({self.n_stages} x2 stages, k={self.kernel_size}, then bilinear; guidance: the image, "
