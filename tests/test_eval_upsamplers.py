@@ -179,4 +179,4 @@ def test_every_upsampler_has_the_one_call(vit):
         with torch.no_grad():
             assert up(image, feats, (56, 42)).shape == (1, 32, 56, 42), name
     with pytest.raises(ValueError, match="is not a registered upsampler"):
-        build_upsampler("carafe")
+        build_upsampler("no_such_upsampler")
