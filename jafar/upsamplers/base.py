@@ -151,6 +151,15 @@ class LearnedUpsampler(Upsampler):
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"{self.label} built for {self.feature_dim}-channel features got {features.shape[1]}.")
 
+    @classmethod
+    def create(cls, name: str, feature_dim, checkpoint, **options):
+        """What a registered factory does: refuse a missing ``feature_dim`` in one sentence, build
+        ``cls(feature_dim, **options)``, load ``checkpoint`` when given."""
+        if feature_dim is None:
+            raise ValueError(f"the {name!r} upsampler needs feature_dim (or backbone).")
+        model = cls(feature_dim, **options)
+        return model.load_weights(checkpoint) if checkpoint is not None else model
+
     def load_weights(self, path):
         """Load a state dict of this module (upstream's where the parameter names follow it)."""
         from .. import hub

@@ -78,7 +78,4 @@ class LiFT(LearnedUpsampler):
 @register_upsampler("lift", summary="LiFT (x2, then bilinear)")
 def lift(feature_dim=None, checkpoint=None, backbone=None, **options) -> LiFT:
     """``checkpoint``: a released LiFT module or one of ours (a path)."""
-    if feature_dim is None:
-        raise ValueError("the 'lift' upsampler needs feature_dim (or backbone).")
-    model = LiFT(feature_dim, **options)
-    return model.load_weights(checkpoint) if checkpoint is not None else model
+    return LiFT.create("lift", feature_dim, checkpoint, **options)

@@ -189,10 +189,7 @@ class ReSFU(LearnedUpsampler):
 @register_upsampler("resfu", summary="ReSFU reconstructed from its paper (direct similarity-based upsampling to the output size)")
 def resfu(feature_dim=None, checkpoint=None, backbone=None, **options) -> ReSFU:
     """``checkpoint``: one of our trained ReSFU state dicts (a path); options: :class:`ReSFU`'s."""
-    if feature_dim is None:
-        raise ValueError("the 'resfu' upsampler needs feature_dim (or backbone).")
-    model = ReSFU(feature_dim, **options)
-    return model.load_weights(checkpoint) if checkpoint is not None else model
+    return ReSFU.create("resfu", feature_dim, checkpoint, **options)
 
 
 __all__ = ["ReSFU", "resfu_attention"]

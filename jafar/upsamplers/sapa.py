@@ -170,10 +170,7 @@ class SAPA(StackedUpsampler):
 @register_upsampler("sapa", summary="SAPA (4 x2 similarity-aware stages, then bilinear)")
 def sapa(feature_dim=None, checkpoint=None, backbone=None, **options) -> SAPA:
     """``checkpoint``: one of our trained SAPA state dicts (a path); options: :class:`SAPA`'s."""
-    if feature_dim is None:
-        raise ValueError("the 'sapa' upsampler needs feature_dim (or backbone).")
-    model = SAPA(feature_dim, **options)
-    return model.load_weights(checkpoint) if checkpoint is not None else model
+    return SAPA.create("sapa", feature_dim, checkpoint, **options)
 
 
 __all__ = ["SAPA", "SAPAStage", "sapa_attention"]
