@@ -371,8 +371,8 @@ class NuScenesBev(torch.utils.data.Dataset):
                     T = global2ref @ G.transform_matrix(ann["translation"], ann["rotation"])
                     w, l, h = ann["size"]
                     boxes.append([T[0, 3], T[1, 3], T[2, 3], w, l, h, G.rotation_yaw(T[:3, :3]), level])
-                    # the devkit's Box(translation, size, rotation).bottom_corners() moved to the frame
-                    corners.append(((local * np.array([l, w, h])) @ T[:3, :3].T + T[:3, 3])[:, :2])
+                    if self.raster == "pointbev":  # the devkit's Box(...).bottom_corners() moved to the frame
+                        corners.append(((local * np.array([l, w, h])) @ T[:3, :3].T + T[:3, 3])[:, :2])
                 starts.append(len(boxes))
                 self.tokens.append(token)
                 self._paths.append(tuple(paths))
@@ -382,7 +382,8 @@ class NuScenesBev(torch.utils.data.Dataset):
         self._intrinsics = np.stack(intrinsics).reshape(n, c, 3, 3)
         self._cam2ego = np.stack(cam2ego).reshape(n, c, 4, 4)
         self._boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 8)
-        self._corners = np.asarray(corners, dtype=np.float64).reshape(-1, 4, 2)
+        # 64 bytes per box, kept only for the rule that reads them
+        self._corners = np.asarray(corners, dtype=np.float64).reshape(-1, 4, 2) if self.raster == "pointbev" else None
         self._box_start = np.asarray(starts, dtype=np.int64)
 
     # ------------------------------------------------------------------ access
@@ -502,7 +503,11 @@ class NuScenesBev(torch.utils.data.Dataset):
     def corners(self, index: int, motion: Optional[np.ndarray] = None) -> np.ndarray:
         """``(M, 4, 2)`` bottom corners ``(x, y)`` of the boxes of sample ``index`` (the devkit's
         ``Box.bottom_corners()`` order) in the reference frame or, given ``motion``, in the frame it
-        maps to the reference (its inverse applied; PointBeV ``_prepare_points_to_gtimg``)."""
+        maps to the reference (its inverse applied; PointBeV ``_prepare_points_to_gtimg``). Kept
+        under ``raster="pointbev"`` only."""
+        if self._corners is None:
+            raise ValueError(f"the boxes' corners are kept under raster='pointbev' only, this data set has "
+                             f"raster={self.raster!r}.")
         c = self._corners[self._box_start[index]:self._box_start[index + 1]]
         if motion is None:
             return c.copy()
