@@ -103,7 +103,6 @@ class CARAFE(StackedUpsampler):
         self.stages = nn.ModuleList(
             CARAFEStage(self.feature_dim, scale_factor, up_kernel, up_group, encoder_kernel, encoder_dilation,
                         compressed_channels) for _ in range(stages))
-        self.weights_source = "random init"
 
     def describe(self) -> str:
         o = self.options

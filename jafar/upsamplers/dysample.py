@@ -108,7 +108,6 @@ class DySample(StackedUpsampler):
         self.feature_dim = int(feature_dim)
         self.options = dict(stages=stages, scale=scale, style=style, groups=groups, dyscope=dyscope)
         self.stages = nn.ModuleList(DySampleStage(self.feature_dim, scale, style, groups, dyscope) for _ in range(stages))
-        self.weights_source = "random init"
 
     def describe(self) -> str:
         o = self.options

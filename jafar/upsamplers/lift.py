@@ -49,7 +49,6 @@ class LiFT(LearnedUpsampler):
         self.outc = nn.Conv2d(c // 2, c, kernel_size=1)
         self.image_convs_1 = nn.Sequential(*_conv_bn_relu(3, 32, stride=2), *_conv_bn_relu(32, 32, stride=2))
         self.image_convs_2 = nn.Sequential(*_conv_bn_relu(32, 32, stride=2))
-        self.weights_source = "random init"
 
     def upsample2(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         h, w = features.shape[-2:]

@@ -150,7 +150,6 @@ class ReSFU(LearnedUpsampler):
         for m in (self.q, self.q_semantic, self.k, self.k_detail):  # as SAPA.py, SAPA._init_weights
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-        self.weights_source = "random init"
 
     @staticmethod
     def _linear(layer: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

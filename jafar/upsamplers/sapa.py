@@ -156,7 +156,6 @@ class SAPA(StackedUpsampler):
         self.stages = nn.ModuleList(
             SAPAStage(self.feature_dim, self.guidance_dim, self.embedding_dim, self.kernel_size, 2, True, max_elements)
             for _ in range(self.n_stages))
-        self.weights_source = "random init"
 
     def describe(self) -> str:
         return (f"SAPA ({self.n_stages} x2 stages, k={self.kernel_size}, then bilinear; guidance: the image, "
