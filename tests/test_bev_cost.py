@@ -55,3 +55,18 @@ def test_sdpa_flops_with_other_lengths_and_value_width():
 
 def test_the_tool_offers_every_layer_query_mode_of_the_head():
     assert bev_cost.LAYER_QUERIES == bevformer.LAYER_QUERIES
+
+
+def test_the_table_has_a_loftup_row_built_and_counted_as_the_tool_does(vit):
+    """LoftUp (the paper's Table 14 column) is one of the tool's upsamplers and guided rows; built by the
+    tool's encoder path (random weights), its cost adds to the bilinear row's in the tool's counter."""
+    from bev.encoder import build_multicamera_encoder
+
+    assert "loftup" in bev_cost.UPSAMPLERS and "loftup" in bev_cost.GUIDED
+    images = torch.rand(1, 2, 3, 28, 42)
+    flops = {}
+    for name in ("bilinear", "loftup"):
+        torch.manual_seed(0)
+        encoder = build_multicamera_encoder(vit, name)
+        flops[name] = _count(lambda: encoder(images), bev_cost.flop_counter())
+    assert flops["loftup"] > flops["bilinear"]

@@ -18,6 +18,12 @@ True)``), ``auto+gn=native`` or ``auto+gn=triton`` (another GroupNorm implementa
 ``JAFAR(group_norm=...)``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
 ``jafar.kernels.encoders``, in the forward and the fwd+bwd columns).
 
+Other upsamplers (``--upsamplers NAME [NAME ...]``): one row per registered upsampler under the same
+protocol, built by ``jafar.build_upsampler(name, feature_dim=--dim)`` with random weights (its defaults
+otherwise), so that e.g. LoftUp and bilinear stand beside JAFAR as in the paper's Tables 12-13; the
+upsamplers that encode the image again (``large_image``, ``strided``: they need a backbone) are
+skipped with one line.
+
 Dtypes (``--dtypes``): ``fp32`` float32 with TF32 off for matmuls and cuDNN (exact), ``tf32``
 float32 inputs with TF32 on for both (``auto`` then runs the Triton kernels with TF32 products),
 ``bf16``/``fp16`` autocast on float32 inputs and weights.
@@ -43,6 +49,8 @@ runs on a bare GPU machine::
     python tools/benchmark.py --tune --modes --sizes 448 896 --dtypes bf16 tf32 \
         --label tuning --out docs/benchmarks.md                      # the kernels' launch configurations
     python tools/benchmark.py --device cpu --sizes 56 --dtypes fp32 --repeats 1 --warmup 0
+    python tools/benchmark.py --device cpu --sizes 112 224 --dtypes fp32 --modes auto \
+        --upsamplers bilinear loftup jafar                          # other upsamplers beside JAFAR
 """
 
 from __future__ import annotations
@@ -63,9 +71,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from jafar import JAFAR  # noqa: E402
+from jafar import JAFAR, build_upsampler  # noqa: E402
 from jafar.kernels.checks import interpreter  # noqa: E402
 from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
+from jafar.upsamplers import upsampler_entry  # noqa: E402
 from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
 
 interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (jafar/kernels/checks/interpreter.py)
@@ -184,18 +193,23 @@ class _Precision:
 
 
 def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmup: int = 5,
-            repeats: int = 20, backward: bool = True, patch: int = 14, parts=("fwd", "fwdbwd")) -> dict:
-    """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB)."""
+            repeats: int = 20, backward: bool = True, patch: int = 14, parts=("fwd", "fwdbwd"),
+            upsampler: str = None) -> dict:
+    """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB). ``upsampler``:
+    the registered upsampler of that name (random weights) instead of the JAFAR of ``mode``."""
     device = torch.device(device)
-    spec = parse_mode(mode)
     torch.manual_seed(0)
-    model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"],
-                  encoders=spec["encoders"], group_norm=spec["gn"]).to(device)
+    if upsampler is None:
+        spec = parse_mode(mode)
+        model = JAFAR(v_dim=dim, attention=spec["attention"], compile=spec["compile"],
+                      encoders=spec["encoders"], group_norm=spec["gn"]).to(device)
+    else:
+        model = build_upsampler(upsampler, feature_dim=dim).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     feats = torch.randn(1, dim, size // patch, size // patch, device=device)
     head = torch.nn.Conv2d(dim, 1, 1).to(device)
     amp = DTYPES[dtype]
-    result = dict(size=size, keys=size // patch, mode=mode, dtype=dtype)
+    result = dict(size=size, keys=size // patch, mode=mode, dtype=dtype, **({"upsampler": upsampler} if upsampler else {}))
 
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
@@ -501,6 +515,9 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["fp32", "tf32", "bf16"], choices=list(DTYPES))
     p.add_argument("--modes", nargs="*", default=["reference", "auto"],
                    help="rows: reference, auto, chunked, triton, sdpa, each optionally +compile, +gn=IMPL")
+    p.add_argument("--upsamplers", nargs="+", default=[], metavar="NAME",
+                   help="also a row per registered upsampler (jafar.build_upsampler(NAME, feature_dim=--dim), random "
+                        "weights), e.g. bilinear loftup jafar; large_image and strided (need a backbone) are skipped")
     p.add_argument("--dim", type=int, default=384, help="feature channels (ViT-S: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=5)
@@ -532,6 +549,17 @@ def main(argv=None):
         return 0
     for mode in args.modes:
         parse_mode(mode)  # bad options fail before any work
+    upsamplers, skipped = [], []
+    for name in dict.fromkeys(args.upsamplers):
+        try:
+            entry = upsampler_entry(name)  # an unknown name fails before any work, naming the registered ones
+        except ValueError as exc:
+            p.error(str(exc))
+        if entry.needs_backbone:
+            skipped.append(name)
+            print(f"skipping the {name!r} upsampler: it encodes the image again and needs a backbone.", file=sys.stderr)
+        else:
+            upsamplers.append(name)
 
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -558,11 +586,16 @@ def main(argv=None):
                     + ("`max_memory_allocated`" if cuda else "the process's peak RSS")
                     + ". fp32: TF32 off (matmul and cuDNN); tf32: on for both; bf16/fp16: autocast on float32 "
                     "inputs and weights. **reference**: the official algorithm (materialising attention, "
-                    "`nn.GroupNorm`); the other rows are ours.")
+                    "`nn.GroupNorm`); the other rows are ours"
+                    + (f"; {', '.join(f'**{n}**' for n in upsamplers)}: that registered upsampler, "
+                       f"`jafar.build_upsampler(name, feature_dim={args.dim})`, random weights" if upsamplers else "")
+                    + (f"; skipped (they encode the image again and need a backbone): {', '.join(skipped)}"
+                       if skipped else "") + ".")
         parts = [heading, "", protocol, ""]
         if rows:
             parts += [table(rows), ""]
-            for mode in dict.fromkeys(r["mode"] for r in rows if not r["mode"].startswith("reference")):
+            for mode in dict.fromkeys(r["mode"] for r in rows if not r["mode"].startswith("reference")
+                                      and not r.get("upsampler")):
                 tt = targets_table(rows, mode)  # one table per row of ours (auto, auto+enc=triton, ...)
                 if tt and cuda:
                     parts += [tt, ""]
@@ -596,12 +629,13 @@ def main(argv=None):
         for size in args.sizes:
             if dtype == "fp32" and size > args.fp32_up_to:
                 continue
-            for mode in args.modes:
-                if mode.startswith("reference") and args.skip_reference_above and size > args.skip_reference_above:
+            for mode, upsampler in [(m, None) for m in args.modes] + [(n, n) for n in upsamplers]:
+                if mode.startswith("reference") and upsampler is None and args.skip_reference_above and \
+                        size > args.skip_reference_above:
                     continue
                 kwargs = dict(size=size, mode=mode, dtype=dtype, device=args.device, dim=args.dim,
                               warmup=args.warmup, repeats=args.repeats,
-                              backward=not args.no_backward and size <= args.backward_up_to)
+                              backward=not args.no_backward and size <= args.backward_up_to, upsampler=upsampler)
                 isolate = not cuda and not args.no_isolate
                 r = _measure_isolated(kwargs) if isolate else measure(**kwargs)
                 rows.append(r)

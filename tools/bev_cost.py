@@ -43,7 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-UPSAMPLERS = ("none", "bilinear", "jafar", "featup")  # featup: its JBU stack (x16, then resized to the output), random weights
+#: featup: its JBU stack (x16, then resized to the output); loftup: LoftUp (jafar/upsamplers/loftup.py), computed
+#: at the output size; both with random weights (the cost does not depend on them), as in the paper's Table 14
+UPSAMPLERS = ("none", "bilinear", "jafar", "featup", "loftup")
 MODELS = tuple(sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")))
 
 
@@ -53,7 +55,7 @@ LAYER_QUERIES = ("pointbev", "pointbev_all_layers", "chained")
 #: default) or the camera image itself
 GUIDANCE = ("output", "image")
 #: the upsamplers whose output depends on the guidance image (the table's guidance column)
-GUIDED = ("jafar", "featup")
+GUIDED = ("jafar", "featup", "loftup")
 
 
 def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
