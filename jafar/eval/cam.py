@@ -14,6 +14,11 @@ and an image-guided upsampler sharpens it. The re-encoding rows (Large Image, St
 the reduced patch stride, resized bilinearly (:class:`CamReencode`); ``alpha`` stays the
 gradient at the original grid.
 
+Task-dependent rows (``upsamplers.<row>.train_with_probe``: CARAFE, SAPA, DySample, ReSFU) are
+trained before they are scored, as the paper trains them with each task; the paper does not say how
+for Table 2, so the protocol is ours (``task.upsampler_training``): ``pooled_classifier``
+(:func:`pooled_classifier_loss`) on the data set's training images.
+
 Images scored: the paper scores 2,000 images drawn at random *among the correctly classified*
 ImageNet validation images. Here every validation image is classified first (top-1 = label),
 then ``task.images`` of the correct ones are drawn with ``task.sample_seed``
@@ -355,6 +360,20 @@ def grad_cam(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tenso
             return cam
         low = _unit_range(F.relu(torch.einsum("bc,bchw->bhw", alpha, features.float())))
     return cam, low
+
+
+def pooled_classifier_loss(classifier: CamClassifier, upsampler: nn.Module, image: torch.Tensor,
+                           label: torch.Tensor) -> torch.Tensor:
+    """The loss that trains a task-dependent row for ``task=cam`` (``pooled_classifier``, ours: the
+    paper trains CARAFE, SAPA, DySample and ReSFU for Table 2 but says not how): the classifier's
+    target features ``A`` upsampled to the image size, average-pooled back to ``A``'s grid, through
+    the frozen head, cross-entropy with the ImageNet label. The upsampler learns an output whose
+    patch averages keep what the classifier reads, the only signal the frozen classifier gives at
+    the resolution it was trained at."""
+    features, state = classifier.split(image)
+    hr = upsampler(image, features.detach(), tuple(image.shape[-2:])).float()
+    pooled = F.adaptive_avg_pool2d(hr, tuple(features.shape[-2:]))
+    return F.cross_entropy(classifier.head(pooled, state), label)
 
 
 def explanation_map(normalized: torch.Tensor, image01: torch.Tensor, cam: torch.Tensor, normalize,

@@ -20,6 +20,7 @@ Both are deterministic functions of ``seed`` and reuse what is already on disk.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -279,10 +280,11 @@ def write_demo_depth(root, train: int = 64, val: int = 24, size: int = 256, seed
 CAM_PHOTOS = (("coffee", 967), ("camera", 872), ("matplotlib_grace_hopper", 652))
 
 
-def write_demo_classification(root, crops: int = 8, size: int = 256, seed: int = 0) -> Path:
+def write_demo_classification(root, crops: int = 8, size: int = 256, seed: int = 0, train_crops: int = 0) -> Path:
     """Write ``crops`` random crops of each photograph of :data:`CAM_PHOTOS` under
     ``root/val/<wnid>/<photo>_<i>.png`` (a square of 55-100 % of the shorter side, anywhere in
-    the picture, randomly flipped, resized to ``size``), and return ``root``. Kept if already
+    the picture, randomly flipped, resized to ``size``), and ``train_crops`` other crops under
+    ``root/train/`` (for the rows ``task=cam`` trains), and return ``root``. Kept if already
     written with the same arguments."""
     from PIL import Image
 
@@ -291,17 +293,22 @@ def write_demo_classification(root, crops: int = 8, size: int = 256, seed: int =
     root = Path(root)
     info = {"kind": "photo_crops_imagenet_layout", "crops": int(crops), "size": int(size), "seed": int(seed),
             "photos": [list(p) for p in CAM_PHOTOS]}
+    if train_crops:
+        info["train_crops"] = int(train_crops)
     if _done(root, info):
         return root
     wnids = imagenet_wnids()
     cache: dict = {}
-    for k, (photo, cls) in enumerate(CAM_PHOTOS):
-        rng = np.random.default_rng([seed, 200, k])
-        folder = root / "val" / wnids[cls]
+    for (split, n, stream), (k, (photo, cls)) in itertools.product(
+            (("val", crops, 200), ("train", train_crops, 201)), enumerate(CAM_PHOTOS)):
+        if not n:
+            continue
+        rng = np.random.default_rng([seed, stream, k])
+        folder = root / split / wnids[cls]
         folder.mkdir(parents=True, exist_ok=True)
         img = _photo(photo, cache)
         h, w = img.shape[:2]
-        for i in range(int(crops)):
+        for i in range(int(n)):
             side = int(min(h, w) * rng.uniform(0.55, 1.0))
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             crop = Image.fromarray((img[y:y + side, x:x + side] * 255).round().astype(np.uint8))

@@ -41,6 +41,15 @@ function of ``(seed, epoch)``, so a run resumed from its last epoch checkpoint r
 Checkpoints hold the probe only, not the frozen backbone and upsampler. ``cache_features`` keeps
 their output per (image, flip) in memory (float16) so that later epochs only train the probe: for
 small data sets such as the demos.
+
+Joint training (``train_upsampler=True``): the paper's protocol for its task-dependent rows
+(CARAFE, SAPA, DySample, ReSFU; section 4.3: "we jointly train both the upsampler and the linear
+probe on each dataset and task"). The upsampler is then an ordinary child: in training mode during
+the fit, its parameters optimised with the probe's (``upsampler_lr``: their own learning rate; None:
+the probe's, one optimiser over both as the official ``set_optimizer`` would be with its unused
+``params_model`` added), the same schedule, and its weights saved in the probe's checkpoints. The
+backbone stays frozen; ``cache_features`` then keeps the backbone's output only, and the upsampler
+runs at every step.
 """
 
 from __future__ import annotations
@@ -76,6 +85,15 @@ def scheduler_plan(scheduler: str, epochs: int, total_steps) -> tuple:
     if scheduler == "per_epoch":
         return int(epochs), "epoch"
     raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
+
+
+def trainable_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """The parameters of ``module`` that a joint training would optimise: all but those of a
+    frozen backbone it holds (the re-encoding rows hold the backbone itself)."""
+    from ..backbones import Backbone
+
+    frozen = {id(p) for child in module.modules() if isinstance(child, Backbone) for p in child.parameters()}
+    return [p for p in module.parameters() if id(p) not in frozen]
 
 
 class EpochShuffleSampler(Sampler):
@@ -124,14 +142,25 @@ class LinearProbe(FrozenChildren, L.LightningModule):
     def __init__(self, backbone, upsampler: nn.Module, target_size: int, lr: float = 5e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 1e-5, epochs: int = 20,
                  scheduler: str = "official", hflip: float = 0.5, seed: int = 0, picture_indices: Sequence[int] = (),
-                 cache_features: bool = False, normalize_input: bool = True, optimizer: Optional[Callable] = None):
+                 cache_features: bool = False, normalize_input: bool = True, optimizer: Optional[Callable] = None,
+                 train_upsampler: bool = False, upsampler_lr: Optional[float] = None):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
         # frozen and shared between runs: moved with the probe, kept out of its checkpoints; the
         # upsampler's dropout / batch norm (FeatUp, LiFT) stay in inference mode
         self.add_frozen("backbone", backbone)
-        self.add_frozen("upsampler", upsampler)
+        self.train_upsampler = bool(train_upsampler)
+        self.upsampler_lr = None if upsampler_lr is None else float(upsampler_lr)
+        if self.train_upsampler:
+            params = trainable_parameters(upsampler)
+            if not params:
+                raise ValueError(f"train_upsampler=True, but {type(upsampler).__name__} has no trainable parameter.")
+            for param in params:
+                param.requires_grad_(True)
+            self.upsampler = upsampler  # trained with the probe, saved in its checkpoints
+        else:
+            self.add_frozen("upsampler", upsampler)
         self.target_size = int(target_size)
         self.lr, self.betas, self.weight_decay = float(lr), tuple(float(b) for b in betas), float(weight_decay)
         self.optimizer_factory = optimizer
@@ -149,29 +178,47 @@ class LinearProbe(FrozenChildren, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("classifier.")}
+        kept = ("classifier.", "upsampler.") if self.train_upsampler else ("classifier.",)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(kept)}
+
+    def encoded(self, image: torch.Tensor):
+        """Image in [0, 1] -> the upsampler's image input, the backbone's features ``(B, C, h, w)``
+        and the global token ``(B, C)`` (None unless the probe uses one)."""
+        x = self.backbone.normalize(image) if self.normalize_input else image
+        with torch.no_grad():
+            feats, token = encode(self.backbone, x, getattr(self, "global_token", "none"))
+        return x, feats, token
+
+    def upsample(self, x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The upsampler at the target size: with gradients when it trains with the probe."""
+        with torch.set_grad_enabled(self.train_upsampler and torch.is_grad_enabled()):
+            return self.upsampler(x, feats, (self.target_size, self.target_size)).float()
 
     def upsampled(self, image: torch.Tensor):
         """Image in [0, 1] -> upsampled features ``(B, C, T, T)`` and the global token ``(B, C)``
         (None unless the probe uses one)."""
-        x = self.backbone.normalize(image) if self.normalize_input else image
-        feats, token = encode(self.backbone, x, getattr(self, "global_token", "none"))
-        with torch.no_grad():
-            hr = self.upsampler(x, feats, (self.target_size, self.target_size))
-        return hr.float(), None if token is None else token.float()
+        x, feats, token = self.encoded(image)
+        return self.upsample(x, feats), None if token is None else token.float()
 
     def features(self, image: torch.Tensor, key: Optional[Sequence[tuple]] = None):
-        """:meth:`upsampled`, through the cache when ``cache_features`` (``key``: one hashable per image)."""
+        """:meth:`upsampled`, through the cache when ``cache_features`` (``key``: one hashable per
+        image): the upsampled features of a frozen upsampler, the backbone's output of a trained one."""
         if not self.cache_features or key is None:
             return self.upsampled(image)
         missing = [j for j, k in enumerate(key) if k not in self._cache]
         if missing:
-            hr, token = self.upsampled(image[missing])
+            if self.train_upsampler:
+                _, kept, token = self.encoded(image[missing])
+            else:
+                kept, token = self.upsampled(image[missing])
             for n, j in enumerate(missing):
-                self._cache[key[j]] = (hr[n].half().cpu(), None if token is None else token[n].cpu())
-        hr = torch.stack([self._cache[k][0] for k in key]).to(image.device).float()
+                self._cache[key[j]] = (kept[n].half().cpu(), None if token is None else token[n].float().cpu())
+        kept = torch.stack([self._cache[k][0] for k in key]).to(image.device).float()
         token = None if self._cache[key[0]][1] is None else torch.stack([self._cache[k][1] for k in key]).to(image.device)
-        return hr, token
+        if self.train_upsampler:
+            x = self.backbone.normalize(image) if self.normalize_input else image
+            kept = self.upsample(x, kept.to(x.dtype))
+        return kept, token
 
     def logits(self, image: torch.Tensor, size, key: Optional[Sequence[tuple]] = None) -> torch.Tensor:
         hr, token = self.features(image, key)
@@ -204,11 +251,16 @@ class LinearProbe(FrozenChildren, L.LightningModule):
 
     def configure_optimizers(self):
         # optimizer(params) when given (the tool: task.probe.optimizer), else the official AdamW
+        params = [{"params": list(self.classifier.parameters())}]
+        if self.train_upsampler:
+            group = {"params": trainable_parameters(self.upsampler)}
+            if self.upsampler_lr is not None:
+                group["lr"] = self.upsampler_lr
+            params.append(group)
         if self.optimizer_factory is not None:
-            opt = self.optimizer_factory(self.classifier.parameters())
+            opt = self.optimizer_factory(params)
         else:
-            opt = torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, betas=self.betas,
-                                    weight_decay=self.weight_decay)
+            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         t_max, interval = scheduler_plan(self.schedule, self.epochs,
                                          lambda: int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, t_max))

@@ -31,6 +31,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -40,9 +41,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from .. import runs
+from ..utils import derive_seed
 from .config import ROOT, Eval2dConfig, apply_per_task
 from .report import markdown_table, prediction_grid, write_text
-from .tasks import DatasetSplits, EvalContext, Task, get_task
+from .tasks import DatasetSplits, EvalContext, Task, get_task, trains_with_probe
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 _DATASET_KEYS = ("name", "prepare", "prepare_args", "train_split", "val_split", "max_train_images",
                  "max_val_images", "num_classes", "epochs")
 #: upsampler config keys read by this module
-_UPSAMPLER_KEYS = ("pretrain_if_missing",)
+_UPSAMPLER_KEYS = ("pretrain_if_missing", "train_with_probe")
 #: keys that do not change an evaluation's numbers (besides :data:`jafar.runs.NOT_IDENTITY`): where
 #: the data are, row labels, pictures, loading, how a missing checkpoint is obtained
 NOT_IDENTITY = ("data_root", "dataset.*.root", "labels", "task.pictures", "task.num_workers", "task.probe.num_workers",
@@ -95,7 +97,9 @@ def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
     if task.name == "depth" and dcfg.get("_target_", "").endswith("DepthFolder"):
         dcfg.setdefault("depth_required", t.get("pseudo_labels") is None)  # auto: images without maps are pseudo-labelled
     val = instantiate(dcfg, split=extra["val_split"] or "val", **size)
-    train = instantiate(dcfg, split=extra["train_split"] or "train", **size) if task.needs_train else None
+    # the training split: for a probe, or for the rows a task trains (task=cam's task-dependent rows)
+    needs_train = task.needs_train or (task.trains_upsamplers and any(trains_with_probe(cfg, r) for r in cfg.compare))
+    train = instantiate(dcfg, split=extra["train_split"] or "train", **size) if needs_train else None
     if extra["max_val_images"]:
         val = Subset(val, range(min(len(val), int(extra["max_val_images"]))))
     if train is not None and extra["max_train_images"]:
@@ -150,6 +154,13 @@ def row_checkpoint(cfg: DictConfig, row: str) -> Optional[str]:
     return ckpt
 
 
+def row_seed(cfg: DictConfig, *names: str) -> int:
+    """The seed of what is drawn for a row (its random weights) or a (data set, row) pair (its
+    probe's initialisation): a function of ``seed`` and the names only, so that a pair draws the same
+    whichever pairs ran before it in the process (a resumed run skips the finished ones)."""
+    return derive_seed(int(cfg.seed), *(zlib.crc32(n.encode()) for n in names)) % 2 ** 32
+
+
 def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.Module, dict]:
     """The upsampler of table row ``row`` (``upsamplers.<row>``) and its description."""
     if row not in cfg.upsamplers:
@@ -163,9 +174,19 @@ def build_upsampler_row(cfg: DictConfig, row: str, backbone) -> Tuple[torch.nn.M
         ucfg["checkpoint"] = ckpt
         if not Path(ckpt).is_file():  # row_checkpoint refused every other missing file
             _run_pretraining_demo(Path(ckpt))
+    torch.manual_seed(row_seed(cfg, row))  # a random start depends on the row only, not on the rows before it
     module = get_method(target)(backbone=backbone, **ucfg)
     label = str(cfg.get("labels", {}).get(row, row))
-    info = {"label": label, "name": ucfg.get("name", row), "note": module.describe()}
+    note = module.describe()
+    if trains_with_probe(cfg, row):
+        from .probes import trainable_parameters
+
+        count = sum(p.numel() for p in trainable_parameters(module))
+        if count == 0:
+            raise ValueError(f"upsamplers.{row}.train_with_probe is true, but {label} has no trainable parameter "
+                             f"(set it false).")
+        note = f"{note}; trained with the task ({count:,} parameters, from these weights)"
+    info = {"label": label, "name": ucfg.get("name", row), "note": note}
     return module, info
 
 
@@ -200,6 +221,12 @@ def check_config(cfg: DictConfig, task: Task) -> None:
         raise ValueError(f"task.pictures must be >= 0, got {cfg.task.pictures}.")
     for row in cfg.compare:
         row_checkpoint(cfg, row)
+        joint = cfg.upsamplers[row].get("train_with_probe", False)
+        if not isinstance(joint, bool):
+            raise ValueError(f"upsamplers.{row}.train_with_probe must be true or false, got {joint!r}.")
+        if joint and not task.trains_upsamplers:
+            raise ValueError(f"upsamplers.{row}.train_with_probe is true, but task={task.name} trains no upsampler "
+                             f"(drop the row or set it false).")
     task.check(cfg)
 
 
@@ -284,6 +311,7 @@ def evaluate_pairs(job: runs.Job) -> dict:
                 shutil.rmtree(out_dir)  # resume=null, or the leftovers of a run that recorded no configuration
             runs.claim_run_dir(out_dir, config, "auto", artefacts=())
             log.info("[%d/%d] %s / %s (%s)", i, len(pairs), key, row, info["note"])
+            torch.manual_seed(row_seed(cfg, key, row))
             out = task.evaluate(ctx, data[key], row, module, out_dir)
             gc.collect()
             torch.save(out.pop("pictures", []), out_dir / "pictures.pt")

@@ -47,13 +47,20 @@ class DatasetSplits:
     epochs: Optional[int] = None
 
 
+def trains_with_probe(cfg: DictConfig, row: str) -> bool:
+    """Whether row ``row`` trains its upsampler with the task (``upsamplers.<row>.train_with_probe``:
+    the paper's task-dependent rows, section 4.3) rather than using it frozen."""
+    return bool(cfg.upsamplers[row].get("train_with_probe", False))
+
+
 class Task:
     """One of the paper's 2-D evaluations.
 
     Attributes: ``name`` (``task.name``), ``title`` (the table's heading), ``columns`` (metric
     columns of the table, per data set), ``picture_kind`` (``"seg"`` or ``"depth"``: how
     :func:`jafar.eval.report.prediction_grid` paints targets and predictions), ``needs_train``
-    (whether the training split is read).
+    (whether the training split is read), ``trains_upsamplers`` (whether rows with
+    ``train_with_probe`` are trained by the task).
     """
 
     name: str = ""
@@ -62,6 +69,7 @@ class Task:
     picture_kind: str = "seg"
     target_title: str = "ground truth"
     needs_train: bool = True
+    trains_upsamplers: bool = False
 
     def check(self, cfg: DictConfig) -> None:
         """Refuse bad task settings before any work (one sentence naming the key)."""

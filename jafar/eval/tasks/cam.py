@@ -20,10 +20,14 @@ from ..cam import (
     score_explanations,
 )
 from ..report import Column
-from . import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task
+from ... import runs
+from . import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task, trains_with_probe
 
 log = logging.getLogger(__name__)
 
+
+#: how the rows with train_with_probe are trained for task=cam (jafar.eval.cam.pooled_classifier_loss)
+UPSAMPLER_TRAINING = ("pooled_classifier",)
 
 #: data sets of the other tasks, refused by task=cam
 _NOT_CLASSIFICATION = ("VOCSegmentation", "ADE20K", "Cityscapes", "COCOStuff", "DepthFolder")
@@ -38,9 +42,19 @@ class CamTask(Task):
     picture_kind = "heatmap"
     target_title = "Grad-CAM at the feature grid"
     needs_train = False
+    trains_upsamplers = True  # task.upsampler_training: through the frozen classifier (ours; the paper gives none)
 
     def check(self, cfg) -> None:
         t = cfg.task
+        u = t.get("upsampler_training")
+        if u is None or str(u.get("protocol")) not in UPSAMPLER_TRAINING:
+            raise ValueError(f"task.upsampler_training.protocol must be one of {', '.join(UPSAMPLER_TRAINING)}, "
+                             f"got {None if u is None else u.get('protocol')!r}.")
+        for key in ("steps", "batch_size", "checkpoint_every"):
+            v = u.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"task.upsampler_training.{key} must be a positive integer, got {v!r}.")
+        runs.check_optimizer(u.optimizer, "task.upsampler_training.optimizer")
         if int(t.batch_size) < 1:
             raise ValueError(f"task.batch_size must be a positive integer, got {t.batch_size}.")
         if str(t.mask_space) not in ("normalized", "pixels"):
@@ -128,6 +142,9 @@ class CamTask(Task):
                         data.key, len(chosen), int(t.images))
         clf = self.classifier(ctx).to(device)
         ctx.backbone.to(device)
+        extra = {}
+        if trains_with_probe(cfg, row):
+            upsampler, extra = self.train_upsampler(ctx, data, row, upsampler, out_dir, device)
         up = cam_row(clf, upsampler.to(device).eval())
         size = (int(t.image_size), int(t.image_size))
         wanted = {chosen[i] for i in picture_indices(len(chosen), int(t.pictures))}
@@ -155,7 +172,80 @@ class CamTask(Task):
         if meter.images == 0:
             log.warning("%s / %s: no image was classified correctly; nothing to score.", data.key, row)
         return {"metrics": metrics, "pictures": pictures, "seconds": round(time.time() - start, 1),
-                "val_images": len(data.val)}
+                "val_images": len(data.val), **extra}
+
+    def train_upsampler(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler: nn.Module, out_dir,
+                        device) -> Tuple[nn.Module, dict]:
+        """Train a copy of the row's upsampler through the frozen classifier (``task.upsampler_training``,
+        module docstring of :mod:`jafar.eval.cam`); return it and what the result records. Resumed from
+        ``upsampler_training.pt`` (written every ``checkpoint_every`` steps) when the run resumes."""
+        import copy
+        import time
+        from pathlib import Path
+
+        from torch.utils.data import DataLoader
+
+        from ...runs.samplers import step_seed
+        from ...utils import atomic_path
+        from ..cam import pooled_classifier_loss
+        from ..probes import EpochShuffleSampler, trainable_parameters
+
+        cfg, t = ctx.cfg, ctx.cfg.task
+        u = t.upsampler_training
+        steps, every = int(u.steps), int(u.checkpoint_every)
+        if data.train is None or len(data.train) < int(u.batch_size):
+            raise ValueError(f"{row} trains through the classifier on dataset.{data.key}'s training split, which has "
+                             f"{0 if data.train is None else len(data.train)} images, fewer than "
+                             f"task.upsampler_training.batch_size={u.batch_size}.")
+        up = copy.deepcopy(upsampler).to(device)  # the row's module is shared: each data set trains its own copy
+        params = trainable_parameters(up)
+        for param in params:
+            param.requires_grad_(True)
+        up.train()
+        opt = runs.build_partial(u.optimizer)(params)
+        state_file = Path(out_dir) / "upsampler_training.pt"
+        step, losses = 0, []
+        if ctx.resume and state_file.is_file():
+            state = torch.load(state_file, map_location=device, weights_only=True)
+            up.load_state_dict(state["upsampler"])
+            opt.load_state_dict(state["optimizer"])
+            step, losses = int(state["step"]), list(state["losses"])
+            log.info("%s / %s: upsampler training resumed at step %d of %d", data.key, row, step, steps)
+        clf = self.classifier(ctx)
+        sampler = EpochShuffleSampler(len(data.train), step_seed(int(cfg.seed), 7))
+        per_epoch = max(1, len(data.train) // int(u.batch_size))
+        start = time.time()
+        while step < steps:
+            epoch, skip = divmod(step, per_epoch)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(data.train, batch_size=int(u.batch_size), sampler=sampler, drop_last=True,
+                                num_workers=int(t.num_workers))
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                label = torch.as_tensor(batch["label"]).view(-1).long().to(device)
+                loss = pooled_classifier_loss(clf, up, ctx.backbone.normalize(batch["image"].to(device)), label)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(round(float(loss), 5))
+                step += 1
+                if step % every == 0 or step == steps:
+                    with atomic_path(state_file) as tmp:
+                        torch.save({"upsampler": up.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                    "losses": losses}, tmp)
+                if step >= steps:
+                    break
+        up.eval()
+        weights = Path(out_dir) / "upsampler.pt"
+        with atomic_path(weights) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in up.state_dict().items()}, tmp)
+        log.info("%s / %s: upsampler trained for %d steps through the classifier (loss %.4f -> %.4f, %.0f s)",
+                 data.key, row, steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
+                 time.time() - start)
+        return up, {"upsampler_weights": f"trained through the classifier ({u.protocol}, {steps} steps): {weights.name}",
+                    "upsampler_training_loss": {"first": losses[0] if losses else None,
+                                                "last": losses[-1] if losses else None}}
 
 
 register_task(CamTask())

@@ -4,19 +4,25 @@ the backbone frozen (the paper's section 4.3 and appendix A.2)."""
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
+
+import torch
 
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ... import runs
 from ..report import Column
-from . import DatasetSplits, EvalContext, Task, picture_indices, register_task
+from . import DatasetSplits, EvalContext, Task, picture_indices, register_task, trains_with_probe
 
 
 class ProbeTask(Task):
-    """A linear probe trained on the training split and scored on the validation split."""
+    """A linear probe trained on the training split and scored on the validation split; rows with
+    ``train_with_probe`` train their upsampler with it (:class:`jafar.eval.probes.LinearProbe`)."""
+
+    trains_upsamplers = True
 
     @staticmethod
     def epochs(cfg: DictConfig, data: DatasetSplits) -> int:
@@ -24,16 +30,18 @@ class ProbeTask(Task):
         ``configs/dataset/coco.yaml``), else the task's ``probe.epochs``."""
         return int(data.epochs) if data.epochs is not None else int(cfg.task.probe.epochs)
 
-    def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits) -> dict:
+    def probe_kwargs(self, ctx: EvalContext, data: DatasetSplits, row: str) -> dict:
         t = ctx.cfg.task
         p = t.probe
         return dict(target_size=int(t.target_size or t.image_size), optimizer=runs.build_partial(p.optimizer),
                     epochs=self.epochs(ctx.cfg, data),
                     scheduler=str(p.scheduler), hflip=float(p.hflip), normalize_input=bool(t.normalize_input),
                     seed=int(ctx.cfg.seed), picture_indices=picture_indices(len(data.val), int(t.pictures)),
-                    cache_features=bool(p.get("cache_features", False)))
+                    cache_features=bool(p.get("cache_features", False)),
+                    train_upsampler=trains_with_probe(ctx.cfg, row),
+                    upsampler_lr=None if p.get("upsampler_lr") is None else float(p.upsampler_lr))
 
-    def build_probe(self, ctx: EvalContext, data: DatasetSplits, upsampler, feature_dim: int):
+    def build_probe(self, ctx: EvalContext, data: DatasetSplits, row: str, upsampler, feature_dim: int):
         raise NotImplementedError
 
     def check(self, cfg: DictConfig) -> None:
@@ -59,12 +67,18 @@ class ProbeTask(Task):
         if not 0 <= float(p.hflip) <= 1:
             raise ValueError(f"task.probe.hflip must be a probability, got {p.hflip}.")
         runs.check_optimizer(p.optimizer, "task.probe.optimizer")
+        lr = p.get("upsampler_lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
+            raise ValueError(f"task.probe.upsampler_lr must be a positive number or null (the probe's lr), got {lr!r}.")
 
     def evaluate(self, ctx, data, row, upsampler, out_dir):
         cfg, p = ctx.cfg, ctx.cfg.task.probe
         epochs = self.epochs(cfg, data)
         feature_dim = int(ctx.backbone.embed_dim)
-        module = self.build_probe(ctx, data, upsampler, feature_dim)
+        trained = trains_with_probe(cfg, row)
+        if trained:  # the row's module is shared by the data sets: each trains its own copy from the same start
+            upsampler = copy.deepcopy(upsampler)
+        module = self.build_probe(ctx, data, row, upsampler, feature_dim)
         from ..probes import EpochShuffleSampler
 
         workers = int(p.num_workers)
@@ -87,7 +101,12 @@ class ProbeTask(Task):
             val_trainer = runs.make_trainer(out_dir, trainer_kwargs, log=False)
             val_trainer.validate(module, dataloaders=val, verbose=False)
         module._cache.clear()  # the cached features of this pair are not needed any more
-        return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1),
+        extra = {}
+        if trained:  # the jointly trained upsampler, loadable as the row's checkpoint (upsamplers.<row>.checkpoint)
+            weights = out_dir / "upsampler.pt"
+            torch.save({k: v.detach().cpu() for k, v in module.upsampler.state_dict().items()}, weights)
+            extra["upsampler_weights"] = f"trained with the probe: {weights.name}"
+        return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1), **extra,
                 "seconds": round(time.time() - start, 1), "epochs": epochs,
                 "train_images": len(data.train), "val_images": len(data.val)}
 
@@ -98,13 +117,13 @@ class SegTask(ProbeTask):
     columns = (Column("miou", "mIoU", True, 100.0, 2), Column("accuracy", "Acc.", True, 100.0, 2))
     picture_kind = "seg"
 
-    def build_probe(self, ctx, data, upsampler, feature_dim):
+    def build_probe(self, ctx, data, row, upsampler, feature_dim):
         from ..probes import SegmentationProbe
 
         if not data.num_classes:
             raise ValueError(f"dataset.{data.key}.num_classes must be set for task=seg.")
         return SegmentationProbe(ctx.backbone, upsampler, num_classes=int(data.num_classes), feature_dim=feature_dim,
-                                 **self.probe_kwargs(ctx, data))
+                                 **self.probe_kwargs(ctx, data, row))
 
 
 class DepthTask(ProbeTask):
@@ -141,14 +160,14 @@ class DepthTask(ProbeTask):
             ctx.extras["labeler"] = DepthAnythingLabeler(str(t.pseudo_model))
         return ctx.extras["labeler"]
 
-    def build_probe(self, ctx, data, upsampler, feature_dim):
+    def build_probe(self, ctx, data, row, upsampler, feature_dim):
         from ..probes import DepthProbe
 
         t = ctx.cfg.task
         return DepthProbe(ctx.backbone, upsampler, min_depth=float(t.min_depth), max_depth=float(t.max_depth),
                           bins=int(t.bins), global_token=str(t.global_token), gradient_weight=float(t.gradient_weight),
                           warm_up_steps=int(t.warm_up_steps), pseudo_labeler=self.labeler(ctx, data),
-                          feature_dim=feature_dim, **self.probe_kwargs(ctx, data))
+                          feature_dim=feature_dim, **self.probe_kwargs(ctx, data, row))
 
 
 register_task(SegTask())
