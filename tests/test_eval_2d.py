@@ -45,6 +45,14 @@ def test_configs_compose_for_every_task_and_the_demo():
     assert list(depth.task.datasets) == ["demo_depth"] and depth.backbone.name == "mobilenetv2_s16"
     assert "recipe" not in depth  # the eval demo, not the pretraining demo (configs/experiment/pretrain/demo.yaml)
     assert "strided" not in depth.compare and "strided" in seg.compare
+    # Table 1's rows in its order (seg and depth); the paper's task-dependent rows train with the probe
+    table_1 = ["nearest", "bilinear", "large_image", "strided", "carafe", "sapa", "dysample", "resfu", "featup", "lift",
+               "jafar"]
+    assert list(seg.compare) == table_1 and list(compose_eval("task=depth").compare) == table_1
+    assert [r for r in seg.upsamplers if seg.upsamplers[r].get("train_with_probe")] == ["carafe", "sapa", "dysample",
+                                                                                         "resfu"]
+    assert seg.task.probe.upsampler_lr is None
+    assert {"carafe", "dysample"} <= set(depth.compare)  # the demo trains these two with the probe
 
 
 def test_depth_presets_paper_and_the_authors_command():
@@ -134,7 +142,7 @@ def test_depth_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("compare=[bilinear,carafe]", "compare lists 'carafe'"),
+    ("compare=[bilinear,pixelshuffle]", "compare lists 'pixelshuffle'"),
     ("task.datasets=[pascal_context]", "task.datasets names 'pascal_context'"),
     ("task.probe.epochs=0", "task.probe.epochs"),
     ("task.probe.scheduler=batch", "task.probe.scheduler must be official"),

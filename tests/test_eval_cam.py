@@ -374,7 +374,10 @@ def test_draw_correct_draws_among_the_correct_ones_with_a_fixed_seed():
 def test_the_paper_setting_composes():
     cfg = compose_eval("task=cam")
     assert cfg.backbone.name == "vit_base_patch16_224.augreg2_in21k_ft_in1k" and cfg.backbone.num_classes == 1000
-    assert list(cfg.compare) == ["bilinear", "large_image", "strided", "featup", "lift", "jafar"]
+    # Table 2's ten rows in its order; the task-dependent ones trained first (upsampler_training)
+    assert list(cfg.compare) == ["bilinear", "large_image", "strided", "carafe", "sapa", "dysample", "resfu", "featup",
+                                 "lift", "jafar"]
+    assert [r for r in cfg.compare if cfg.upsamplers[r].get("train_with_probe")] == ["carafe", "sapa", "dysample", "resfu"]
     assert list(cfg.task.datasets) == ["imagenet"] and cfg.upsamplers.large_image.scale == 8  # Table 2: x8
     assert cfg.task.definition == "paper" and cfg.task.images == 2000 and cfg.dataset.imagenet.sample is None
     assert cfg.task.image_size == 224 and cfg.upsamplers.jafar.checkpoint == cfg.backbone.name  # the official release
