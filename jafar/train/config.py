@@ -24,6 +24,8 @@ class JafarUpsampler:
     qk_dim: int = MISSING
     num_heads: int = MISSING
     kernel_size: int = MISSING
+    key_mode: str = MISSING  # sft | concat | linear | none (jafar.upsamplers.jafar.KEY_MODES; paper Table 5)
+    rope: bool = MISSING  # the 2-D RoPE (paper Table 11)
     attention: str = MISSING
     memory_budget_mb: int = MISSING
     encoders: str = MISSING

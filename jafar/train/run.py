@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import runs
 from ..runs.samplers import StepBatchSampler
-from ..upsamplers.jafar import save_checkpoint
+from ..upsamplers.jafar import KEY_MODES, OPTION_DEFAULTS, save_checkpoint
 from .config import ROOT, PretrainConfig
 from .data import ImageFiles, find_images, make_loader, split_holdout, write_demo_photos
 from .losses import CosineMSELoss
@@ -87,6 +87,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.upsampler.name != "jafar":
         raise ValueError(f"pretraining trains JAFAR: upsampler must be jafar (upsampler/jafar.yaml), got "
                          f"{cfg.upsampler.name!r}.")
+    if cfg.upsampler.key_mode not in KEY_MODES:
+        raise ValueError(f"upsampler.key_mode must be one of {', '.join(KEY_MODES)} (the paper's Table 5 key "
+                         f"strategies), got {cfg.upsampler.key_mode!r}.")
 
 
 #: how many images :func:`check_readable` decodes at most before refusing the folder
@@ -115,6 +118,19 @@ class Pretraining(runs.Tool):
 
     def check(self, cfg: DictConfig) -> None:
         check_config(cfg)
+
+    def identity(self, cfg: DictConfig) -> dict:
+        """The resolved config less :data:`NOT_IDENTITY`, and less ``upsampler.key_mode`` and
+        ``upsampler.rope`` where they are the official architecture's
+        (``jafar.upsamplers.jafar.OPTION_DEFAULTS``): those keys came after runs had recorded their
+        configuration, which stays the official run's; any other value is part of the identity (an
+        ablation run has its own)."""
+        config = super().identity(cfg)
+        upsampler = config.get("upsampler", {})
+        for key, default in OPTION_DEFAULTS.items():
+            if key in upsampler and upsampler[key] == default:
+                del upsampler[key]
+        return config
 
     def prepare(self, cfg: DictConfig, run_dir: Path) -> dict:
         data_cfg = cfg.data

@@ -29,6 +29,32 @@ the per-pixel 1x1 encoders run in bf16/fp16 end to end (:class:`GroupNorm`), and
 never materialises the ``(heads, queries, keys)`` weights unless asked to
 (``attention="reference"``). ``compile=True`` compiles the encoders with ``torch.compile``;
 ``encoders="triton"`` runs their ResBlocks as fused Triton kernels (``jafar.kernels.encoders``).
+
+Ablations of the paper (section 4.4, Table 5; appendix D.2, Table 11), as constructor options whose
+defaults are the official architecture above (``docs/ablations.md``). Of these the official code
+has ``num_heads`` only (``config/model/jafar.yaml``: 4); it always builds and applies ``sft_key`` and
+``rope`` (``src/upsampler/jafar.py`` @ 94d4d54). How the keys ``K`` of the
+attention are made from the pooled key encoding ``K~`` (the paper's "preliminary keys") and the
+low-resolution features ``F_lr`` (``key_mode``):
+
+* ``"sft"`` (default, "w/ SFT"): ``K = gamma(E) * GroupNorm(K~) + beta(E)``, ``E`` =
+  ``key_features_encoder(normalize(F_lr))`` (paper eq. 2; official ``upsample``);
+* ``"concat"`` ("Concatenation"): ``K = W [K~; E]``: ``K~`` and the same encoded features ``E`` that
+  SFT reads, concatenated along the channels (``2 * qk_dim``) and brought back to ``qk_dim`` by a
+  bias-free 1x1 convolution ``key_concat`` (the paper says neither which features nor how the
+  concatenation reaches the key width; with ``E``, only the fusion differs from SFT: additive
+  instead of multiplicative);
+* ``"linear"`` ("Linear Projection"): ``K = W normalize(F_lr)``, a bias-free 1x1 convolution
+  ``key_linear`` from ``v_dim`` to ``qk_dim``; the keys do not see the image (no ``key_encoder``).
+  ``normalize`` is the per-pixel L2 normalisation the official key branch applies to ``F_lr``;
+  the attention's RMSNorm on the keys makes the keys independent of that per-pixel scale anyway;
+* ``"none"`` ("w/o SFT"): ``K = K~``, no semantic injection into the keys (no
+  ``key_features_encoder``, no ``sft_key``).
+
+``rope=False`` ("w/o RoPE"): the encoded image goes to the query and key encoders without the 2-D
+RoPE (no ``rope.freqs``); ``num_heads`` (Table 5, "Attention Heads") was already an option. A
+module that a mode does not use is not built, so the state dict says which mode it belongs to
+(:func:`infer_config`) and every parameter gets a gradient (DDP).
 """
 
 from __future__ import annotations
@@ -56,6 +82,16 @@ PathLike = Union[str, os.PathLike]
 
 #: implementations of the encoders (``JAFAR(encoders=...)``)
 ENCODERS = ("torch", "triton")
+#: how the keys are made (``JAFAR(key_mode=...)``; the paper's Table 5 key strategies, module docstring)
+KEY_MODES = ("sft", "concat", "linear", "none")
+#: the architecture options that the official model fixes, at their official values: left out of
+#: :attr:`JAFAR.config` (and so of checkpoints' metadata) at these values, so the official config
+#: keeps its five keys
+OPTION_DEFAULTS = {"key_mode": "sft", "rope": True}
+#: what :meth:`JAFAR.describe` says of a non-default key mode
+_KEY_MODE_WORDS = {"concat": "keys = projection of [K~; encoded F_lr] (Table 5 'Concatenation')",
+                   "linear": "keys = linear projection of F_lr (Table 5 'Linear Projection')",
+                   "none": "keys without SFT (Table 5 'w/o SFT')"}
 
 
 def _conv(in_dim: int, out_dim: int, kernel_size: int, pad_mode: str = "reflect") -> nn.Conv2d:
@@ -260,6 +296,10 @@ class JAFAR(Upsampler):
             naming the input (a reduction over both per call, so off by default: the hot path of
             a BeV network pays nothing). ``None`` (default): on when the environment variable
             ``JAFAR_CHECK_FINITE=1`` is set.
+        key_mode: how the keys are made (the paper's Table 5): ``"sft"`` (default, official),
+            ``"concat"``, ``"linear"`` or ``"none"``; see the module docstring.
+        rope: ``True`` (default, official) or ``False``: the 2-D RoPE on the encoded image (the
+            paper's Table 11).
 
     Call: ``model(image, features, output_size) -> (B, v_dim, H_out, W_out)``, where ``image``
     is the normalised guidance image (B, input_dim, H, W), ``features`` the backbone's patch
@@ -268,7 +308,8 @@ class JAFAR(Upsampler):
 
     def __init__(self, input_dim: int = 3, qk_dim: int = 128, v_dim: int = 384, num_heads: int = 4,
                  kernel_size: int = 1, attention: str = "auto", memory_budget_mb: float = 256,
-                 compile=False, encoders: str = "torch", group_norm: str = "auto", check_finite: Optional[bool] = None):
+                 compile=False, encoders: str = "torch", group_norm: str = "auto", check_finite: Optional[bool] = None,
+                 key_mode: str = "sft", rope: bool = True):
         super().__init__()
         for key, value in (("input_dim", input_dim), ("qk_dim", qk_dim), ("v_dim", v_dim), ("num_heads", num_heads),
                            ("kernel_size", kernel_size)):
@@ -294,8 +335,15 @@ class JAFAR(Upsampler):
             raise ValueError(f"attention must be one of {MODES}, got {attention!r}.")
         if group_norm not in GROUP_NORM_IMPLS:
             raise ValueError(f"group_norm must be one of {GROUP_NORM_IMPLS}, got {group_norm!r}.")
+        if not isinstance(key_mode, str) or key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES} (the paper's Table 5 key strategies), got {key_mode!r}.")
+        if not isinstance(rope, bool):
+            raise ValueError(f"rope must be True or False, got {rope!r}.")
         self.config = dict(input_dim=input_dim, qk_dim=qk_dim, v_dim=v_dim, num_heads=num_heads,
                            kernel_size=kernel_size)
+        # the ablation options only when they depart from the official model (OPTION_DEFAULTS)
+        self.config.update({k: v for k, v in (("key_mode", key_mode), ("rope", rope)) if v != OPTION_DEFAULTS[k]})
+        self.key_mode = key_mode
         self.input_dim, self.qk_dim, self.v_dim = input_dim, qk_dim, v_dim
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}.")
@@ -310,14 +358,22 @@ class JAFAR(Upsampler):
         self.check_finite = bool(check_finite)
 
         gn = group_norm
+        # the official modules in the official order; the ones a key_mode does not use are not built
         self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size, group_norm=gn)
-        self.key_encoder = make_encoder(qk_dim, qk_dim, group_norm=gn)
+        if key_mode != "linear":  # the preliminary keys K~
+            self.key_encoder = make_encoder(qk_dim, qk_dim, group_norm=gn)
         self.query_encoder = make_encoder(qk_dim, qk_dim, group_norm=gn)
         self.norm = GroupNorm(8, qk_dim, affine=False, impl=gn)
-        self.key_features_encoder = make_encoder(v_dim, qk_dim, group_norm=gn)
+        if key_mode in ("sft", "concat"):  # the encoded low-resolution features E
+            self.key_features_encoder = make_encoder(v_dim, qk_dim, group_norm=gn)
         self.cross_decode = CrossAttentionBlock(qk_dim, v_dim, num_heads)
-        self.sft_key = SFTModulation(qk_dim, qk_dim, group_norm=gn)
-        self.rope = RoPE(qk_dim)
+        if key_mode == "sft":
+            self.sft_key = SFTModulation(qk_dim, qk_dim, group_norm=gn)
+        elif key_mode == "concat":
+            self.key_concat = nn.Conv2d(2 * qk_dim, qk_dim, 1, bias=False)
+        elif key_mode == "linear":
+            self.key_linear = nn.Conv2d(v_dim, qk_dim, 1, bias=False)
+        self.rope = RoPE(qk_dim) if rope else None
 
     @property
     def group_norm(self) -> str:
@@ -348,7 +404,7 @@ class JAFAR(Upsampler):
                              f"{tuple(image.shape[-2:])} and features {tuple(features.shape[-2:])}.")
         if image.device != features.device:
             raise ValueError(f"image is on {image.device} but features are on {features.device}.")
-        param = self.key_features_encoder[0].weight
+        param = self.image_encoder[0].weight
         for name, x in (("image", image), ("features", features)):
             if not x.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got "
@@ -368,7 +424,22 @@ class JAFAR(Upsampler):
         return size
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.rope(self.image_encoder(image))
+        encoded = self.image_encoder(image)
+        return encoded if self.rope is None else self.rope(encoded)
+
+    def make_keys(self, preliminary: Optional[torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+        """The keys ``(B, qk_dim, h, w)`` from the preliminary keys ``K~`` (the key encoding pooled
+        to the feature grid; None for ``key_mode="linear"``, which does not use them) and the
+        low-resolution features, as ``key_mode`` says (module docstring)."""
+        if self.key_mode == "none":
+            return preliminary
+        features = F.normalize(features, dim=1)  # official upsample: the key branch reads F_lr L2-normalised
+        if self.key_mode == "linear":
+            return self.key_linear(features)
+        encoded = self.key_features_encoder(features)
+        if self.key_mode == "concat":
+            return self.key_concat(torch.cat([preliminary, encoded.to(preliminary.dtype)], dim=1))
+        return self.sft_key(preliminary, encoded)
 
     def encode(self, image: torch.Tensor, features: torch.Tensor, output_size: Tuple[int, int]):
         """Everything before the cross-attention block: queries ``(B, qk_dim, H_out, W_out)`` and
@@ -376,9 +447,10 @@ class JAFAR(Upsampler):
         encoded = self.encode_image(image)
         queries = F.adaptive_avg_pool2d(self.query_encoder(encoded), output_size)
         queries = self.norm(queries)
-        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), features.shape[-2:])
-        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
-        return queries, keys
+        keys = None
+        if self.key_mode != "linear":
+            keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), features.shape[-2:])
+        return queries, self.make_keys(keys, features)
 
     def needs_grad(self, image: torch.Tensor, features: torch.Tensor) -> bool:
         """Whether this call builds a graph (grad mode on and an input or parameter requires it)."""
@@ -444,7 +516,8 @@ class JAFAR(Upsampler):
                 y = self.rope(y.view(n, -1, h, w)).flatten(2)
             return y, stats
 
-        encoded, _ = run(self.image_encoder, image.to(dtype), rope=(self.rope.freqs, h, w), last_stats=False)
+        rope = None if self.rope is None else (self.rope.freqs, h, w)
+        encoded, _ = run(self.image_encoder, image.to(dtype), rope=rope, last_stats=False)
         same_size = tuple(output_size) == (h, w)
         queries, stats = run(self.query_encoder, encoded, last_stats=same_size and not train)
         queries = queries.view(n, -1, h, w)
@@ -459,10 +532,11 @@ class JAFAR(Upsampler):
             with torch.autocast(image.device.type, enabled=False):
                 queries = torch.addcmul(s[..., None, None], queries, a[..., None, None],
                                         out=torch.empty_like(queries, memory_format=torch.contiguous_format))
-        keys, _ = run(self.key_encoder, encoded, last_stats=False)
-        keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
-        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
-        return queries, keys
+        keys = None
+        if self.key_mode != "linear":
+            keys, _ = run(self.key_encoder, encoded, last_stats=False)
+            keys = F.adaptive_avg_pool2d(keys.view(n, -1, h, w), features.shape[-2:])
+        return queries, self.make_keys(keys, features)
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
         out_h, out_w = self.check_inputs(image, features, output_size)
@@ -476,8 +550,17 @@ class JAFAR(Upsampler):
         out = self.cross_decode(queries, keys, features, self.attention, self.memory_budget, fused)  # (B, Nq, C)
         return out.view(b, out_h, out_w, c).permute(0, 3, 1, 2)
 
+    def options(self) -> list:
+        """The architecture options that depart from the official model, in words (the paper's
+        Tables 5 and 11); empty for the official architecture."""
+        words = [_KEY_MODE_WORDS[self.key_mode]] if self.key_mode != "sft" else []
+        heads = self.config["num_heads"]
+        words += [f"{heads} attention head{'s' if heads > 1 else ''} (Table 5)"] if heads != 4 else []
+        return words + (["no RoPE (Table 11 'w/o RoPE')"] if self.rope is None else [])
+
     def describe(self) -> str:
-        return f"JAFAR, weights: {self.weights_source}."
+        options = self.options()
+        return f"JAFAR{' (' + '; '.join(options) + ')' if options else ''}, weights: {self.weights_source}."
 
     def extra_repr(self) -> str:
         extra = f", attention={self.attention!r}" + (f", compile={self.compile!r}" if self.compile else "")
@@ -569,16 +652,38 @@ HUB_NAMES: Dict[str, str] = {
 _STRAY_PREFIXES = ("query_features_encoder.",)
 
 
-def infer_config(state_dict: Dict[str, torch.Tensor]) -> dict:
-    """JAFAR constructor arguments implied by the shapes of a state dict."""
+def infer_config(state_dict: Dict[str, torch.Tensor], num_heads: int = 4) -> dict:
+    """JAFAR constructor arguments implied by the keys and shapes of a state dict: ``key_mode`` by
+    the key modules it holds (``sft_key``, ``key_concat``, ``key_linear``, or ``key_encoder`` alone),
+    ``rope`` by ``rope.freqs``. The number of heads does not show in any shape: ``num_heads``
+    (every official release uses 4; our pretraining's checkpoints record theirs, :func:`read_state_dict`)."""
+    if "sft_key.gamma.weight" in state_dict or "key_concat.weight" in state_dict:
+        key_mode, width_key = ("sft" if "sft_key.gamma.weight" in state_dict else "concat"), "key_features_encoder.0.weight"
+    elif "key_linear.weight" in state_dict:
+        key_mode, width_key = "linear", "key_linear.weight"
+    elif "key_encoder.0.weight" in state_dict:  # the v_dim-wide value RMSNorm is kept in every mode
+        key_mode, width_key = "none", "cross_decode.cross_attn.norm_v.weight"
+    else:
+        key_mode, width_key = "sft", "key_features_encoder.0.weight"  # the official layout, for the message below
     try:
         first = state_dict["image_encoder.0.weight"]
-        feats = state_dict["key_features_encoder.0.weight"]
+        width = state_dict[width_key]
     except KeyError as exc:
         raise ValueError(f"not a JAFAR state dict: key {exc.args[0]!r} is missing.") from None
-    # The number of heads does not show in any shape; every official release uses 4.
-    return dict(input_dim=first.shape[1], qk_dim=first.shape[0], v_dim=feats.shape[1], num_heads=4,
-                kernel_size=first.shape[-1])
+    config = dict(input_dim=first.shape[1], qk_dim=first.shape[0], v_dim=width.shape[0 if width.dim() == 1 else 1],
+                  num_heads=int(num_heads), kernel_size=first.shape[-1])
+    options = dict(key_mode=key_mode, rope="rope.freqs" in state_dict)
+    config.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
+    return config
+
+
+def _recorded_heads(content) -> int:
+    """The number of heads of a Lightning checkpoint of our pretraining, from the run configuration
+    it carries (``run_config``, :mod:`jafar.runs`: ``upsampler.num_heads``); 4 (official) otherwise."""
+    record = content.get("run_config") if isinstance(content, dict) else None
+    upsampler = record.get("upsampler") if isinstance(record, dict) else None
+    heads = upsampler.get("num_heads") if isinstance(upsampler, dict) else None
+    return heads if _is_int(heads) and heads > 0 else 4
 
 
 def _clean_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
@@ -611,7 +716,7 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:
         # our pretraining's Lightning checkpoint (jafar.train.module.JafarPretraining)
         state_dict = {k[len("upsampler."):]: v for k, v in state_dict.items() if k.startswith("upsampler.")}
     state_dict = _clean_state_dict(state_dict, str(path))
-    return state_dict, infer_config(state_dict)
+    return state_dict, infer_config(state_dict, num_heads=_recorded_heads(content))
 
 
 def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_location="cpu",
@@ -623,16 +728,19 @@ def load_checkpoint(path: PathLike, feature_dim: Optional[int] = None, map_locat
         feature_dim: the backbone's channel count; a checkpoint for another width is refused.
         map_location: device for the returned model.
         model_kwargs: runtime options of :class:`JAFAR` (``attention``, ``memory_budget_mb``,
-            ``compile``, ``encoders``).
+            ``compile``, ``encoders``). Architecture arguments (``qk_dim``, ``num_heads``,
+            ``key_mode``, ``rope``, ...) may be given too; they must agree with the checkpoint.
     """
     state_dict, config = read_state_dict(path)
     if feature_dim is not None and int(feature_dim) != config["v_dim"]:
         raise ValueError(f"checkpoint {str(path)!r} upsamples {config['v_dim']}-channel features but the "
                          f"backbone gives {feature_dim} channels: use the checkpoint trained for this backbone.")
-    for key in set(model_kwargs) & set(config):
-        if model_kwargs[key] != config[key]:
-            raise ValueError(f"checkpoint {str(path)!r} has {key}={config[key]} but {key}={model_kwargs[key]} "
-                             "was asked for.")
+    full = {**OPTION_DEFAULTS, **config}  # a checkpoint of the official architecture has key_mode="sft", rope=True
+    for key in set(model_kwargs) & set(full):
+        if model_kwargs[key] != full[key]:
+            raise ValueError(f"checkpoint {str(path)!r} has {key}={full[key]} but {key}={model_kwargs[key]} was asked "
+                             f"for: ask for {key}={full[key]} (in the tools' configs, the upsampler's {key}) or leave "
+                             f"{key} out.")
         del model_kwargs[key]
     model = JAFAR(**config, **model_kwargs)
     hub.load_into(model, state_dict, path, f"JAFAR({config})")
@@ -705,9 +813,10 @@ def from_pretrained(name: str, feature_dim: Optional[int] = None, cache_dir: Opt
 def jafar(feature_dim=None, checkpoint=None, backbone=None, **options) -> JAFAR:
     """``checkpoint``: an official release name (downloaded when online; :data:`OFFICIAL_RELEASES`)
     or a file (``.pth`` official, ``.safetensors`` ours, ``.ckpt`` our pretraining's); random
-    initialisation when omitted. ``options``: constructor arguments of :class:`JAFAR` (with a
-    checkpoint, its runtime options: ``attention``, ``memory_budget_mb``, ``compile``,
-    ``encoders``, ``group_norm``). ``feature_dim`` is the backbone's width (``v_dim``)."""
+    initialisation when omitted. ``options``: constructor arguments of :class:`JAFAR`, the
+    ablation options ``key_mode`` and ``rope`` included (with a checkpoint, its runtime options:
+    ``attention``, ``memory_budget_mb``, ``compile``, ``encoders``, ``group_norm``; architecture
+    arguments must then agree with the checkpoint's). ``feature_dim`` is the backbone's width (``v_dim``)."""
     if checkpoint is None:
         if feature_dim is not None:
             options.setdefault("v_dim", feature_dim)
