@@ -40,18 +40,21 @@ def carafe_reassemble(features: torch.Tensor, masks: torch.Tensor, kernel_size: 
     s * h, s * w)`` (channel ``(g * k + dy) * k + dx``) -> ``(B, C, s * h, s * w)``; output pixel
     ``(i, j)`` reassembles the ``k x k`` neighbourhood of ``(i // s, j // s)`` (zero padding).
 
-    One batched matrix product per source pixel: its ``(C / groups, k * k)`` neighbourhood (an
-    unfold) times the ``(k * k, s * s)`` kernels of the ``s x s`` output pixels it feeds, so the sum
-    over the neighbourhood is a matmul and not ``k * k`` passes over the output (4x faster forward
-    and backward than the shift loop on the CPU at 80 -> 160, 96 channels, batch 4)."""
+    One batched matrix product per source pixel: the ``(s * s, k * k)`` kernels of the ``s x s``
+    output pixels it feeds times its ``(k * k, C / groups)`` neighbourhood, gathered channels-last
+    (``Tensor.unfold`` views, one copy), so the sum over the neighbourhood is a matmul and not
+    ``k * k`` passes over the output. Forward + backward at 80 -> 160, 96 channels, batch 4, on the
+    loaded 2-core CPU: 2.0 s against 3.9 s for an ``F.unfold`` + ``bmm`` version (side by side), and
+    that version 6.3 s against 26 s for a loop over the ``k * k`` shifts (another run)."""
     b, c, h, w = features.shape
     k, g, s = kernel_size, group_size, scale_factor
-    cg = c // g
-    unf = F.unfold(features, k, padding=(k - 1) // 2).view(b, g, cg, k * k, h * w)
-    neighbourhoods = unf.permute(0, 1, 4, 2, 3).reshape(b * g * h * w, cg, k * k)
-    kernels = masks.view(b, g, k * k, h, s, w, s).permute(0, 1, 3, 5, 2, 4, 6).reshape(b * g * h * w, k * k, s * s)
-    out = torch.bmm(neighbourhoods, kernels).view(b, g, h, w, cg, s, s)
-    return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, c, s * h, s * w)
+    cg, r = c // g, (k - 1) // 2
+    x = F.pad(features, (r, r, r, r)).permute(0, 2, 3, 1)  # (B, h + 2r, w + 2r, C)
+    windows = x.unfold(1, k, 1).unfold(2, k, 1)  # (B, h, w, C, k, k), a view
+    windows = windows.reshape(b, h, w, g, cg, k * k).permute(0, 3, 1, 2, 5, 4).reshape(b * g * h * w, k * k, cg)
+    kernels = masks.view(b, g, k * k, h, s, w, s).permute(0, 1, 3, 5, 4, 6, 2).reshape(b * g * h * w, s * s, k * k)
+    out = torch.bmm(kernels, windows).view(b, g, h, w, s, s, cg)
+    return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, c, s * h, s * w)
 
 
 class CARAFEStage(nn.Module):
