@@ -20,6 +20,7 @@ from jafar.train.config import compose as compose_pretrain
 from jafar.upsamplers import FeatUpJBU, LargeImage, LiFT, Strided
 from jafar.upsamplers.carafe import CARAFE
 from jafar.upsamplers.dysample import DySample
+from jafar.upsamplers.loftup import LoftUp
 from jafar.upsamplers.resfu import ReSFU
 from jafar.upsamplers.sapa import SAPA
 
@@ -41,7 +42,7 @@ def test_upsampler_configs_instantiate(path: Path):
     up = instantiate(cfg, feature_dim=backbone.embed_dim, backbone=backbone)
     expected = {"jafar": JAFAR, "featup": FeatUpJBU, "lift": LiFT, "large_image": LargeImage,
                 "strided": Strided, "carafe": CARAFE, "dysample": DySample,
-                "sapa": SAPA, "resfu": ReSFU}.get(path.stem, Interpolate)
+                "sapa": SAPA, "resfu": ReSFU, "loftup": LoftUp}.get(path.stem, Interpolate)
     assert isinstance(up, expected)
     out = up(torch.randn(1, 3, 28, 28), torch.randn(1, 32, 2, 2), (7, 9))
     assert out.shape == (1, 32, 7, 9)
