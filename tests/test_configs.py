@@ -127,6 +127,10 @@ def test_help_lists_the_groups_and_options(tool, script):
                          cwd=ROOT, timeout=120).stdout
     groups = {line.split(":")[0]: line.split(": ")[1] for line in out.split("== Config ==")[0].splitlines()
               if ": " in line}
-    assert groups["experiment"] == {"pretrain": "demo, official", "eval_2d": "demo, official_command"}.get(tool, "demo")
+    expected = {"pretrain": "ablation_heads_1, ablation_heads_2, ablation_heads_8, ablation_keys_concat, ablation_keys_linear, "
+                            "ablation_keys_no_sft, ablation_no_rope, demo, official",
+                "eval_2d": "ablation_table10_in16, ablation_table10_in32, ablation_table10_in8, ablation_table11, "
+                           "ablation_table5, demo, official_command"}
+    assert groups["experiment"] == expected.get(tool, "demo")
     assert "jafar" in groups["upsampler"] and "mobilenetv2_s16" in groups["backbone"]
     assert groups["model"] == "bevformer, pointbev, simplebev" and groups["task"] == "cam, depth, ovseg, seg"
