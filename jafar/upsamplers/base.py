@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -191,3 +192,26 @@ class StackedUpsampler(LearnedUpsampler):
         if tuple(x.shape[-2:]) != size:
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
+
+
+#: what a learned upsampler whose weights cannot be loaded does (``on_missing``)
+ON_MISSING = ("error", "random")
+
+
+def check_on_missing(name: str, on_missing: str) -> None:
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"{name} on_missing must be 'error' or 'random', got {on_missing!r}.")
+
+
+def load_or_random(model: "LearnedUpsampler", checkpoint, load, on_missing: str, label: str):
+    """``load()`` (which loads ``checkpoint`` into ``model`` and returns it); when it fails and
+    ``on_missing == "random"``, ``model`` with its random weights, a warning, and ``weights_source``
+    saying what was not loaded (the table's note)."""
+    try:
+        return load()
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        if on_missing == "error":
+            raise
+        warnings.warn(f"{label} weights {checkpoint!r} not loaded ({exc}); using random weights.", stacklevel=3)
+        model.weights_source = f"random init ({checkpoint!r} not loaded: {str(exc).split('; ')[0].rstrip('.')})"
+        return model

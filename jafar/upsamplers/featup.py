@@ -10,14 +10,12 @@ CUDA extension). Random weights unless loaded.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import hub
-from .base import Upsampler, check_features, check_image, check_output_size, register_upsampler
+from .base import Upsampler, check_features, check_image, check_on_missing, check_output_size, load_or_random, register_upsampler
 
 
 def _shifted(x: torch.Tensor, radius: int):
@@ -188,16 +186,9 @@ def featup(feature_dim=None, checkpoint=None, backbone=None, norm: bool = False,
     when a release cannot be fetched or does not fit."""
     if feature_dim is None:
         raise ValueError("the 'featup' upsampler needs feature_dim (or backbone).")
-    if on_missing not in ("error", "random"):
-        raise ValueError(f"featup on_missing must be 'error' or 'random', got {on_missing!r}.")
+    check_on_missing("featup", on_missing)
     model = FeatUpJBU(feature_dim, norm=norm, **options)
     if checkpoint is None:
         return model
-    try:
-        return model.load_release(checkpoint) if checkpoint in FEATUP_RELEASES else model.load_weights(checkpoint)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        if on_missing == "error":
-            raise
-        warnings.warn(f"FeatUp weights {checkpoint!r} not loaded ({exc}); using random weights.", stacklevel=2)
-        model.weights_source = f"random init ({checkpoint!r} not loaded: {str(exc).split('; ')[0].rstrip('.')})"
-        return model
+    return load_or_random(model, checkpoint, lambda: model.load_release(checkpoint) if checkpoint in FEATUP_RELEASES
+                          else model.load_weights(checkpoint), on_missing, "FeatUp")

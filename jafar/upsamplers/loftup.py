@@ -55,7 +55,6 @@ affine map of the image (normalised or not) gives the same scaled image.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -65,7 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hub
-from .base import LearnedUpsampler, check_features, check_image, check_output_size, register_upsampler
+from .base import (
+    LearnedUpsampler,
+    check_features,
+    check_image,
+    check_on_missing,
+    check_output_size,
+    load_or_random,
+    register_upsampler,
+)
 
 #: the keys/values' positional encoding width: ``lr_pe_dim = 2 * 5 * 2`` in ``LoftUp.__init__``
 LR_PE_FREQS = 5
@@ -386,22 +393,18 @@ def loftup(feature_dim=None, checkpoint=None, backbone=None, on_missing: str = "
     when omitted. ``on_missing``: ``"error"``, or ``"random"`` to fall back to random weights (with
     a warning, and said by :meth:`LoftUp.describe`) when a release cannot be fetched or does not
     fit. ``options``: :class:`LoftUp`'s arguments."""
-    if on_missing not in ("error", "random"):
-        raise ValueError(f"loftup on_missing must be 'error' or 'random', got {on_missing!r}.")
+    check_on_missing("loftup", on_missing)
     model = LoftUp.create("loftup", feature_dim, None, **options)
     if checkpoint is None:
         return model
-    try:
+
+    def load():
         release = find_loftup_release(checkpoint)
         if release is not None and not Path(str(checkpoint)).is_file():
             return model.load_release(release)
         return model.load_weights(checkpoint)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        if on_missing == "error":
-            raise
-        warnings.warn(f"LoftUp weights {checkpoint!r} not loaded ({exc}); using random weights.", stacklevel=2)
-        model.weights_source = f"random init ({checkpoint!r} not loaded: {str(exc).split('; ')[0].rstrip('.')})"
-        return model
+
+    return load_or_random(model, checkpoint, load, on_missing, "LoftUp")
 
 
 __all__ = ["LoftUp", "LoftUpCore", "LOFTUP_RELEASES", "LoftUpRelease", "find_loftup_release", "loftup"]

@@ -9,6 +9,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ... import runs
 from ..cam import (
     CamClassifier,
     CamMeter,
@@ -20,7 +21,6 @@ from ..cam import (
     score_explanations,
 )
 from ..report import Column
-from ... import runs
 from . import DatasetSplits, EvalContext, Task, eval_device, picture_indices, register_task, trains_with_probe
 
 log = logging.getLogger(__name__)

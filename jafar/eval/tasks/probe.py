@@ -9,7 +9,6 @@ import time
 import warnings
 
 import torch
-
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
