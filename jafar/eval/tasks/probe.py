@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ... import runs
+from ...utils import atomic_path
 from ..report import Column
 from . import DatasetSplits, EvalContext, Task, picture_indices, register_task, trains_with_probe
 
@@ -103,7 +104,8 @@ class ProbeTask(Task):
         extra = {}
         if trained:  # the jointly trained upsampler, loadable as the row's checkpoint (upsamplers.<row>.checkpoint)
             weights = out_dir / "upsampler.pt"
-            torch.save({k: v.detach().cpu() for k, v in module.upsampler.state_dict().items()}, weights)
+            with atomic_path(weights) as tmp:
+                torch.save({k: v.detach().cpu() for k, v in module.upsampler.state_dict().items()}, tmp)
             extra["upsampler_weights"] = f"trained with the probe: {weights.name}"
         return {"metrics": module.val_results, "pictures": module.pictures, "train_seconds": round(fit_s, 1), **extra,
                 "seconds": round(time.time() - start, 1), "epochs": epochs,
