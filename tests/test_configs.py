@@ -18,6 +18,7 @@ from jafar import JAFAR, Backbone, Interpolate, build_backbone
 from jafar.eval.config import compose as compose_eval
 from jafar.train.config import compose as compose_pretrain
 from jafar.upsamplers import FeatUpJBU, LargeImage, LiFT, Strided
+from jafar.upsamplers.anyup import AnyUp
 from jafar.upsamplers.carafe import CARAFE
 from jafar.upsamplers.dysample import DySample
 from jafar.upsamplers.loftup import LoftUp
@@ -42,7 +43,7 @@ def test_upsampler_configs_instantiate(path: Path):
     up = instantiate(cfg, feature_dim=backbone.embed_dim, backbone=backbone)
     expected = {"jafar": JAFAR, "featup": FeatUpJBU, "lift": LiFT, "large_image": LargeImage,
                 "strided": Strided, "carafe": CARAFE, "dysample": DySample,
-                "sapa": SAPA, "resfu": ReSFU, "loftup": LoftUp}.get(path.stem, Interpolate)
+                "sapa": SAPA, "resfu": ReSFU, "loftup": LoftUp, "anyup": AnyUp}.get(path.stem, Interpolate)
     assert isinstance(up, expected)
     out = up(torch.randn(1, 3, 28, 28), torch.randn(1, 32, 2, 2), (7, 9))
     assert out.shape == (1, 32, 7, 9)
