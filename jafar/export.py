@@ -225,11 +225,11 @@ def check_onnx(path: PathLike, upsampler: nn.Module, inputs) -> float:
     except ImportError as exc:
         raise ImportError("check_onnx needs onnxruntime: pip install -e \".[deploy]\".") from exc
     image, features = inputs[0], inputs[1]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # an input the graph does not read (the image, for interpolation) is pruned from it by the exporter
     given = {"image": image, "features": features}
-    feeds = {i.name: given[i.name].detach().float().cpu().numpy() for i in session.get_inputs()}
-    out = torch.from_numpy(session.run(None, feeds)[0])
+    feeds = {i.name: given[i.name].detach().float().cpu().numpy() for i in runner.get_inputs()}
+    out = torch.from_numpy(runner.run(None, feeds)[0])
     param = next(upsampler.parameters(), None)
     device = param.device if param is not None else image.device
     with torch.no_grad():
