@@ -218,5 +218,5 @@ def test_benchmark_adds_a_row_per_registered_upsampler(capsys):
     assert row.count(" ms |") == 6 and " - |" not in row  # forward and fwd+bwd of each of the three rows
     assert "**loftup**: that registered upsampler" in captured.out and "skipped (they encode" in captured.out
     with pytest.raises(SystemExit):
-        benchmark.main(argv[:-3] + ["anyup"])
-    assert "upsampler='anyup' is not a registered upsampler" in capsys.readouterr().err
+        benchmark.main(argv[:-3] + ["no_such_upsampler"])
+    assert "upsampler='no_such_upsampler' is not a registered upsampler" in capsys.readouterr().err
