@@ -18,7 +18,8 @@ True)``), ``auto+gn=native`` or ``auto+gn=triton`` (another GroupNorm implementa
 ``JAFAR(group_norm=...)``), ``auto+enc=triton`` (``JAFAR(encoders="triton")``: the fused encoder kernels of
 ``jafar.kernels.encoders``, in the forward and the fwd+bwd columns).
 
-Other upsamplers (``--upsamplers NAME [NAME ...]``): one row per registered upsampler under the same
+Other upsamplers (``--upsamplers NAME [NAME ...]``, or ``--upsamplers all``: every registered one): one row per
+registered upsampler under the same
 protocol, built by ``jafar.build_upsampler(name, feature_dim=--dim)`` with random weights (its defaults
 otherwise), so that e.g. LoftUp and bilinear stand beside JAFAR as in the paper's Tables 12-13; the
 upsamplers that encode the image again (``large_image``, ``strided``: they need a backbone) are
@@ -74,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 from jafar import JAFAR, build_upsampler  # noqa: E402
 from jafar.kernels.checks import interpreter  # noqa: E402
 from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
-from jafar.upsamplers import upsampler_entry  # noqa: E402
+from jafar.upsamplers import list_upsamplers, upsampler_entry  # noqa: E402
 from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
 
 interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (jafar/kernels/checks/interpreter.py)
@@ -517,7 +518,7 @@ def main(argv=None):
                    help="rows: reference, auto, chunked, triton, sdpa, each optionally +compile, +gn=IMPL")
     p.add_argument("--upsamplers", nargs="+", default=[], metavar="NAME",
                    help="also a row per registered upsampler (jafar.build_upsampler(NAME, feature_dim=--dim), random "
-                        "weights), e.g. bilinear loftup jafar; large_image and strided (need a backbone) are skipped")
+                        "weights), e.g. bilinear loftup jafar, or all; large_image and strided (need a backbone) are skipped")
     p.add_argument("--dim", type=int, default=384, help="feature channels (ViT-S: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=5)
@@ -550,7 +551,8 @@ def main(argv=None):
     for mode in args.modes:
         parse_mode(mode)  # bad options fail before any work
     upsamplers, skipped = [], []
-    for name in dict.fromkeys(args.upsamplers):
+    names = list_upsamplers() if args.upsamplers == ["all"] else args.upsamplers  # "all": every registered one
+    for name in dict.fromkeys(names):
         try:
             entry = upsampler_entry(name)  # an unknown name fails before any work, naming the registered ones
         except ValueError as exc:
