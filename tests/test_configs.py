@@ -22,6 +22,7 @@ from jafar.upsamplers.anyup import AnyUp
 from jafar.upsamplers.carafe import CARAFE
 from jafar.upsamplers.dysample import DySample
 from jafar.upsamplers.loftup import LoftUp
+from jafar.upsamplers.naf import NAF
 from jafar.upsamplers.resfu import ReSFU
 from jafar.upsamplers.sapa import SAPA
 
@@ -43,7 +44,7 @@ def test_upsampler_configs_instantiate(path: Path):
     up = instantiate(cfg, feature_dim=backbone.embed_dim, backbone=backbone)
     expected = {"jafar": JAFAR, "featup": FeatUpJBU, "lift": LiFT, "large_image": LargeImage,
                 "strided": Strided, "carafe": CARAFE, "dysample": DySample,
-                "sapa": SAPA, "resfu": ReSFU, "loftup": LoftUp, "anyup": AnyUp}.get(path.stem, Interpolate)
+                "sapa": SAPA, "resfu": ReSFU, "loftup": LoftUp, "anyup": AnyUp, "naf": NAF}.get(path.stem, Interpolate)
     assert isinstance(up, expected)
     out = up(torch.randn(1, 3, 28, 28), torch.randn(1, 32, 2, 2), (7, 9))
     assert out.shape == (1, 32, 7, 9)

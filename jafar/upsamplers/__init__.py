@@ -9,6 +9,7 @@ the registry imports every module of this package on its first lookup):
 * ``featup.py``: FeatUp's JBU stack (and its releases); ``lift.py``: LiFT;
 * ``loftup.py``: LoftUp (coordinate queries cross-attend to the features; its releases);
 * ``anyup.py``: AnyUp (feature-agnostic windowed attention, any feature width; its releases);
+* ``naf.py``: NAF (encoder-agnostic neighbourhood attention, zero-shot for any encoder; its release);
 * the task-dependent baselines of the paper's Tables 1-2, pure PyTorch: ``carafe.py`` (MMCV's
   CARAFEPack), ``dysample.py`` (DySample), ``sapa.py`` (SAPA, guided by the image), ``resfu.py``
   (ReSFU as reconstructed from its paper, guided by the image).
