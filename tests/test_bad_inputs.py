@@ -59,7 +59,8 @@ API_CASES = [
     ("garbage .safetensors", lambda: jafar.load_checkpoint(_garbage("bad.safetensors")), ValueError,
      "bad.safetensors' is not a readable safetensors file"),
     ("garbage .pth", lambda: jafar.load_checkpoint(_garbage("bad.pth")), ValueError, "bad.pth' is not a PyTorch checkpoint"),
-    ("unknown upsampler", lambda: build_upsampler("anyup"), ValueError, "upsampler='anyup' is not a registered upsampler"),
+    ("unknown upsampler", lambda: build_upsampler("no_such_upsampler"), ValueError,
+     "upsampler='no_such_upsampler' is not a registered upsampler"),
 ]
 
 

@@ -25,8 +25,8 @@ def test_bilinear_keeps_a_linear_ramp_linear():
 def test_registry():
     assert isinstance(build_upsampler("jafar", feature_dim=96, qk_dim=32), JAFAR)
     assert build_upsampler("jafar", feature_dim=96, qk_dim=32).v_dim == 96
-    with pytest.raises(ValueError, match="upsampler='anyup' is not a registered upsampler"):
-        build_upsampler("anyup")
+    with pytest.raises(ValueError, match="upsampler='no_such_upsampler' is not a registered upsampler"):
+        build_upsampler("no_such_upsampler")
     with pytest.raises(ValueError, match="takes no checkpoint or options"):
         build_upsampler("bilinear", checkpoint="x.pth")
     with pytest.raises(ValueError, match="output_size must be a pair"):

@@ -330,7 +330,7 @@ def test_encoder_refuses_bad_inputs(tiny_vit):
     with pytest.raises(ValueError, match="output_scale"):
         build_multicamera_encoder(tiny_vit, "bilinear", output_scale=0)
     with pytest.raises(ValueError, match="is not a registered upsampler"):
-        build_multicamera_encoder(tiny_vit, "anyup")
+        build_multicamera_encoder(tiny_vit, "no_such_upsampler")
 
 
 def test_encoder_mobilenet():
