@@ -59,7 +59,6 @@ What differs from upstream, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -73,7 +72,8 @@ from .base import (
     check_image,
     check_on_missing,
     check_output_size,
-    load_or_random,
+    fetch_release,
+    load_file_or_release,
     register_upsampler,
 )
 
@@ -381,12 +381,7 @@ class AnyUp(LearnedUpsampler):
     def load_release(self, name: str, cache_dir=None) -> "AnyUp":
         """Download (into torch's hub cache) and load the release ``name`` (:data:`ANYUP_RELEASES`);
         RuntimeError with what to do when offline."""
-        key = find_anyup_release(name)
-        if key is None:
-            raise ValueError(f"no AnyUp release named {name!r}; known: {', '.join(ANYUP_RELEASES)}.")
-        release = ANYUP_RELEASES[key]
-        path = hub.download(release.url, filename=release.filename, subdir="anyup", cache_dir=cache_dir,
-                            what=f"AnyUp's {key!r} weights", local_hint="pass its path as checkpoint=...")
+        key, release, path = fetch_release(name, find_anyup_release, ANYUP_RELEASES, "AnyUp", "anyup", cache_dir=cache_dir)
         self.load_weights(path)
         self.weights_source = f"AnyUp release {key!r} (trained on {release.trained_on})"
         return self
@@ -412,14 +407,7 @@ def anyup(feature_dim=None, checkpoint=None, backbone=None, on_missing: str = "e
     model = AnyUp(feature_dim, **options)
     if checkpoint is None:
         return model
-
-    def load():
-        release = find_anyup_release(checkpoint)
-        if release is not None and not Path(str(checkpoint)).is_file():
-            return model.load_release(release)
-        return model.load_weights(checkpoint)
-
-    return load_or_random(model, checkpoint, load, on_missing, "AnyUp")
+    return load_file_or_release(model, checkpoint, find_anyup_release, on_missing, "AnyUp")
 
 
 __all__ = ["AnyUp", "ANYUP_RELEASES", "AnyUpRelease", "find_anyup_release", "anyup"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import warnings
+from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -215,3 +216,33 @@ def load_or_random(model: "LearnedUpsampler", checkpoint, load, on_missing: str,
         warnings.warn(f"{label} weights {checkpoint!r} not loaded ({exc}); using random weights.", stacklevel=3)
         model.weights_source = f"random init ({checkpoint!r} not loaded: {str(exc).split('; ')[0].rstrip('.')})"
         return model
+
+
+def load_file_or_release(model: "LearnedUpsampler", checkpoint, find_release, on_missing: str, label: str):
+    """``checkpoint`` into ``model``: a release name (``find_release(checkpoint)`` gives its key, and
+    no file of that name exists) through ``model.load_release``, else a file through
+    ``model.load_weights``; ``on_missing`` as :func:`load_or_random`."""
+    def load():
+        key = find_release(checkpoint)
+        if key is not None and not Path(str(checkpoint)).is_file():
+            return model.load_release(key)
+        return model.load_weights(checkpoint)
+
+    return load_or_random(model, checkpoint, load, on_missing, label)
+
+
+def fetch_release(name, find_release, releases: dict, label: str, subdir: str, filename=None, cache_dir=None):
+    """``(key, release, path)`` of the release named ``name`` (one of ``releases``, found by
+    ``find_release``; an unknown name is refused in one sentence), downloaded into torch's hub cache
+    (RuntimeError with what to do when offline). ``filename``: the cached file's name (default the
+    release's ``filename``)."""
+    from .. import hub
+
+    key = find_release(name)
+    if key is None:
+        raise ValueError(f"no {label} release named {name!r}; known: {', '.join(releases)}.")
+    release = releases[key]
+    path = hub.download(release.url, filename=filename or release.filename, subdir=subdir, cache_dir=cache_dir,
+                        what=f"{label}'s {key!r} weights", local_hint="pass its path as checkpoint=...")
+    return key, release, path
+

@@ -56,7 +56,6 @@ affine map of the image (normalised or not) gives the same scaled image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -70,7 +69,7 @@ from .base import (
     check_image,
     check_on_missing,
     check_output_size,
-    load_or_random,
+    load_file_or_release,
     register_upsampler,
 )
 
@@ -397,14 +396,7 @@ def loftup(feature_dim=None, checkpoint=None, backbone=None, on_missing: str = "
     model = LoftUp.create("loftup", feature_dim, None, **options)
     if checkpoint is None:
         return model
-
-    def load():
-        release = find_loftup_release(checkpoint)
-        if release is not None and not Path(str(checkpoint)).is_file():
-            return model.load_release(release)
-        return model.load_weights(checkpoint)
-
-    return load_or_random(model, checkpoint, load, on_missing, "LoftUp")
+    return load_file_or_release(model, checkpoint, find_loftup_release, on_missing, "LoftUp")
 
 
 __all__ = ["LoftUp", "LoftUpCore", "LOFTUP_RELEASES", "LoftUpRelease", "find_loftup_release", "loftup"]

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -79,7 +78,8 @@ from .base import (
     check_image,
     check_on_missing,
     check_output_size,
-    load_or_random,
+    fetch_release,
+    load_file_or_release,
     register_upsampler,
 )
 
@@ -327,12 +327,7 @@ class NAF(LearnedUpsampler):
     def load_release(self, name: str, cache_dir=None) -> "NAF":
         """Download (into torch's hub cache) and load the release ``name`` (:data:`NAF_RELEASES`);
         RuntimeError with what to do when offline."""
-        key = find_naf_release(name)
-        if key is None:
-            raise ValueError(f"no NAF release named {name!r}; known: {', '.join(NAF_RELEASES)}.")
-        release = NAF_RELEASES[key]
-        path = hub.download(release.url, filename=release.filename, subdir="naf", cache_dir=cache_dir,
-                            what=f"NAF's {key!r} weights", local_hint="pass its path as checkpoint=...")
+        key, release, path = fetch_release(name, find_naf_release, NAF_RELEASES, "NAF", "naf", cache_dir=cache_dir)
         self.load_weights(path)
         self.weights_source = f"NAF release {key!r} (trained on {release.trained_on})"
         return self
@@ -358,14 +353,7 @@ def naf(feature_dim=None, checkpoint=None, backbone=None, on_missing: str = "err
     model = NAF(feature_dim, **options)
     if checkpoint is None:
         return model
-
-    def load():
-        release = find_naf_release(checkpoint)
-        if release is not None and not Path(str(checkpoint)).is_file():
-            return model.load_release(release)
-        return model.load_weights(checkpoint)
-
-    return load_or_random(model, checkpoint, load, on_missing, "NAF")
+    return load_file_or_release(model, checkpoint, find_naf_release, on_missing, "NAF")
 
 
 __all__ = ["NAF", "NAF_RELEASES", "NAFRelease", "find_naf_release", "naf", "neighborhood_attention", "neighborhood_index"]
