@@ -43,9 +43,8 @@ def carafe_reassemble(features: torch.Tensor, masks: torch.Tensor, kernel_size: 
     One batched matrix product per source pixel: the ``(s * s, k * k)`` kernels of the ``s x s``
     output pixels it feeds times its ``(k * k, C / groups)`` neighbourhood, gathered channels-last
     (``Tensor.unfold`` views, one copy), so the sum over the neighbourhood is a matmul and not
-    ``k * k`` passes over the output. Forward + backward at 80 -> 160, 96 channels, batch 4, on the
-    loaded 2-core CPU: 2.0 s against 3.9 s for an ``F.unfold`` + ``bmm`` version (side by side), and
-    that version 6.3 s against 26 s for a loop over the ``k * k`` shifts (another run)."""
+    ``k * k`` passes over the output (CARAFE's row of ``tools/benchmark.py --upsamplers all`` in
+    docs/benchmarks.md: as fast as JAFAR's forward at 224 on the CPU)."""
     b, c, h, w = features.shape
     k, g, s = kernel_size, group_size, scale_factor
     cg, r = c // g, (k - 1) // 2
