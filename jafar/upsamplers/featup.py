@@ -84,6 +84,53 @@ FEATUP_RELEASES = {
     "vit": ("supervised ViT-S/16", 384),
     "resnet50": ("ResNet-50", 2048),
 }
+
+#: the backbones of this repository (their ``Backbone.name``) whose features each release was
+#: trained on. FeatUp's extractors (hubconf.py ``UpsampledBackbone``: ``get_featurizer(name,
+#: "token")``; featup/featurizers/util.py): ``dinov2``: torch.hub ``dinov2_vits14``,
+#: ``forward_features(img)["x_norm_patchtokens"]`` (DINOv2.py), the last block's normed patch tokens,
+#: as timm's ``vit_small_patch14_dinov2.lvd142m`` (the same weights) gives them; ``dino16``: torch.hub
+#: ``dino_vits16``, the "token" facet of ``get_intermediate_feat(img, n=1)`` (DINO.py: the last block,
+#: normed); ``vit``: timm ``vit_small_patch16_224`` (its default tag, ``augreg_in21k_ft_in1k``) loaded into
+#: the same DINO ViT, the same facet; ``maskclip``: MaskCLIP's value path of OpenAI's CLIP ViT-B/16
+#: (MaskCLIP.py; ``jafar.eval.maskclip`` with the ``openai`` weights, or a local file of them).
+#: ``clip`` (OpenAI ``clip``'s own visual tokens) and ``resnet50`` (FeatUp's ResNet-50 module) have no
+#: backbone here. Every FeatUp extractor takes ImageNet-normalised images (featup/util.py ``norm``:
+#: mean 0.485, 0.456, 0.406, std 0.229, 0.224, 0.225; for ``vit`` too, whose timm config says 0.5),
+#: at 224 px in training (train_jbu_upsampler.py ``load_size = 224``, resize and centre crop).
+FEATUP_BACKBONES = {
+    "dinov2": ("vit_small_patch14_dinov2.lvd142m",),
+    "dino16": ("vit_small_patch16_224.dino",),
+    "vit": ("vit_small_patch16_224.augreg_in21k_ft_in1k",),
+    "maskclip": ("maskclip_ViT-B-16.openai", "maskclip_ViT-B-16.file"),
+    "clip": (),
+    "resnet50": (),
+}
+
+
+def featup_release_for(backbone) -> str:
+    """The FeatUp release trained on ``backbone``'s features (:data:`FEATUP_BACKBONES`); ValueError
+    in one sentence when there is none."""
+    name = str(getattr(backbone, "name", backbone))
+    found = next((k for k, names in FEATUP_BACKBONES.items() if name in names), None)
+    if found is None:
+        known = ", ".join(f"{k} ({names[0]})" for k, names in FEATUP_BACKBONES.items() if names)
+        raise ValueError(f"FeatUp has no release for the backbone {name}; its releases fit: {known}.")
+    return found
+
+
+def check_release_backbone(release: str, backbone) -> None:
+    """Refuse, in one sentence, FeatUp's ``release`` for a named ``backbone`` it was not trained on
+    (:data:`FEATUP_BACKBONES`); nothing to check without a backbone."""
+    if backbone is None or not hasattr(backbone, "name"):
+        return
+    names = FEATUP_BACKBONES.get(release, ())
+    if str(backbone.name) not in names:
+        trained = FEATUP_RELEASES[release][0] + (f" ({names[0]})" if names else "")
+        raise ValueError(f"FeatUp's {release!r} release was trained on the features of {trained}, not of "
+                         f"{backbone.name}; use checkpoint=auto (the backbone's release, if any), a file, or null.")
+
+
 _FEATUP_URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained/{}{}_jbu_stack_cocostuff.ckpt"
 
 
@@ -181,14 +228,25 @@ class FeatUpJBU(Upsampler):
 @register_upsampler("featup", summary="FeatUp's JBU stack (x16, then bilinear)")
 def featup(feature_dim=None, checkpoint=None, backbone=None, norm: bool = False, on_missing: str = "error",
            **options) -> FeatUpJBU:
-    """``checkpoint``: a file, or a release name of :data:`FEATUP_RELEASES` (downloaded when online).
-    ``on_missing``: ``"error"``, or ``"random"`` to fall back to random weights (with a warning)
-    when a release cannot be fetched or does not fit."""
+    """``checkpoint``: a file, a release name of :data:`FEATUP_RELEASES` (downloaded when online;
+    refused for a ``backbone`` it was not trained on), or ``"auto"``: the release of ``backbone``
+    (:func:`featup_release_for`). ``on_missing``: ``"error"``, or ``"random"`` to fall back to random
+    weights (with a warning) when a release cannot be fetched or does not fit."""
     if feature_dim is None:
         raise ValueError("the 'featup' upsampler needs feature_dim (or backbone).")
     check_on_missing("featup", on_missing)
+    if checkpoint == "auto" and backbone is None:
+        raise ValueError("FeatUp checkpoint=auto picks the release of the backbone: pass backbone=..., or name a "
+                         "release or a file.")
     model = FeatUpJBU(feature_dim, norm=norm, **options)
     if checkpoint is None:
         return model
-    return load_or_random(model, checkpoint, lambda: model.load_release(checkpoint) if checkpoint in FEATUP_RELEASES
-                          else model.load_weights(checkpoint), on_missing, "FeatUp")
+
+    def load():
+        release = featup_release_for(backbone) if checkpoint == "auto" else checkpoint
+        if release in FEATUP_RELEASES:
+            check_release_backbone(release, backbone)
+            return model.load_release(release)
+        return model.load_weights(checkpoint)
+
+    return load_or_random(model, checkpoint, load, on_missing, "FeatUp")
