@@ -60,8 +60,9 @@ def test_backbone_configs_name_known_models(path: Path):
         from test_eval_ovseg import TINY
 
         backbone = instantiate(cfg, pretrained=None, model_cfg=TINY)
-    else:  # no pretrained weights offline: the same target with a tiny random architecture
-        backbone = instantiate(cfg, pretrained=False, depth=1, embed_dim=32, num_heads=2)
+    else:  # no pretrained weights offline: the same target with a tiny random architecture (one block)
+        backbone = instantiate(cfg, pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                               **({"layer": 0} if cfg.get("layer") is not None else {}))
     assert isinstance(backbone, Backbone)
     h, w = backbone.feature_size(56, 84) if backbone.patch_size == 14 else backbone.feature_size(64, 96)
     image = torch.randn(1, 3, h * backbone.patch_size, w * backbone.patch_size)
@@ -132,7 +133,7 @@ def test_help_lists_the_groups_and_options(tool, script):
     expected = {"pretrain": "ablation_heads_1, ablation_heads_2, ablation_heads_8, ablation_keys_concat, ablation_keys_linear, "
                             "ablation_keys_no_sft, ablation_no_rope, demo, official",
                 "eval_2d": "ablation_table10_in16, ablation_table10_in32, ablation_table10_in8, ablation_table11, "
-                           "ablation_table5, demo, official_command"}
+                           "ablation_table5, demo, official_command, table7_featup, table8_lift, table9_loftup"}
     assert groups["experiment"] == expected.get(tool, "demo")
     assert "jafar" in groups["upsampler"] and "mobilenetv2_s16" in groups["backbone"]
     assert groups["model"] == "bevformer, pointbev, simplebev" and groups["task"] == "cam, depth, ovseg, seg"
