@@ -131,7 +131,8 @@ def test_help_lists_the_groups_and_options(tool, script):
     groups = {line.split(":")[0]: line.split(": ")[1] for line in out.split("== Config ==")[0].splitlines()
               if ": " in line}
     expected = {"pretrain": "ablation_heads_1, ablation_heads_2, ablation_heads_8, ablation_keys_concat, ablation_keys_linear, "
-                            "ablation_keys_no_sft, ablation_no_rope, demo, official",
+                            "ablation_keys_no_sft, ablation_no_rope, demo, featup_demo, featup_official, lift_demo, "
+                            "lift_official, official",
                 "eval_2d": "ablation_table10_in16, ablation_table10_in32, ablation_table10_in8, ablation_table11, "
                            "ablation_table5, demo, official_command, table7_featup, table8_lift, table9_loftup"}
     assert groups["experiment"] == expected.get(tool, "demo")

@@ -59,9 +59,13 @@ NOT_IDENTITY = ("data_root", "dataset.*.root", "labels", "task.pictures", "task.
                 "task.probe.pin_memory", "upsamplers.*.pretrain_if_missing")
 #: the command-line tools (``tools/`` beside the package, as in a source checkout)
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
-#: the checkpoint the 2-D demo expects (configs/experiment/eval_2d/demo.yaml), the only one
-#: ``pretrain_if_missing: demo`` trains when it is missing
+#: the checkpoint the 2-D demo expects for JAFAR (configs/experiment/eval_2d/demo.yaml)
 DEMO_CHECKPOINT = "outputs/pretrain/demo/jafar.safetensors"
+#: the checkpoints the 2-D demo expects, by row, the only ones ``pretrain_if_missing: demo`` trains when
+#: they are missing: ``tools/pretrain_jafar.py experiment=demo`` (``upsampler=featup`` / ``lift`` for
+#: the others, whose demo runs are ``demo_featup`` and ``demo_lift``)
+DEMO_CHECKPOINTS = {"jafar": DEMO_CHECKPOINT, "featup": "outputs/pretrain/demo_featup/featup.safetensors",
+                    "lift": "outputs/pretrain/demo_lift/lift.safetensors"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,12 +119,17 @@ def build_datasets(cfg: DictConfig, key: str, task: Task) -> DatasetSplits:
 
 
 def pretraining_demo_command(checkpoint: Path) -> List[str]:
-    """The pretraining demo's command line (``tools/pretrain_jafar.py experiment=demo``) with its run
-    directory where ``checkpoint`` is expected, so that the file lands there."""
-    if checkpoint.name != "jafar.safetensors":
-        raise ValueError(f"pretrain_if_missing writes <run dir>/jafar.safetensors; the checkpoint is {str(checkpoint)!r}.")
+    """The pretraining demo's command line (``tools/pretrain_jafar.py experiment=demo``, with
+    ``upsampler=<name>`` for ``<name>.safetensors`` other than JAFAR's) with its run directory where
+    ``checkpoint`` is expected, so that the file lands there."""
+    name = checkpoint.stem if checkpoint.suffix == ".safetensors" else None
+    if name not in DEMO_CHECKPOINTS:
+        raise ValueError(f"pretrain_if_missing writes <run dir>/<upsampler>.safetensors "
+                         f"({', '.join(f'{n}.safetensors' for n in DEMO_CHECKPOINTS)}); the checkpoint is "
+                         f"{str(checkpoint)!r}.")
     run_dir = checkpoint.parent
-    return [sys.executable, str(TOOLS / "pretrain_jafar.py"), "experiment=demo", f"hydra.run.dir={run_dir}",
+    choice = [] if name == "jafar" else [f"upsampler={name}"]
+    return [sys.executable, str(TOOLS / "pretrain_jafar.py"), "experiment=demo", *choice, f"hydra.run.dir={run_dir}",
             f"data.root={run_dir / 'photos'}"]
 
 
@@ -128,8 +137,7 @@ def _run_pretraining_demo(checkpoint: Path) -> None:
     """Train the demo's missing JAFAR checkpoint by running the pretraining tool, as a user would,
     in a process of its own (the evaluation's random streams and configs are not touched)."""
     cmd = pretraining_demo_command(checkpoint)
-    log.info("JAFAR checkpoint %s is missing: training it with the pretraining demo: %s", checkpoint,
-             " ".join(cmd[1:]))
+    log.info("checkpoint %s is missing: training it with the pretraining demo: %s", checkpoint, " ".join(cmd[1:]))
     done = subprocess.run(cmd, check=False)
     if done.returncode != 0 or not checkpoint.is_file():
         raise RuntimeError(f"the pretraining demo ({' '.join(cmd[1:])}) exited with status {done.returncode} "
@@ -138,8 +146,8 @@ def _run_pretraining_demo(checkpoint: Path) -> None:
 
 def row_checkpoint(cfg: DictConfig, row: str) -> Optional[str]:
     """The absolute checkpoint file of row ``row`` (None when it names no file). A missing file
-    is refused in one sentence, unless it is the demo's own (:data:`DEMO_CHECKPOINT`) with
-    ``pretrain_if_missing: demo``: a mistyped path never starts a pretraining."""
+    is refused in one sentence, unless it is the demo's own for that row (:data:`DEMO_CHECKPOINTS`)
+    with ``pretrain_if_missing: demo``: a mistyped path never starts a pretraining."""
     node = cfg.upsamplers[row]
     ckpt = node.get("checkpoint")
     if not (isinstance(ckpt, str) and (Path(ckpt).suffix in (".pth", ".pt", ".safetensors", ".ckpt") or "/" in ckpt)):
@@ -147,9 +155,13 @@ def row_checkpoint(cfg: DictConfig, row: str) -> Optional[str]:
     ckpt = _abs(ckpt)
     if not Path(ckpt).is_file():
         demo = node.get("pretrain_if_missing") == "demo"
-        if demo and Path(ckpt) == Path(_abs(DEMO_CHECKPOINT)):
+        own = DEMO_CHECKPOINTS.get(str(node.get("name", row)))
+        if demo and own is not None and Path(ckpt) == Path(_abs(own)):
             return ckpt
-        why = f" (pretrain_if_missing=demo trains only the demo's own {DEMO_CHECKPOINT})" if demo else ""
+        why = ""
+        if demo:
+            why = (f" (pretrain_if_missing=demo trains only the demo's own {own})" if own else
+                   f" (pretrain_if_missing=demo trains only {', '.join(DEMO_CHECKPOINTS.values())})")
         raise FileNotFoundError(f"upsamplers.{row}.checkpoint {ckpt!r} does not exist{why}.")
     return ckpt
 

@@ -34,6 +34,15 @@ The consistency perturbation, ``consistency`` (``recipe.consistency``):
 
 All randomness of a step comes from a generator seeded with ``(seed, step)`` (the same on every
 DDP rank), so resuming at step ``k`` replays exactly what an uninterrupted run does from ``k`` on.
+
+The same module trains FeatUp's JBU stack and LiFT with their own objectives (``objective``, one of
+:mod:`jafar.train.objectives`): the step is then the objective's (manual optimisation: each of its
+losses back-propagated on its own, as FeatUp's training loop does, then one optimiser step over the
+upsampler and the objective's own parameters, with the objective's gradient clipping). The global
+generator (the modules' dropout) is seeded with ``(seed, step, rank)`` for the step, so those runs
+resume exactly too. Validation is the same for every upsampler; JAFAR is guided by the image at
+``guidance_scale``, the others by the image the low-res features came from (what the evaluations give
+them: the image the backbone was given).
 """
 
 from __future__ import annotations
@@ -95,12 +104,22 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
                  consistency_weight: float = 0.1, blur_prob: float = 0.5, blur_kernel: int = 5,
                  blur_sigma: float = 1.0, noise_prob: float = 0.3, noise_std: float = 0.02,
                  consistency: str = "official", seed: int = 0, val_ratios: Sequence[int] = (2, 4, 8),
-                 picture_dir: Optional[str] = None, optimizer: Optional[Callable] = None):
+                 picture_dir: Optional[str] = None, optimizer: Optional[Callable] = None,
+                 objective: Optional[torch.nn.Module] = None, name: str = "jafar", label: str = "JAFAR"):
         super().__init__()
         if consistency not in CONSISTENCY:
             raise ValueError(f"recipe.consistency must be one of {CONSISTENCY}, got {consistency!r}.")
         self.consistency = consistency
         self.upsampler = upsampler
+        #: FeatUp's or LiFT's objective (jafar.train.objectives); None: JAFAR's
+        self.objective = objective
+        #: the upsampler's key in the validation results and its title in the pictures
+        self.name, self.label = str(name), str(label)
+        if objective is not None:
+            self.automatic_optimization = False
+            norm = getattr(upsampler, "norm", None)
+            if isinstance(norm, torch.nn.Module):  # FeatUp's ChannelNorm is not trained (not in its optimiser)
+                norm.requires_grad_(False)
         self.add_frozen("backbone", backbone)  # moves with .to(), not part of the checkpoints
         self.loss = loss if loss is not None else CosineMSELoss()
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
@@ -124,13 +143,24 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self._mean) / self._std
 
-    @torch.no_grad()
-    def _lowres_features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """Features of the normalised image ``x`` downscaled bilinearly by ``scale``, each side
-        rounded to a multiple of the patch size."""
+    def _lowres_image(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """The normalised image ``x`` downscaled bilinearly by ``scale``, each side rounded to a
+        multiple of the patch size."""
         p = self.backbone.patch_size
         size = (round_to_multiple(x.shape[-2] * scale, p), round_to_multiple(x.shape[-1] * scale, p))
-        return self.backbone(F.interpolate(x, size=size, mode="bilinear"))
+        return F.interpolate(x, size=size, mode="bilinear")
+
+    @torch.no_grad()
+    def _lowres_features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Features of :meth:`_lowres_image`."""
+        return self.backbone(self._lowres_image(x, scale))
+
+    def _target_norm(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the upsampler does to its input features first (FeatUp's LayerNorm, ``norm=true``)."""
+        norm = getattr(self.upsampler, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            return feats
+        return norm(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def _guidance(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=self.guidance_scale, mode="bilinear")
@@ -159,6 +189,8 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         pixels = batch["image"]
         if pixels is None:  # every image of the batch was unreadable
             return None
+        if self.objective is not None:
+            return self._objective_step(pixels, batch)
         # one draw per global batch (the same on every DDP rank), as the official code draws one scale per batch
         gen = torch.Generator().manual_seed(step_seed(self.seed, self.global_step, 1))
         lo, hi = self.lr_scale
@@ -194,10 +226,42 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, batch_size=pixels.shape[0])
         return loss
 
+    def _objective_step(self, pixels: torch.Tensor, batch) -> torch.Tensor:
+        """One step of FeatUp's or LiFT's objective (module docstring)."""
+        step = self.global_step
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, 1))
+        opt = self.optimizers()
+        opt.zero_grad()
+        total, logs = 0.0, {}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed(self.seed, step, 2 + self.global_rank))
+            x = self.objective.inputs(pixels, gen, self.normalize)
+            for loss, parts in self.objective.losses(self.backbone, self.upsampler, x, gen, self._target_norm):
+                if not torch.isfinite(loss.detach()).all():
+                    raise FloatingPointError(f"non-finite loss at step {step}: {self.label}'s objective gave "
+                                             f"{loss.item()}, batch images {', '.join(batch.get('paths', []))}.")
+                self.manual_backward(loss)
+                total = total + loss.detach()
+                for key, value in parts.items():
+                    logs[f"train/{key}"] = logs.get(f"train/{key}", 0.0) + value
+        bound = self.objective.gradient_clip(step)
+        if bound is not None:
+            self.clip_gradients(opt, gradient_clip_val=bound, gradient_clip_algorithm="norm")
+        opt.step()
+        self.trained_steps += 1
+        logs["train/loss"] = total
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=pixels.shape[0])
+        self.log("loss", total, prog_bar=True, logger=False, on_step=True, batch_size=pixels.shape[0])
+        return total
+
     def configure_optimizers(self):
         """``optimizer(params)`` when the module was given a factory (the tools: the config's
-        ``optimizer``), else AdamW with ``lr``, ``betas``, ``weight_decay`` (the official one)."""
+        ``optimizer``), else AdamW with ``lr``, ``betas``, ``weight_decay`` (the official one).
+        The parameters: the upsampler's, and the objective's own (FeatUp's downsampler and scale net)."""
         params = [p for p in self.upsampler.parameters() if p.requires_grad]
+        if self.objective is not None:
+            params += [p for p in self.objective.parameters() if p.requires_grad]
         if self.optimizer_factory is not None:
             return self.optimizer_factory(params)
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
@@ -210,7 +274,7 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
 
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
-        names = ("jafar",) + BASELINES
+        names = (self.name,) + BASELINES
         self._val_sums = {(f"x{r}", n): torch.zeros(3, device=self.device) for r in self.val_ratios for n in names}
         self._val_example = None
 
@@ -224,8 +288,9 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         size = tuple(hr.shape[-2:])
         guidance = self._guidance(x)
         for ratio in self.val_ratios:
-            lr = self._lowres_features(x, 1.0 / ratio)
-            preds = {"jafar": self.upsampler(guidance, lr, size)}
+            low = self._lowres_image(x, 1.0 / ratio)
+            lr = self.backbone(low)
+            preds = {self.name: self.upsampler(guidance if self.objective is None else low, lr, size)}
             preds["bilinear"] = F.interpolate(lr, size=size, mode="bilinear", align_corners=False)
             preds["nearest"] = F.interpolate(lr, size=size, mode="nearest")
             for name, pred in preds.items():
@@ -236,7 +301,7 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
                 self._val_sums[(f"x{ratio}", name)] += acc
             if self._val_example is None and ratio == (4 if 4 in self.val_ratios else self.val_ratios[0]):
                 self._val_example = (ratio, pixels[0].float().cpu(), lr[0].float().cpu(),
-                                     preds["bilinear"][0].float().cpu(), preds["jafar"][0].float().cpu(),
+                                     preds["bilinear"][0].float().cpu(), preds[self.name][0].float().cpu(),
                                      hr[0].float().cpu())
 
     def on_validation_epoch_end(self):
@@ -253,6 +318,6 @@ class JafarPretraining(FrozenChildren, L.LightningModule):
         if self._val_example is not None and self.picture_dir is not None and self.global_rank == 0:
             ratio, image, low, bil, jaf, target = self._val_example
             maps = pca_rgb([low, bil, jaf, target], size=image.shape[-1])
-            titles = ["image", f"low-res (x{ratio})", "bilinear", "JAFAR", "target"]
+            titles = ["image", f"low-res (x{ratio})", "bilinear", self.label, "target"]
             for name in (f"pca_step{self.global_step:07d}.png", "pca_latest.png"):
                 save_panels([image] + maps, self.picture_dir / name, titles)
