@@ -59,6 +59,11 @@ MODES = ("auto", "reference", "chunked", "sdpa", "triton")
 
 #: default extra-memory budget of the memory-bounded paths, in bytes
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+#: on the CPU a query chunk's temporaries stay at most this size whatever the budget: a chunk whose
+#: logits and probabilities stay in the last-level cache (32 MiB on the development machine) is
+#: about twice as fast as one 16 times larger at 448x448 (the sweep in docs/benchmarks.md, "JAFAR at
+#: 448 on the CPU"); GPUs take the whole budget (larger chunks, fewer launches)
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -210,7 +215,8 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, n
         num_heads: heads whose softmax weights are averaged.
         scale: logit scale, ``1 / sqrt(d)`` by default.
         mode: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"sdpa"`` (module docstring).
-        memory_budget: bytes of temporaries one query chunk may use (memory-bounded modes).
+        memory_budget: bytes of temporaries one query chunk may use (memory-bounded modes); on the
+            CPU at most :data:`CPU_CHUNK_BYTES`.
 
     Returns:
         ``(B, Nq, C)``.
@@ -233,5 +239,7 @@ def head_averaged_attention(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, n
         return reference_attention(q, k, f, num_heads, scale)
 
     q, k, f = q.to(dtype), k.to(dtype), f.to(dtype).contiguous()
+    if q.device.type == "cpu":
+        memory_budget = min(memory_budget, CPU_CHUNK_BYTES)
     rows = chunk_rows(q.shape[0], k.shape[1], f.shape[2], num_heads, memory_budget)
     return _ChunkedAttention.apply(q, k, f, num_heads, scale, rows, mode)
