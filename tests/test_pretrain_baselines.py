@@ -142,22 +142,38 @@ def test_an_untrainable_upsampler_is_refused_in_one_sentence_before_any_work(tmp
     with pytest.raises(ValueError, match=r"^pretraining trains jafar, featup, lift \(upsampler=<name>.*not 'bilinear'\.$"):
         run(compose(f"data.root={tmp_path / 'imgs'}", "upsampler=bilinear"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"FeatUp's JBU needs a 2x2 feature grid: validation.ratios \[4\] leave"):
+        ov = _overrides("featup", tmp_path / "imgs") + ["validation.ratios=[2,4]"]
+        run(PRETRAINING.configure(compose(*ov), ov), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------- resume, export
-def _configured_tiny(upsampler, data):
-    """The tool's config at smoke size, configured as the command line would be (the upsampler's own
-    recipe merged under these overrides; :func:`jafar.runs.run` then finds its table empty)."""
+def _overrides(upsampler, data):
+    """The tool's command line at smoke size (a tiny random ViT)."""
+    # FeatUp: a 4 x 4 grid at patch 14 (validated at x2: 2 x 2, its JBU's smallest); LiFT: 8 x 8, so
+    # that its ::4 image has 2 x 2
+    size = 56 if upsampler == "featup" else 112
     overrides = [f"upsampler={upsampler}", "backbone=tiny_vit", f"data.root={data}", "data.num_workers=0",
-                 "data.batch_size=2", "data.val_images=1", "data.random_crop=[0.3,1.0]", "recipe.image_size=56",
+                 "data.batch_size=2", "data.val_images=1", "data.random_crop=[0.3,1.0]", f"recipe.image_size={size}",
                  "featup.n_jitters=2", "featup.crf_samples=50", "trainer.max_steps=4", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.precision=32-true", "trainer.val_check_interval=4",
                  "trainer.enable_progress_bar=false", "checkpoint_every=2", "validation.ratios=[2]"]
+    return overrides
+
+
+def _configured_tiny(upsampler, data):
+    """:func:`_overrides` configured as the command line would be (the upsampler's own recipe merged
+    under them; :func:`jafar.runs.run` then finds its table empty)."""
+    overrides = _overrides(upsampler, data)
     return PRETRAINING.configure(compose(*overrides), overrides)
 
 
 @pytest.mark.parametrize("upsampler", ["featup", "lift"])
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, upsampler):
+    """Three in-process runs of 4 steps (straight; killed at step 3; resumed from step 2). FeatUp's
+    takes about 40 s of CPU (over the 30 s rule): each step runs the JBU stack forward and backward
+    once per jitter (2), at the smallest image its x2 validation allows (56 px at patch 14)."""
     from jafar.runs.tool import run as run_tool
 
     data = _write_images(tmp_path / "imgs", 5)

@@ -301,6 +301,10 @@ def build_objective(cfg: DictConfig, name: str, backbone):
     cannot use is refused in one sentence."""
     size, patch = int(cfg.recipe.image_size), int(backbone.patch_size)
     if name == "featup":
+        small = [r for r in cfg.validation.ratios if max(1, round(size / int(r) / patch)) < 2]
+        if small:
+            raise ValueError(f"FeatUp's JBU needs a 2x2 feature grid: validation.ratios {small} leave under 2x2 cells "
+                             f"of a {size}-pixel image at patch {patch} (drop them or raise recipe.image_size).")
         f = cfg.featup
         # upstream's downsampler maps the image-size map to the backbone's grid with patch-size windows
         # (train_jbu_upsampler.py: kernel_size 14, final_size 16 for DINOv2 at 224 px; 16 and 14 otherwise)
