@@ -9,7 +9,14 @@ import torch
 
 from conftest import FIXTURES, refuse_network, rel_err
 from jafar.upsamplers import build_upsampler, list_upsamplers, upsampler_entry
-from jafar.upsamplers.naf import NAF, NAF_RELEASES, find_naf_release, neighborhood_attention, neighborhood_index
+from jafar.upsamplers.naf import (
+    NAF,
+    NAF_RELEASES,
+    cell_attention,
+    find_naf_release,
+    neighborhood_attention,
+    neighborhood_index,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +116,24 @@ def test_neighborhood_attention_is_natten_s_including_the_borders(size, kernel, 
     expected = _brute_force(q, k, v, kernel, dilation, 0.7)
     for rows in (None, 1, 3):
         assert rel_err(neighborhood_attention(q, k, v, kernel, dilation, 0.7, rows), expected) < 1e-12
+
+
+@pytest.mark.parametrize("grid, ratio, kernel", [((5, 4), (3, 2), (3, 3)), ((3, 6), (4, 1), (3, 5)),
+                                                 ((2, 3), (2, 2), (2, 3))])
+def test_cell_attention_is_the_brute_force_on_nearest_exact_upsampled_keys(grid, ratio, kernel):
+    # upstream's recipe, transcribed: keys and values nearest-exact upsampled to the output size, then
+    # natten's dilated window per query (the brute force above); kernel 2x3 on a 2x3 grid: the whole grid
+    torch.manual_seed(0)
+    (h, w), (dh, dw), heads = grid, ratio, 2
+    H, W = h * dh, w * dw
+    q = torch.randn(2, 8, H, W, dtype=torch.float64)
+    k, v = torch.randn(2, 8, h, w, dtype=torch.float64), torch.randn(2, 6, h, w, dtype=torch.float64)
+    up = lambda x: torch.nn.functional.interpolate(x, size=(H, W), mode="nearest-exact")  # noqa: E731
+    split = lambda x: x.reshape(2, heads, -1, H, W).permute(0, 3, 4, 1, 2)  # noqa: E731
+    expected = _brute_force(split(q), split(up(k)), split(up(v)), kernel, (dh, dw), 0.4)
+    expected = expected.permute(0, 3, 4, 1, 2).reshape(2, 6, H, W)
+    for chunk in (1, 10**9):  # one cell row per chunk; all at once
+        assert rel_err(cell_attention(q, k, v, kernel, 0.4, heads, chunk), expected) < 1e-12
 
 
 def test_neighbourhoods_stay_inside_and_shift_at_the_borders():
