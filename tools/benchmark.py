@@ -77,6 +77,7 @@ from jafar.kernels.checks import interpreter  # noqa: E402
 from jafar.layers.norm import GROUP_NORM_IMPLS  # noqa: E402
 from jafar.upsamplers import list_upsamplers, upsampler_entry  # noqa: E402
 from jafar.upsamplers.jafar import ENCODERS  # noqa: E402
+from tools.bev_cost import flop_counter  # noqa: E402
 
 interpreter.apply()  # under TRITON_INTERPRET=1: the interpreter's bfloat16 fixes (jafar/kernels/checks/interpreter.py)
 
@@ -195,8 +196,10 @@ class _Precision:
 
 def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmup: int = 5,
             repeats: int = 20, backward: bool = True, patch: int = 14, parts=("fwd", "fwdbwd"),
-            upsampler: str = None) -> dict:
-    """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB). ``upsampler``:
+            upsampler: str = None, count_flops: bool = True) -> dict:
+    """One configuration: forward (no grad) and forward+backward time (ms) and peak (GB), the
+    parameter count and (``count_flops``) the forward's GFLOPs (``tools/bev_cost.py``'s counter: matrix
+    products and convolutions, 2 FLOPs per multiply-add; elementwise ops not counted). ``upsampler``:
     the registered upsampler of that name (random weights) instead of the JAFAR of ``mode``."""
     device = torch.device(device)
     torch.manual_seed(0)
@@ -225,7 +228,13 @@ def measure(size: int, mode: str, dtype: str, device: str, dim: int = 384, warmu
             loss = head(model(img, f, (size, size))).float().sum()
         loss.backward()
 
+    result["params"] = sum(p.numel() for p in model.parameters())
     with _Precision(dtype):
+        if "fwd" in parts and count_flops:  # one forward under the counter, before the timed ones
+            with flop_counter() as counter:
+                forward()
+            uncounted = model.uncounted_flops() if hasattr(model, "uncounted_flops") else 0  # FeatUp's filtering
+            result["gflops"] = (counter.get_total_flops() + uncounted) / 1e9
         for name, fn in (("fwd", forward), ("fwdbwd", forward_backward if backward else None)):
             if fn is None or name not in parts:
                 continue
@@ -281,6 +290,49 @@ def table(rows) -> str:
         cells = [f"{size}x{size}", f"{size // 14}x{size // 14}", dtype]
         for key, unit in (("fwd_ms", "ms"), ("fwd_gb", "GB"), ("fwdbwd_ms", "ms"), ("fwdbwd_gb", "GB")):
             cells += [_fmt(by.get((size, dtype, m), {}).get(key), unit) for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size x size`` float32 matrix product on the CPU (median of ``repeats``): the rate
+    against which the cost table states each row's floor."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def cost_table(rows, rate: float = None) -> str:
+    """Per row and size: parameters, forward GFLOPs and, given the CPU's matmul ``rate`` (GFLOP/s),
+    the floor (GFLOPs / rate: every counted FLOP at the speed of a large matrix product) and the
+    measured forward over it."""
+    by = {(r["mode"], r["size"]): r for r in rows if r.get("gflops") is not None}
+    if not by:
+        return ""
+    header = ["row", "parameters"] + [f"{s}: GFLOPs" + ("" if rate is None else f" | {s}: floor | {s}: forward / floor")
+                                      for s in sorted({k[1] for k in by})]
+    sizes = sorted({k[1] for k in by})
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * (1 + sum(3 if rate else 1 for _ in sizes) + 1)]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        first = next((by[(mode, s)] for s in sizes if (mode, s) in by), None)
+        if first is None:
+            continue
+        cells = [mode, f"{first['params']:,}"]
+        for s in sizes:
+            r = by.get((mode, s))
+            if r is None:
+                cells += ["-"] * (3 if rate else 1)
+                continue
+            cells.append(f"{r['gflops']:.1f}")
+            if rate:
+                floor = r["gflops"] / rate * 1e3
+                fwd = r.get("fwd_ms")
+                cells += [f"{floor:.0f} ms", f"{fwd / floor:.1f}x" if isinstance(fwd, (int, float)) and floor > 0 else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -576,6 +628,7 @@ def main(argv=None):
         triton_version = f"Triton {triton.__version__}"
     except Exception:
         triton_version = "no Triton"
+    rate = None if cuda else matmul_rate()
     command = "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
     check_md, tune_md, failed = "", "", []
@@ -596,6 +649,11 @@ def main(argv=None):
         parts = [heading, "", protocol, ""]
         if rows:
             parts += [table(rows), ""]
+            ct = cost_table(rows, rate)
+            if ct:
+                parts += [("Parameters and forward GFLOPs" + (f"; floor = GFLOPs at the {rate:.0f} GFLOP/s of a 2048x2048 "
+                                                              "float32 matmul on these cores, measured in this run"
+                                                              if rate else "") + ":"), "", ct, ""]
             for mode in dict.fromkeys(r["mode"] for r in rows if not r["mode"].startswith("reference")
                                       and not r.get("upsampler")):
                 tt = targets_table(rows, mode)  # one table per row of ours (auto, auto+enc=triton, ...)
