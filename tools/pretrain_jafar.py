@@ -10,8 +10,9 @@
 Outputs under the Hydra run directory (``outputs/pretrain/<name>``): ``checkpoints/`` (every
 ``checkpoint_every`` steps and ``last.ckpt``; rerunning the same command resumes from it),
 ``tensorboard/``, ``csv/``, ``pictures/`` (PCA at each validation), ``jafar.safetensors``
-(``featup.safetensors``, ``lift.safetensors``) and ``results.json``. A run directory belongs to one configuration: rerunning with another seed, learning
-rate, ... there is refused (give it a new ``name=``, or ``resume=null`` to start afresh).
+(``featup.safetensors``, ``lift.safetensors``) and ``results.json``. A run directory belongs to
+one configuration: rerunning with another seed, learning rate, ... there is refused (give it a
+new ``name=``, or ``resume=null`` to start afresh).
 Configs: ``configs/pretrain.yaml``; ``--help`` lists the groups and the options. A refused input
 exits with status 2 and its one sentence.
 """
