@@ -47,6 +47,9 @@ def test_strided_needs_a_vit():
     with pytest.raises(ValueError, match="stride"):
         build_upsampler("strided", backbone=build_backbone("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False,
                                                          depth=1, embed_dim=32, num_heads=2), stride=15)
+    keys = build_backbone("dino_vits16", pretrained=False, depth=2, embed_dim=24, num_heads=4, facet="key", layer=1)
+    with pytest.raises(ValueError, match="'key' facet of block 1"):  # it would silently give the tokens instead
+        build_upsampler("strided", backbone=keys)
 
 
 def test_large_image(vit):

@@ -57,6 +57,10 @@ class Strided(Upsampler):
         if not isinstance(proj, nn.Conv2d) or not hasattr(model, "forward_intermediates"):
             raise ValueError(f"the strided baseline needs a timm ViT backbone (a patch_embed.proj convolution); "
                              f"{getattr(backbone, 'name', type(backbone).__name__)} has none.")
+        if getattr(backbone, "facet", "token") != "token":  # it reads the last block's tokens itself
+            raise ValueError(f"the strided baseline re-encodes the image and returns the last block's tokens; the backbone "
+                             f"gives the {backbone.facet!r} facet of block {backbone.layer}, which it cannot reproduce: "
+                             f"use a backbone with facet='token'.")
         patch = int(backbone.patch_size)
         if not 1 <= int(stride) <= patch:
             raise ValueError(f"strided: stride must be in [1, patch size {patch}], got {stride}.")
