@@ -142,6 +142,8 @@ def test_an_untrainable_upsampler_is_refused_in_one_sentence_before_any_work(tmp
     with pytest.raises(ValueError, match=r"^pretraining trains jafar, featup, lift \(upsampler=<name>.*not 'bilinear'\.$"):
         run(compose(f"data.root={tmp_path / 'imgs'}", "upsampler=bilinear"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="LiFT's objective trains its x2 module"):
+        run(compose(f"data.root={tmp_path / 'imgs'}", "upsampler=lift", "upsampler.iterative=true"), tmp_path / "run")
     with pytest.raises(ValueError, match=r"FeatUp's JBU needs a 2x2 feature grid: validation.ratios \[4\] leave"):
         ov = _overrides("featup", tmp_path / "imgs") + ["validation.ratios=[2,4]"]
         run(PRETRAINING.configure(compose(*ov), ov), tmp_path / "run")

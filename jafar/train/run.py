@@ -107,6 +107,9 @@ def check_objective(cfg: DictConfig, name: str) -> None:
             raise ValueError(f"featup.crf_weight must be >= 0 and featup.crf_samples >= 2, got {f.crf_weight} and "
                              f"{f.crf_samples}.")
     elif name == "lift":
+        if cfg.upsampler.get("iterative"):
+            raise ValueError("LiFT's objective trains its x2 module (train_lift.py): pretrain with "
+                             "upsampler.iterative=false; its weights serve iterative=true at evaluation.")
         if cfg.lift.loss not in LIFT_LOSSES:
             raise ValueError(f"lift.loss must be one of {', '.join(LIFT_LOSSES)}, got {cfg.lift.loss!r}.")
         if not 0 <= float(cfg.lift.color_jitter) <= 0.5:
