@@ -173,9 +173,8 @@ def _configured_tiny(upsampler, data):
 
 @pytest.mark.parametrize("upsampler", ["featup", "lift"])
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, upsampler):
-    """Three in-process runs of 4 steps (straight; killed at step 3; resumed from step 2). FeatUp's
-    takes about 40 s of CPU (over the 30 s rule): each step runs the JBU stack forward and backward
-    once per jitter (2), at the smallest image its x2 validation allows (56 px at patch 14)."""
+    """Three in-process runs of 4 steps (straight; killed at step 3; resumed from step 2), FeatUp's at
+    the smallest image its x2 validation allows (56 px at patch 14), 2 jitters a step."""
     from jafar.runs.tool import run as run_tool
 
     data = _write_images(tmp_path / "imgs", 5)
