@@ -288,7 +288,9 @@ def test_encoder_frozen_jafar_equals_trainable_jafar_in_eval(tiny_vit):
     a = build_multicamera_encoder(tiny_vit, "jafar", jafar_kwargs=dict(qk_dim=16))
     b = build_multicamera_encoder(tiny_vit, "jafar", jafar_kwargs=dict(qk_dim=16), freeze_upsampler=True)
     b.upsampler.load_state_dict(a.upsampler.state_dict())
-    torch.testing.assert_close(a(images()).detach(), b(images()), atol=0, rtol=0)
+    # the frozen one builds no graph, so on the CPU it runs JAFAR's tiled inference plan
+    # (jafar.layers.tiled): the same arithmetic, in another order, so equal up to float rounding
+    torch.testing.assert_close(a(images()).detach(), b(images()), atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_guidance_size(tiny_vit):

@@ -218,8 +218,11 @@ class FeatUpJBU(Upsampler):
         return self
 
     def describe(self) -> str:
-        return (f"FeatUp JBU stack (x16 then bilinear), weights: {self.weights_source}. The paper retrained "
-                f"FeatUp on ImageNet (50k steps): FeatUp's released weights (COCO-Stuff) do not reproduce its row.")
+        note = ""
+        if self.weights_source.startswith("FeatUp release"):  # a file is ours (tools/pretrain_jafar.py upsampler=featup)
+            note = (" The paper retrained FeatUp on ImageNet (50k steps; tools/pretrain_jafar.py upsampler=featup "
+                    "experiment=featup_official): FeatUp's released weights (COCO-Stuff) do not reproduce its Table 1-2 row.")
+        return f"FeatUp JBU stack (x16 then bilinear), weights: {self.weights_source}.{note}"
 
     def extra_repr(self) -> str:
         return f"feature_dim={self.feature_dim}, norm={self.norm is not None}, weights={self.weights_source!r}"
