@@ -399,4 +399,5 @@ def naf(feature_dim=None, checkpoint=None, backbone=None, on_missing: str = "err
     return load_file_or_release(model, checkpoint, find_naf_release, on_missing, "NAF")
 
 
-__all__ = ["NAF", "NAF_RELEASES", "NAFRelease", "find_naf_release", "naf", "neighborhood_attention", "neighborhood_index"]
+__all__ = ["NAF", "NAF_RELEASES", "NAFRelease", "cell_attention", "find_naf_release", "naf", "neighborhood_attention",
+           "neighborhood_index"]
