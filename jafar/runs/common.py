@@ -569,7 +569,8 @@ def make_trainer(run_dir: Path, trainer_cfg, checkpointing: Optional[ModelCheckp
 def quiet_lightning() -> Iterator[None]:
     """Lightning's warnings that do not apply to these runs, silenced: resuming mid-epoch is
     exact (batches are a function of the step), few workers is deliberate on small machines,
-    frozen modules are in eval mode on purpose."""
+    frozen modules are in eval mode on purpose, and a checkpoint of a manually optimised step (FeatUp's
+    and LiFT's pretraining) holds the state after the step's update, which is what resuming needs."""
     import warnings
 
     with warnings.catch_warnings():
@@ -578,6 +579,7 @@ def quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*module.* in eval mode.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         yield
 
 
