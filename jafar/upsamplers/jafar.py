@@ -557,7 +557,7 @@ class JAFAR(Upsampler):
         """:meth:`encode` at inference on the CPU, the 1x1 encoders tile by tile in token layout
         (:mod:`jafar.layers.tiled`): same arithmetic, one read and one write of a full-resolution map
         per ResBlock half; the query and key encoders' first convolutions run in the pass that makes
-        the encoded image, which is never stored. Queries come back as a channels-last map."""
+        the encoded image (no pass of their own over it). Queries come back as a channels-last map."""
         n, _, h, w = image.shape
         x = image.permute(0, 2, 3, 1).reshape(n, h * w, -1)
         (y, stats), = tiled.conv_pass(x, [self.image_encoder[0].weight.flatten(1)], [None])
